@@ -1,0 +1,22 @@
+"""The MLflow backend for gradtrack, registered as entry point ``mlflow`` in the ``gradtrack`` group."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from typing import Any
+
+from gradtrack import BackendUnavailableError, hookimpl
+
+__all__ = ["gradtrack_make_backend"]
+
+
+@hookimpl
+def gradtrack_make_backend(name: str, options: Mapping[str, Any]) -> object | None:
+    if name != "mlflow":
+        return None
+    if importlib.util.find_spec("mlflow") is None:
+        raise BackendUnavailableError("backend='mlflow' needs the MLflow SDK: pip install 'gradtrack[mlflow]'")
+    from gradtrack_mlflow.backend import MLflowBackend
+
+    return MLflowBackend(**options)

@@ -1,0 +1,67 @@
+"""The built-in ``console`` backend: one concise line per explosion, divergence and run end."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO, final
+
+from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+from gradtrack.hookspecs import hookimpl
+
+__all__ = ["ConsoleBackend"]
+
+
+@final
+class ConsoleBackend:
+    """Prints like the hand-written loops it replaces: ``Step 3: loss=..., grad_norm=... [EXPLODING]``.
+
+    ``every``: also print every N-th step (0: only explosions, divergence and the end).
+    ``stream``: where to print (default: standard output).
+    """
+
+    def __init__(self, every: int = 0, stream: TextIO | None = None) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"console option 'every' must be an int >= 0, got {every!r}")
+        self.every = every
+        self.stream = stream
+
+    def _print(self, line: str) -> None:
+        print(f"[gradtrack] {line}", file=self.stream or sys.stdout, flush=True)
+
+    @hookimpl
+    def gradtrack_run_start(self, start: RunStart) -> None:
+        config = start.config
+        clip = config["clip"] if config["clip"] == "none" else f"{config['clip']} ({config.get('max_norm', config.get('clip_value'))})"
+        self._print(f"tracking {len(start.layer_names)} tensors of {start.model_class}; clip={clip}")
+
+    @hookimpl
+    def gradtrack_step(self, stats: StepStats) -> None:
+        if self.every and stats.step % self.every == 0:
+            loss = f"loss={stats.loss:.4f}, " if stats.loss is not None else ""
+            status = "EXPLODING" if stats.explosion else "OK"
+            clipped = f", clipped x{stats.clip_coef:.3g}" if stats.clipped else ""
+            self._print(f"Step {stats.step:4d}: {loss}grad_norm={stats.total_norm:.4g}{clipped} [{status}]")
+
+    @hookimpl
+    def gradtrack_explosion(self, event: Explosion) -> None:
+        self._print(f"EXPLOSION {event.describe()}")
+
+    @hookimpl
+    def gradtrack_divergence(self, event: Divergence) -> None:
+        self._print(f"DIVERGED at step {event.step}: {event.reason}")
+
+    @hookimpl
+    def gradtrack_run_end(self, end: RunEnd) -> None:
+        s = end.summary
+        median = f"{s.norm_median:.4g}" if s.norm_median is not None else "n/a"
+        advice = f", recommended max_norm {s.recommended_max_norm:.3g}" if s.recommended_max_norm else ""
+        self._print(
+            f"run {end.status}: {s.steps} steps, median norm {median}, clipped {s.clipped_steps}, "
+            f"explosions {s.explosions}, diverged {s.diverged}{advice}"
+        )
+
+
+@hookimpl
+def gradtrack_make_backend(name: str, options: Mapping[str, Any]) -> ConsoleBackend | None:
+    return ConsoleBackend(**options) if name == "console" else None

@@ -1,0 +1,143 @@
+"""Delivering records to backends off the training thread.
+
+Each backend gets its own worker thread, queue and plugin manager, so a slow or broken tracker
+delays nobody else and training only ever appends to a deque.
+
+Back-pressure rule: when a backend has ``max_pending`` records waiting, a routine step record
+(one not flagged by an explosion, non-finite gradients, a skip or divergence) is kept only if its
+step is a multiple of ``decimate``; the others are dropped and counted. Run, explosion and
+divergence records and flagged steps are always kept. Drops are reported once as a warning and in
+the summary's ``dropped_records``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, final
+
+import pluggy
+
+from gradtrack.events import StepStats
+from gradtrack.plugins import new_plugin_manager
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@final
+class _Worker:
+    def __init__(self, name: str, backend: object, max_pending: int, decimate: int) -> None:
+        self.name = name
+        self.manager: pluggy.PluginManager = new_plugin_manager()
+        self.manager.register(backend, name=name)
+        self.manager.check_pending()
+        self.max_pending = max_pending
+        self.decimate = decimate
+        self.dropped = 0
+        self._pending: deque[Any] = deque()
+        self._ready = threading.Condition()
+        self._failed_hooks: set[str] = set()
+        self._idle = True
+        self.thread = threading.Thread(target=self._run, name=f"gradtrack-{name}", daemon=True)
+        self.thread.start()
+
+    def put(self, hook: str, kwargs: dict[str, Any]) -> None:
+        with self._ready:
+            stats = kwargs.get("stats")
+            if (
+                isinstance(stats, StepStats)
+                and len(self._pending) >= self.max_pending
+                and not stats.flagged
+                and stats.step % self.decimate
+            ):
+                if not self.dropped:
+                    warnings.warn(
+                        f"gradtrack backend {self.name!r} is falling behind; keeping one routine step "
+                        f"record in {self.decimate} until it catches up",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                self.dropped += 1
+                return
+            self._pending.append((hook, kwargs))
+            self._ready.notify()
+
+    def stop(self) -> None:
+        with self._ready:
+            self._pending.append(_STOP)
+            self._ready.notify()
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._ready:
+                if not self._pending and self._idle:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._pending:
+                    self._idle = True
+                    self._ready.wait()
+                item = self._pending.popleft()
+                self._idle = False
+            if item is _STOP:
+                return
+            hook, kwargs = item
+            try:
+                getattr(self.manager.hook, hook)(**kwargs)
+            except Exception as exc:  # a backend must never break training or its siblings
+                if hook not in self._failed_hooks:
+                    self._failed_hooks.add(hook)
+                    warnings.warn(
+                        f"gradtrack backend {self.name!r} failed in {hook}: {exc!r}; carrying on",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                log.debug("backend %s failed in %s", self.name, hook, exc_info=True)
+
+
+@final
+class Dispatcher:
+    """Fans each hook call out to every backend's worker without waiting for any of them."""
+
+    def __init__(
+        self, backends: Sequence[tuple[str, object]], max_pending: int = 1000, decimate: int = 10
+    ) -> None:
+        self._workers = [_Worker(name, backend, max_pending, decimate) for name, backend in backends]
+
+    @property
+    def dropped(self) -> int:
+        return sum(worker.dropped for worker in self._workers)
+
+    def emit(self, hook: str, **kwargs: Any) -> None:
+        for worker in self._workers:
+            worker.put(hook, kwargs)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every backend has handled what was emitted so far (tests, checkpoints)."""
+        deadline = time.monotonic() + timeout
+        return all(w.wait_idle(max(0.0, deadline - time.monotonic())) for w in self._workers)
+
+    def close(self, timeout: float) -> list[str]:
+        """Stop every worker after its queue drains; return the names still busy at the deadline."""
+        for worker in self._workers:
+            worker.stop()
+        deadline = time.monotonic() + timeout
+        late = []
+        for worker in self._workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+            if worker.thread.is_alive():
+                late.append(worker.name)
+        return late

@@ -1,0 +1,186 @@
+"""The records gradtrack hands to backends.
+
+Every record is a small frozen dataclass of plain Python values (no tensors), built on the training
+thread after the step's single device-to-host transfer, so a backend can keep, queue or serialise it
+from any thread without touching the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "Divergence",
+    "Explosion",
+    "ExplosionKind",
+    "Offender",
+    "RunEnd",
+    "RunStart",
+    "RunStatus",
+    "StepStats",
+    "Summary",
+]
+
+ExplosionKind = Literal["nonfinite", "threshold", "spike"]
+RunStatus = Literal["finished", "failed", "killed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Offender:
+    """One layer named in an explosion: its gradient norm and whether it holds NaN/Inf."""
+
+    name: str
+    norm: float
+    nonfinite: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunStart:
+    """The tracker entered its context: what it watches and how it is configured."""
+
+    config: Mapping[str, Any]
+    layer_names: tuple[str, ...]
+    num_parameters: int
+    model_class: str
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """Everything measured at one optimizer step.
+
+    ``layer_norms`` is filled only at the per-layer cadence (``layer_every``); it maps the cleaned
+    parameter name to its gradient norm before clipping.
+    """
+
+    step: int
+    total_norm: float
+    clip_coef: float
+    clipped: bool
+    nonfinite: int
+    explosion: bool
+    diverged: bool
+    skipped: bool
+    layer_p50: float
+    layer_p95: float
+    layer_max: float
+    loss: float | None
+    timestamp: float
+    layer_norms: Mapping[str, float] | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The contract metrics of PRODUCT.md for this step (without per-layer norms)."""
+        metrics = {
+            "grad/total_norm": self.total_norm,
+            "grad/clip_coef": self.clip_coef,
+            "grad/clipped": float(self.clipped),
+            "grad/explosion": float(self.explosion),
+            "grad/nonfinite": float(self.nonfinite),
+            "grad/diverged": float(self.diverged),
+            "grad/layer_p50": self.layer_p50,
+            "grad/layer_p95": self.layer_p95,
+            "grad/layer_max": self.layer_max,
+        }
+        if self.loss is not None:
+            metrics["loss"] = self.loss
+        return metrics
+
+    @property
+    def flagged(self) -> bool:
+        """A step that must reach every backend even under back-pressure."""
+        return self.explosion or self.diverged or self.nonfinite > 0 or self.skipped
+
+
+@dataclass(frozen=True, slots=True)
+class Explosion:
+    """A step whose gradient norm was non-finite, above the threshold, or a spike against history."""
+
+    step: int
+    kind: ExplosionKind
+    total_norm: float
+    threshold: float
+    offenders: tuple[Offender, ...]
+    timestamp: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def describe(self) -> str:
+        """One human line: used by the console backend and alert texts."""
+        names = ", ".join(f"{o.name} ({_fmt(o.norm)})" for o in self.offenders[:3])
+        return (
+            f"step {self.step}: {self.kind} explosion, total_norm={_fmt(self.total_norm)} "
+            f"(threshold {_fmt(self.threshold)}); offenders: {names or 'none'}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """The run-level judgement that training has gone wrong; raised once per run."""
+
+    step: int
+    reason: str
+    timestamp: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The run at a glance: what ``tracker.summary()`` returns and backends store at the end."""
+
+    steps: int
+    clipped_steps: int
+    skipped_steps: int
+    nonfinite_steps: int
+    explosions: int
+    first_explosion_step: int | None
+    diverged: bool
+    diverged_step: int | None
+    diverged_reason: str | None
+    norm_mean: float | None
+    norm_median: float | None
+    norm_p95: float | None
+    norm_p99: float | None
+    norm_max: float | None
+    recommended_max_norm: float | None
+    top_offenders: tuple[tuple[str, int], ...] = field(default=())
+    dropped_records: int = 0
+
+    @property
+    def clip_rate(self) -> float:
+        return self.clipped_steps / self.steps if self.steps else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _jsonable(asdict(self))
+        data["clip_rate"] = self.clip_rate
+        data["top_offenders"] = [{"name": n, "count": c} for n, c in self.top_offenders]
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """The tracker left its context, with the status of the training body."""
+
+    status: RunStatus
+    summary: Summary
+    timestamp: float
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings so files stay valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value

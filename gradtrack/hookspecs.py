@@ -1,0 +1,119 @@
+"""Every hook a gradtrack backend can implement.
+
+A backend is any object whose methods are marked with :data:`gradtrack.hookimpl` and named after the
+specifications below; it implements only the hooks it needs, and each implementation takes only the
+keyword arguments it needs.
+
+Threading: the lifecycle, step and event hooks of a backend are called on that backend's own worker
+thread, in the order the tracker produced them, never on the training thread. A backend may block
+there (network I/O), but while it does its queue fills; past its bound, routine step records are
+decimated by rule (see ``gradtrack.dispatch``). An exception raised by a hook is reported once as a
+warning and the backend keeps receiving later calls; training never sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pluggy
+
+from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+
+__all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
+
+PROJECT_NAME = "gradtrack"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# -------------------------------------------------------------------------
+# Discovery: called on the training thread when a tracker enters its context.
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def gradtrack_make_backend(name: str, options: Mapping[str, Any]) -> object | None:
+    """Create the backend object for one run.
+
+    Called once for each backend name the user passed to ``GradTracker(backend=...)``, on every
+    plugin loaded from the ``gradtrack`` entry-point group and on the built-in plugins.
+
+    :param name: the name the user asked for, e.g. ``"mlflow"``.
+    :param options: ``backend_options[name]`` from the tracker, or an empty mapping.
+
+    Return a new object implementing the hooks below when ``name`` is yours, else None. Raise
+    :class:`gradtrack.BackendUnavailableError` when it is yours but cannot work here (a missing SDK).
+    Stops at the first non-None result.
+    """
+
+
+# -------------------------------------------------------------------------
+# Run lifecycle.
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def gradtrack_run_start(start: RunStart) -> None:
+    """The tracker entered its context.
+
+    :param start: the tracker's configuration, the watched layer names, the model's size.
+
+    Called once, before any other lifecycle hook. Open the run here; the return value is ignored.
+    """
+
+
+@hookspec
+def gradtrack_run_end(end: RunEnd) -> None:
+    """The tracker left its context.
+
+    :param end: the status (``finished``, ``failed`` when the body raised, ``killed`` on
+        KeyboardInterrupt) and the run's :class:`~gradtrack.events.Summary`.
+
+    Called once, last. Flush, store the summary, and close what the backend opened (leave open
+    what the user opened). The tracker waits for this hook for at most its ``close_timeout``.
+    """
+
+
+# -------------------------------------------------------------------------
+# Per optimizer step.
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def gradtrack_step(stats: StepStats) -> None:
+    """One optimizer step was measured.
+
+    :param stats: the step's statistics; ``stats.layer_norms`` is set at the per-layer cadence.
+
+    Called every ``log_every`` steps and on every step that raised an explosion, saw non-finite
+    gradients, was skipped or was judged diverged. Under back-pressure routine steps may be
+    decimated; flagged steps never are. The return value is ignored.
+    """
+
+
+# -------------------------------------------------------------------------
+# Events: never dropped, delivered as soon as the step that raised them is measured.
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def gradtrack_explosion(event: Explosion) -> None:
+    """A step's gradients exploded.
+
+    :param event: the step, the kind (``nonfinite``, ``threshold``, ``spike``), the total norm, the
+        threshold it crossed and the offending layers.
+
+    Called after the ``gradtrack_step`` of the same step. The return value is ignored.
+    """
+
+
+@hookspec
+def gradtrack_divergence(event: Divergence) -> None:
+    """The run was judged diverged; called at most once per run, at the step it happened.
+
+    :param event: the step and a human-readable reason.
+
+    Flip the run's ``diverged`` tag here, while the run is still going. The return value is ignored.
+    """

@@ -1,0 +1,90 @@
+"""Shared test pieces: tiny real models and a recording plugin registered through pluggy."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from gradtrack import hookimpl
+from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+
+
+class RecordingBackend:
+    """A real gradtrack plugin that keeps every hook call, in order, for contract tests."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.threads: set[str] = set()
+
+    def _record(self, hook: str, value: Any) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.calls.append((hook, value))
+
+    @hookimpl
+    def gradtrack_run_start(self, start: RunStart) -> None:
+        self._record("run_start", start)
+
+    @hookimpl
+    def gradtrack_step(self, stats: StepStats) -> None:
+        self._record("step", stats)
+
+    @hookimpl
+    def gradtrack_explosion(self, event: Explosion) -> None:
+        self._record("explosion", event)
+
+    @hookimpl
+    def gradtrack_divergence(self, event: Divergence) -> None:
+        self._record("divergence", event)
+
+    @hookimpl
+    def gradtrack_run_end(self, end: RunEnd) -> None:
+        self._record("run_end", end)
+
+    def of(self, hook: str) -> list[Any]:
+        return [value for name, value in self.calls if name == hook]
+
+
+class VanillaRNN(nn.Module):
+    """The seed's SimpleRNN with a readout; ``radius`` sets the recurrent spectral radius."""
+
+    def __init__(self, input_size: int = 4, hidden: int = 32, radius: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.W_x = nn.Linear(input_size, hidden)
+        self.W_h = nn.Linear(hidden, hidden, bias=False)
+        self.readout = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            weight = torch.randn(hidden, hidden, generator=generator)
+            weight *= radius / torch.linalg.eigvals(weight).abs().max()
+            self.W_h.weight.copy_(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], self.W_h.in_features)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.W_h(h) + self.W_x(x[:, t]))
+        return self.readout(h).squeeze(-1)
+
+
+def mlp(seed: int = 0, width: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+
+
+def regression_batches(n: int, seed: int = 0, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(8, generator=generator)
+    batches = []
+    for _ in range(n):
+        x = torch.randn(batch, 8, generator=generator)
+        y = x @ weights + 0.3 * torch.randn(batch, generator=generator)
+        batches.append((x, y))
+    return batches
+
+
+@pytest.fixture
+def recorder() -> RecordingBackend:
+    return RecordingBackend()
