@@ -50,14 +50,12 @@ class HostStats:
 
 
 def group_grads(grads: Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[int]]:
-    grouped = _group_tensors_by_device_and_dtype([list(grads)])
+    grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
     groups: list[list[torch.Tensor]] = []
     order: list[int] = []
     for [tensors], indices in grouped.values():
         groups.append(tensors)
         order.extend(indices)
-    if len(groups) == 1 and not order:  # torch skips the indices when nothing was regrouped
-        order = list(range(len(grads)))
     return groups, order
 
 
