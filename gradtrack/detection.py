@@ -120,7 +120,7 @@ class DivergenceDetector:
         self,
         nonfinite_patience: int = 3,
         loss_blowup: float = 10.0,
-        loss_patience: int = 10,
+        loss_patience: int = 5,
         loss_smoothing: float = 0.1,
     ) -> None:
         if nonfinite_patience < 1 or loss_patience < 1:

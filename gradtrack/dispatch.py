@@ -47,7 +47,6 @@ class _Worker:
         self._failed_hooks: set[str] = set()
         self._idle = True
         self.thread = threading.Thread(target=self._run, name=f"gradtrack-{name}", daemon=True)
-        self.thread.start()
 
     def put(self, hook: str, kwargs: dict[str, Any]) -> None:
         with self._ready:
@@ -116,6 +115,8 @@ class Dispatcher:
         self, backends: Sequence[tuple[str, object]], max_pending: int = 1000, decimate: int = 10
     ) -> None:
         self._workers = [_Worker(name, backend, max_pending, decimate) for name, backend in backends]
+        for worker in self._workers:  # only once every backend passed validation
+            worker.thread.start()
 
     @property
     def dropped(self) -> int:

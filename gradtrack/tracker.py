@@ -93,7 +93,7 @@ class GradTracker:
         spike_factor: float = 10.0,
         nonfinite_patience: int = 3,
         loss_blowup: float = 10.0,
-        loss_patience: int = 10,
+        loss_patience: int = 5,
         log_every: int = 1,
         layer_every: int | None = 10,
         top_k: int = 5,
