@@ -32,7 +32,9 @@ class ConsoleBackend:
     @hookimpl
     def gradtrack_run_start(self, start: RunStart) -> None:
         config = start.config
-        clip = config["clip"] if config["clip"] == "none" else f"{config['clip']} ({config.get('max_norm', config.get('clip_value'))})"
+        clip = config["clip"]
+        if clip != "none":
+            clip += f" ({config.get('max_norm', config.get('clip_value'))})"
         self._print(f"tracking {len(start.layer_names)} tensors of {start.model_class}; clip={clip}")
 
     @hookimpl

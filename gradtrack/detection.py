@@ -28,7 +28,7 @@ from typing import Protocol, final
 
 import numpy as np
 
-from gradtrack.events import Divergence, Explosion, ExplosionKind, Offender
+from gradtrack.events import Divergence, ExplosionKind, Offender
 
 __all__ = ["DivergenceDetector", "ExplosionDetector", "ExplosionRule", "offenders"]
 
@@ -38,14 +38,14 @@ def offenders(
 ) -> tuple[Offender, ...]:
     """Every layer with a non-finite norm, then the ``top_k`` largest finite norms."""
     finite = np.isfinite(layer_norms)
-    bad = [Offender(names[i], float(layer_norms[i]), True) for i in np.flatnonzero(~finite)]
+    bad = [Offender(names[i], float(layer_norms[i]), True) for i in np.flatnonzero(~finite).tolist()]
     finite_idx = np.flatnonzero(finite)
     k = min(top_k, finite_idx.size)
     if k:
         values = layer_norms[finite_idx]
         top = finite_idx[np.argpartition(-values, k - 1)[:k]]
         top = top[np.argsort(-layer_norms[top], kind="stable")]
-        bad.extend(Offender(names[i], float(layer_norms[i]), False) for i in top)
+        bad.extend(Offender(names[i], float(layer_norms[i]), False) for i in top.tolist())
     return tuple(bad)
 
 

@@ -54,7 +54,7 @@ def group_grads(grads: Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]]
     groups: list[list[torch.Tensor]] = []
     order: list[int] = []
     for [tensors], indices in grouped.values():
-        groups.append(tensors)
+        groups.append(tensors)  # type: ignore[arg-type]
         order.extend(indices)
     return groups, order
 
