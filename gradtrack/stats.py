@@ -73,7 +73,9 @@ def measure(grads: Sequence[torch.Tensor], norm_type: float) -> GradBatch:
     norms: list[torch.Tensor] = []
     for tensors in groups:
         norms.extend(torch._foreach_norm(tensors, norm_type))
-    stacked = torch.stack([_unwrap(norm).to(first_device) for norm in norms])
+    if len(groups) > 1 or type(norms[0]) is not torch.Tensor:  # several devices, or DTensors
+        norms = [_unwrap(norm).to(first_device) for norm in norms]
+    stacked = torch.stack(norms)
     total_norm = torch.linalg.vector_norm(stacked, norm_type)
     return GradBatch(groups, order, norm_type, stacked, total_norm)
 

@@ -23,7 +23,7 @@ from gradtrack.detection import DivergenceDetector, ExplosionDetector, offenders
 from gradtrack.dispatch import Dispatcher
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, StepStats, Summary
 from gradtrack.plugins import BackendSpec, resolve_backends
-from gradtrack.stats import measure, transfer
+from gradtrack.stats import HostStats, measure, transfer
 from gradtrack.summary import RunSummary
 
 __all__ = ["GradTracker", "NonFiniteGradientError"]
@@ -130,8 +130,9 @@ class GradTracker:
         self._names = {id(p): name for name, p in named}
         self._params = [p for _, p in named]
         self._per_optimizer: dict[int, tuple[int, list[nn.Parameter]]] = {}
+        self._names_in_order: dict[int, tuple[list[int], list[str]]] = {}
         self._handle: RemovableHandle | None = None
-        self._dispatcher: Dispatcher | None = None
+        self._dispatcher = Dispatcher([])
         self._losses: list[torch.Tensor] = []
         self._manual_step_done = False
         self._active = False
@@ -159,7 +160,7 @@ class GradTracker:
         return self._step
 
     def summary(self) -> Summary:
-        return self._summary.freeze(self._dispatcher.dropped if self._dispatcher else 0)
+        return self._summary.freeze(self._dispatcher.dropped)
 
     def config(self) -> dict[str, Any]:
         """The settings reported to backends at run start."""
@@ -218,7 +219,6 @@ class GradTracker:
         status: RunStatus = "finished"
         if exc_type is not None:
             status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
-        assert self._dispatcher is not None
         self._dispatcher.emit("gradtrack_run_end", end=RunEnd(status, self.summary(), time.time()))
         late = self._dispatcher.close(self.close_timeout)
         if late:
@@ -231,7 +231,7 @@ class GradTracker:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every backend has handled everything reported so far; True if they did."""
-        return self._dispatcher.flush(timeout) if self._dispatcher else True
+        return self._dispatcher.flush(timeout)
 
     # -- user calls -------------------------------------------------------------------------------
 
@@ -280,9 +280,11 @@ class GradTracker:
         grads = [p.grad for p in with_grad]
         batch = measure(grads, self.norm_type)  # type: ignore[arg-type]
         clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
-        loss = self._take_loss(batch.device)
-        host = transfer(batch, clip_coef, loss)
-        self._report(with_grad, batch.order, host.layer_norms, host.total_norm, host.clip_coef, host.loss)
+        host = transfer(batch, clip_coef, self._take_loss(batch.device))
+        # From here on only host numbers: nothing below touches the device.
+        cache_key = id(params) if len(with_grad) == len(params) else None
+        names = _LazyNames(self, with_grad, batch.order, cache_key)
+        self._report(with_grad, names, host)
 
     def _take_loss(self, device: torch.device) -> torch.Tensor | None:
         if not self._losses:
@@ -292,58 +294,32 @@ class GradTracker:
             return losses[0]
         return torch.stack([loss.to(device, torch.float64) for loss in losses]).mean()
 
-    def _report(
-        self,
-        params: Sequence[nn.Parameter],
-        order: Sequence[int],
-        layer_norms: np.ndarray,
-        total_norm: float,
-        clip_coef: float,
-        loss: float | None,
-    ) -> None:
+    def _report(self, params: Sequence[nn.Parameter], names: _LazyNames, host: HostStats) -> None:
         step, now = self._step, time.time()
         self._step += 1
-        finite_mask = np.isfinite(layer_norms)
-        nonfinite = int(layer_norms.size - np.count_nonzero(finite_mask))
-        names: list[str] | None = None
-
-        def ordered_names() -> list[str]:
-            nonlocal names
-            if names is None:
-                names = [self._names[id(params[i])] for i in order]
-            return names
-
+        finite_mask = np.isfinite(host.layer_norms)
+        nonfinite = int(host.layer_norms.size - np.count_nonzero(finite_mask))
         if self.clip_policy is not None:
-            self.clip_policy.observe(total_norm, clip_coef)
-        explosion: Explosion | None = None
-        verdict = self.detector.check(total_norm)
-        if verdict is not None or nonfinite:
-            kind, threshold = verdict or ("nonfinite", self.detector.explosion_threshold)
-            if nonfinite:
-                kind = "nonfinite"
-            picked = offenders(layer_norms, ordered_names(), threshold, self.top_k)
-            explosion = Explosion(step, kind, total_norm, threshold, picked, now)
-            self._events.append(explosion)
-            self._summary.add_explosion(explosion)
-        divergence = self.divergence.update(step, nonfinite, loss, now)
+            self.clip_policy.observe(host.total_norm, host.clip_coef)
+        explosion = self._check_explosion(step, now, nonfinite, names, host)
+        divergence = self.divergence.update(step, nonfinite, host.loss, now)
         if divergence is not None:
             self._summary.divergence = divergence
         skipped = bool(nonfinite) and self.on_nonfinite == "skip"
         if skipped:
             for p in params:  # optimizers skip parameters without a gradient: the update is skipped
                 p.grad = None
-        clipped = clip_coef < 1.0
-        self._summary.add_step(step, total_norm, clipped, skipped, bool(nonfinite), explosion is not None)
+        clipped = host.clip_coef < 1.0
+        self._summary.add_step(step, host.total_norm, clipped, skipped, bool(nonfinite), explosion is not None)
 
-        flagged = explosion is not None or divergence is not None or nonfinite > 0
-        if flagged or step % self.log_every == 0:
+        if explosion is not None or divergence is not None or nonfinite or step % self.log_every == 0:
             with_layers = self.layer_every is not None and step % self.layer_every == 0
-            finite = layer_norms[finite_mask]
+            finite = host.layer_norms[finite_mask]
             p50, p95 = np.percentile(finite, (50, 95)) if finite.size else (math.nan, math.nan)
             stats = StepStats(
                 step=step,
-                total_norm=total_norm,
-                clip_coef=clip_coef,
+                total_norm=host.total_norm,
+                clip_coef=host.clip_coef,
                 clipped=clipped,
                 nonfinite=nonfinite,
                 explosion=explosion is not None,
@@ -352,19 +328,60 @@ class GradTracker:
                 layer_p50=float(p50),
                 layer_p95=float(p95),
                 layer_max=math.inf if nonfinite else float(finite.max()),
-                loss=loss,
+                loss=host.loss,
                 timestamp=now,
-                layer_norms=dict(zip(ordered_names(), layer_norms.tolist(), strict=True)) if with_layers else None,
+                layer_norms=dict(zip(names.get(), host.layer_norms.tolist(), strict=True)) if with_layers else None,
             )
-            assert self._dispatcher is not None
             self._dispatcher.emit("gradtrack_step", stats=stats)
         if explosion is not None:
-            self._dispatcher.emit("gradtrack_explosion", event=explosion)  # type: ignore[union-attr]
+            self._dispatcher.emit("gradtrack_explosion", event=explosion)
         if divergence is not None:
-            self._dispatcher.emit("gradtrack_divergence", event=divergence)  # type: ignore[union-attr]
+            self._dispatcher.emit("gradtrack_divergence", event=divergence)
         if nonfinite and self.on_nonfinite == "raise":
             bad = [o.name for o in explosion.offenders if o.nonfinite] if explosion else []
             raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")
+
+    def _check_explosion(
+        self, step: int, now: float, nonfinite: int, names: _LazyNames, host: HostStats
+    ) -> Explosion | None:
+        verdict = self.detector.check(host.total_norm)
+        if verdict is None and not nonfinite:
+            return None
+        kind, threshold = verdict or ("nonfinite", self.detector.explosion_threshold)
+        picked = offenders(host.layer_norms, names.get(), threshold, self.top_k)
+        explosion = Explosion(step, "nonfinite" if nonfinite else kind, host.total_norm, threshold, picked, now)
+        self._events.append(explosion)
+        self._summary.add_explosion(explosion)
+        return explosion
+
+    def _names_for(self, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None) -> list[str]:
+        """Layer names in the order of the norms; cached while the same full parameter list recurs."""
+        cached = self._names_in_order.get(cache_key) if cache_key is not None else None
+        if cached is not None and cached[0] == order:
+            return cached[1]
+        names = [self._names[id(params[i])] for i in order]
+        if cache_key is not None:
+            self._names_in_order[cache_key] = (order, names)
+        return names
+
+
+@final
+class _LazyNames:
+    """Names are only needed on explosion steps and at the per-layer cadence: build them then."""
+
+    __slots__ = ("_args", "_names", "_tracker")
+
+    def __init__(
+        self, tracker: GradTracker, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None
+    ) -> None:
+        self._tracker = tracker
+        self._args = (params, order, cache_key)
+        self._names: list[str] | None = None
+
+    def get(self) -> list[str]:
+        if self._names is None:
+            self._names = self._tracker._names_for(*self._args)
+        return self._names
 
 
 def _is_silent_rank() -> bool:
