@@ -1,0 +1,264 @@
+"""``MLflowBackend``: gradtrack's records as an MLflow run, without ever holding up training.
+
+The hooks (on gradtrack's per-backend worker thread) only turn records into small operations and
+hand them to a :class:`~gradtrack_mlflow.sender.Sender`, whose own thread talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, final
+
+from gradtrack import hookimpl
+from gradtrack._version import __version__
+from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats, Summary
+from gradtrack.naming import sanitize_names
+from gradtrack_mlflow.sender import Sender
+from gradtrack_mlflow.spool import Spool
+from gradtrack_mlflow.transport import Sink, encode_value
+
+__all__ = ["MLflowBackend", "SpoolLeftWarning"]
+
+_STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+_SUMMARY_METRICS = (
+    "steps", "clipped_steps", "skipped_steps", "nonfinite_steps", "explosions", "clip_rate",
+    "norm_mean", "norm_median", "norm_p95", "norm_p99", "norm_max", "recommended_max_norm",
+    "dropped_records",
+)  # fmt: skip
+_MAX_TAG_VALUE = 8000
+
+
+class SpoolLeftWarning(RuntimeWarning):
+    """Some records could not reach MLflow before the exit deadline; they wait in a spool file."""
+
+
+def _seconds(name: str, value: object, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
+        raise ValueError(f"mlflow option {name!r} must be a number of seconds >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _text(name: str, value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"mlflow option {name!r} must be a non-empty string or None, got {value!r}")
+    return value
+
+
+def replay_command(spool: Spool) -> str:
+    return f"{Path(sys.executable).name} -m gradtrack_mlflow replay {spool.path}"
+
+
+@final
+class MLflowBackend:
+    """Logs gradtrack's metrics, tags, params and artifacts to an MLflow run.
+
+    Options (``backend_options={"mlflow": {...}}`` or ``MLflowBackend(...)``):
+
+    * ``tracking_uri``: where to log; default MLflow's own configuration (``mlflow.set_tracking_uri``,
+      ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory).
+    * ``experiment_name``: default ``MLFLOW_EXPERIMENT_NAME``, else MLflow's default experiment.
+    * ``run_name``, ``tags`` (dict of str): for the run gradtrack creates (tags also on a reused run).
+    * ``run_id``: log into this existing run and leave it open. Without it, an active run
+      (``with mlflow.start_run():`` on the thread that enters the tracker) is used the same way;
+      otherwise gradtrack creates a run and ends it FINISHED / FAILED / KILLED like the tracker.
+    * ``flush_every_s`` (1.0): how often routine records are batched and sent.
+    * ``request_timeout`` (5.0): bound of each HTTP request; failed batches are retried with backoff.
+    * ``exit_timeout`` (30.0): how long the end of the run waits for unsent records.
+    * ``spool_dir`` (``.gradtrack/spool``): where unsent records, events and the summary wait.
+    * ``tag_interval_s`` (5.0): at most one ``gradtrack.explosions`` tag update per interval.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        flush_every_s: float = 1.0,
+        request_timeout: float = 5.0,
+        exit_timeout: float = 30.0,
+        spool_dir: str | os.PathLike[str] | None = None,
+        tag_interval_s: float = 5.0,
+    ) -> None:
+        self.tracking_uri = _text("tracking_uri", tracking_uri)
+        self.experiment_name = _text("experiment_name", experiment_name)
+        self.run_name = _text("run_name", run_name)
+        self.run_id = _text("run_id", run_id)
+        if tags is not None and not (
+            isinstance(tags, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items())
+        ):
+            raise ValueError(f"mlflow option 'tags' must be a dict of str to str, got {tags!r}")
+        self.tags = dict(tags or {})
+        self.flush_every_s = _seconds("flush_every_s", flush_every_s)
+        self.request_timeout = _seconds("request_timeout", request_timeout, 0.1)
+        self.exit_timeout = _seconds("exit_timeout", exit_timeout)
+        self.tag_interval_s = _seconds("tag_interval_s", tag_interval_s)
+        if spool_dir is not None and not isinstance(spool_dir, str | os.PathLike):
+            raise ValueError(f"mlflow option 'spool_dir' must be a path, got {spool_dir!r}")
+        self.owns_run = self.run_id is None
+        # MLflow keeps the active run and a set_tracking_uri per thread or process of the caller: read
+        # them here, on the training thread. Without mlflow imported there is neither to read.
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None:
+            active = mlflow.active_run() if self.run_id is None else None
+            if active is not None:
+                self.run_id, self.owns_run = active.info.run_id, False
+            self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
+        self.run_key = uuid.uuid4().hex
+        self.spool = Spool(Path(spool_dir or Path(".gradtrack", "spool")).absolute() / self.run_key)
+        self.sender: Sender | None = None
+        self._layer_keys: dict[str, str] = {}
+        self._explosions = 0
+        self._tags_sent_at = -math.inf
+        self._explosion_tag_due = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @hookimpl
+    def gradtrack_run_start(self, start: RunStart) -> None:
+        from mlflow.tracking import get_tracking_uri
+        from mlflow.tracking.context.registry import resolve_tags
+
+        uri = self.tracking_uri or get_tracking_uri()
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # a replay runs elsewhere
+            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).absolute())
+        self.tracking_uri = uri
+        self._layer_keys = sanitize_names(start.layer_names, prefix="grad_norm/")
+        self.sender = Sender(
+            Sink(uri, self.request_timeout), self.spool, self.run_key, self.run_id, self.flush_every_s
+        )
+        start_tags = {**self.tags, "diverged": "false"}
+        if self.owns_run:
+            self.sender.put({
+                "op": "create_run",
+                "experiment_name": self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME"),
+                "experiment_id": None if self.experiment_name else os.environ.get("MLFLOW_EXPERIMENT_ID"),
+                "run_name": self.run_name,
+                "start_time": int(start.timestamp * 1000),
+                "tags": resolve_tags(start_tags),
+            })
+        params = {f"gradtrack.{k.removeprefix('gradtrack_')}": str(v) for k, v in start.config.items()}
+        params.update({
+            "gradtrack.version": __version__,
+            "gradtrack.model_class": start.model_class,
+            "gradtrack.num_parameters": str(start.num_parameters),
+        })
+        self.sender.put({"op": "fragment", "params": params, "tags": start_tags}, urgent=True)
+        self.spool.directory.mkdir(parents=True, exist_ok=True)
+        (self.spool.directory / "events.jsonl").touch()
+
+    @hookimpl
+    def gradtrack_step(self, stats: StepStats) -> None:
+        timestamp = int(stats.timestamp * 1000)
+        metrics = [[k, encode_value(v), timestamp, stats.step] for k, v in stats.metrics().items()]
+        if stats.layer_norms:
+            keys = self._layer_keys
+            if not set(stats.layer_norms) <= keys.keys():
+                keys = self._layer_keys = sanitize_names([*keys, *stats.layer_norms], prefix="grad_norm/")
+            metrics.extend([keys[n], encode_value(v), timestamp, stats.step] for n, v in stats.layer_norms.items())
+        fragment: dict[str, Any] = {"op": "fragment", "metrics": metrics}
+        if self._explosion_tag_due and time.monotonic() - self._tags_sent_at >= self.tag_interval_s:
+            fragment["tags"] = self._explosion_tags()
+        self._send(fragment)
+
+    @hookimpl
+    def gradtrack_explosion(self, event: Explosion) -> None:
+        with (self.spool.directory / "events.jsonl").open("a", encoding="utf-8") as file:
+            file.write(json.dumps(event.to_dict()) + "\n")
+        self._explosions += 1
+        tags = {}
+        if self._explosions == 1:
+            tags["gradtrack.first_explosion_step"] = str(event.step)
+        self._explosion_tag_due = True
+        if self._explosions == 1 or time.monotonic() - self._tags_sent_at >= self.tag_interval_s:
+            tags.update(self._explosion_tags())
+        if tags:
+            self._send({"op": "fragment", "tags": tags}, urgent=self._explosions == 1)
+
+    @hookimpl
+    def gradtrack_divergence(self, event: Divergence) -> None:
+        tags = {
+            "diverged": "true",
+            "gradtrack.diverged_step": str(event.step),
+            "gradtrack.diverged_reason": event.reason[:_MAX_TAG_VALUE],
+        }
+        self._send({"op": "fragment", "tags": tags}, urgent=True)
+        self.flush(2 * self.request_timeout + 1.0)  # the tag is out (or spooled) when this hook returns
+
+    @hookimpl
+    def gradtrack_run_end(self, end: RunEnd) -> None:
+        assert self.sender is not None
+        ms = int(end.timestamp * 1000)
+        summary_path = self.spool.directory / "summary.json"
+        summary_path.write_text(json.dumps(end.summary.to_dict(), indent=2))
+        self.sender.put(
+            {"op": "fragment", "metrics": _summary_metrics(end.summary, ms), "tags": _summary_tags(end.summary)},
+            {"op": "log_artifact", "local_path": str(summary_path), "artifact_path": "gradtrack"},
+            {
+                "op": "log_artifact",
+                "local_path": str(self.spool.directory / "events.jsonl"),
+                "artifact_path": "gradtrack",
+            },
+        )
+        if self.owns_run:
+            self.sender.put({"op": "terminate", "status": _STATUS[end.status], "end_time": ms})
+        if self.sender.close(self.exit_timeout):
+            if not self.spool.rejected_path.exists():
+                shutil.rmtree(self.spool.directory, ignore_errors=True)
+            return
+        warnings.warn(
+            f"gradtrack could not send everything to MLflow at {self.tracking_uri} within "
+            f"exit_timeout={self.exit_timeout:g}s; the rest is kept in {self.spool.path}. "
+            f"Replay it with: {replay_command(self.spool)}",
+            SpoolLeftWarning,
+            stacklevel=2,
+        )
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every record handed to the backend so far was sent to MLflow or spooled."""
+        return self.sender.flush(timeout) if self.sender is not None else True
+
+    def _send(self, fragment: dict[str, Any], urgent: bool = False) -> None:
+        if self.sender is not None:
+            self.sender.put(fragment, urgent=urgent)
+
+    def _explosion_tags(self) -> dict[str, str]:
+        self._tags_sent_at = time.monotonic()
+        self._explosion_tag_due = False
+        return {"gradtrack.explosions": str(self._explosions)}
+
+
+def _summary_metrics(summary: Summary, timestamp: int) -> list[list[Any]]:
+    """``gradtrack.summary.<field>`` for every numeric field that has a value."""
+    data = summary.to_dict()
+    return [
+        [f"gradtrack.summary.{name}", encode_value(float(data[name])), timestamp, summary.steps]
+        for name in _SUMMARY_METRICS
+        if isinstance(data.get(name), int | float) or data.get(name) in ("nan", "inf", "-inf")
+    ]
+
+
+def _summary_tags(summary: Summary) -> dict[str, str]:
+    """The final value of every live tag, so the run's tags are right even if a live update was late."""
+    tags = {"diverged": str(summary.diverged).lower(), "gradtrack.explosions": str(summary.explosions)}
+    if summary.first_explosion_step is not None:
+        tags["gradtrack.first_explosion_step"] = str(summary.first_explosion_step)
+    if summary.diverged_step is not None:
+        tags["gradtrack.diverged_step"] = str(summary.diverged_step)
+    if summary.diverged_reason is not None:
+        tags["gradtrack.diverged_reason"] = summary.diverged_reason[:_MAX_TAG_VALUE]
+    offenders = ", ".join(f"{name} ({count})" for name, count in summary.top_offenders)
+    tags["gradtrack.summary.top_offenders"] = offenders[:_MAX_TAG_VALUE] or "none"
+    return tags

@@ -1,0 +1,234 @@
+"""The backend's own sender thread: batches records, sends them with bounded requests, spools the rest.
+
+The gradtrack hooks only append to ``Sender.put``'s inbox. Every ``flush_every_s`` (or at once
+for urgent records such as the divergence tag) the sender merges what arrived into ``log_batch``
+operations within MLflow's limits and sends them in order. The first transient failure moves
+that operation and everything after it to the spool file, and from then on new operations are
+appended behind them, so order is kept; the spool is replayed with exponential backoff, and the
+sender goes back to sending live once it is empty.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, final
+
+from gradtrack_mlflow.spool import Spool
+from gradtrack_mlflow.transport import Sink, is_permanent
+
+__all__ = ["MAX_ENTITIES", "MAX_PARAMS_OR_TAGS", "Sender", "coalesce"]
+
+Op = dict[str, Any]
+
+MAX_ENTITIES = 1000  # MLflow's log_batch limit: metrics + params + tags
+MAX_PARAMS_OR_TAGS = 100  # ... and at most 100 params and 100 tags
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
+
+
+def coalesce(items: Sequence[Op], run_key: str, run_id: str | None, tracking_uri: str) -> list[Op]:
+    """Merge consecutive metric/param/tag fragments into ``log_batch`` ops within MLflow's limits.
+
+    Other operations (create_run, log_artifact, terminate) keep their place between batches.
+    """
+    ops: list[Op] = []
+    batch: Op | None = None
+
+    def close_batch() -> None:
+        nonlocal batch
+        if batch is not None:
+            ops.append(batch)
+            batch = None
+
+    def open_batch() -> Op:
+        nonlocal batch
+        if batch is None:
+            batch = {"op": "log_batch", "metrics": [], "params": {}, "tags": {}}
+            batch.update(run_key=run_key, run_id=run_id, tracking_uri=tracking_uri)
+        return batch
+
+    def size(op: Op) -> int:
+        return len(op["metrics"]) + len(op["params"]) + len(op["tags"])
+
+    for item in items:
+        if item["op"] != "fragment":
+            close_batch()
+            ops.append({"run_key": run_key, "run_id": run_id, "tracking_uri": tracking_uri, **item})
+            continue
+        for metric in item.get("metrics", ()):
+            if size(open_batch()) >= MAX_ENTITIES:
+                close_batch()
+            open_batch()["metrics"].append(metric)
+        for kind in ("params", "tags"):
+            for key, value in item.get(kind, {}).items():
+                current = open_batch()
+                if size(current) >= MAX_ENTITIES or (
+                    key not in current[kind] and len(current[kind]) >= MAX_PARAMS_OR_TAGS
+                ):
+                    close_batch()
+                    current = open_batch()
+                current[kind][key] = value
+    close_batch()
+    return ops
+
+
+@final
+class Sender:
+    """One thread per run that owns all traffic to MLflow; see the module docstring."""
+
+    def __init__(
+        self, sink: Sink, spool: Spool, run_key: str, run_id: str | None, flush_every_s: float
+    ) -> None:
+        self.sink = sink
+        self.spool = spool
+        self.run_key = run_key
+        self.run_id = run_id
+        self.flush_every_s = flush_every_s
+        self.rejected = 0
+        self._cond = threading.Condition()
+        self._inbox: list[Op] = []
+        self._queued = 0
+        self._handled = 0
+        self._urgent = False
+        self._give_up_at: float | None = None
+        self._offline = False
+        self._backoff = _BACKOFF_FIRST
+        self._next_retry = 0.0
+        self._last_cycle = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name=f"gradtrack-mlflow-{run_key[:8]}", daemon=True)
+        self.thread.start()
+
+    # -- called from the hook thread ----------------------------------------------------------------
+
+    def put(self, *items: Op, urgent: bool = False) -> None:
+        with self._cond:
+            self._inbox.extend(items)
+            self._queued += 1
+            self._urgent = self._urgent or urgent
+            if urgent:
+                self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything put so far was sent or spooled; True if that happened in time."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._queued
+            self._urgent = True
+            self._cond.notify_all()
+            while self._handled < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self, timeout: float) -> bool:
+        """Send what is left, retrying the spool until ``timeout``; True if nothing is left on disk."""
+        with self._cond:
+            self._give_up_at = time.monotonic() + timeout
+            self._cond.notify_all()
+        self.thread.join(timeout + 1.0)
+        return not self.thread.is_alive() and not self._offline
+
+    # -- the sender thread --------------------------------------------------------------------------
+
+    def _wait_for_work(self) -> tuple[list[Op], int, bool]:
+        with self._cond:
+            while True:
+                closing = self._give_up_at is not None
+                now = time.monotonic()
+                wake = self._last_cycle + self.flush_every_s if self._inbox else math.inf
+                if self._offline:
+                    wake = min(wake, self._next_retry)
+                if closing or self._urgent or now >= wake:
+                    break
+                self._cond.wait(None if math.isinf(wake) else wake - now)
+            items, self._inbox = self._inbox, []
+            self._urgent = False
+            return items, self._queued, closing
+
+    def _run(self) -> None:
+        while True:
+            items, target, closing = self._wait_for_work()
+            self._last_cycle = time.monotonic()
+            if self._offline and time.monotonic() >= self._next_retry:
+                self._replay()
+            self._deliver(coalesce(items, self.run_key, self.run_id, self.sink.tracking_uri))
+            with self._cond:
+                self._handled = target
+                self._cond.notify_all()
+                done = closing and not self._inbox
+            if done and self._finish():
+                return
+
+    def _finish(self) -> bool:
+        """While closing: retry the spool until it is empty or the deadline passes."""
+        assert self._give_up_at is not None
+        while self._offline:
+            wait = self._next_retry - time.monotonic()
+            if time.monotonic() + max(wait, 0.0) + self.sink.request_timeout > self._give_up_at:
+                return True
+            if wait > 0:
+                time.sleep(wait)
+            self._replay()
+        return True
+
+    def _may_send(self) -> bool:
+        if self._give_up_at is None:
+            return True
+        return time.monotonic() + self.sink.request_timeout <= self._give_up_at
+
+    def _deliver(self, ops: list[Op]) -> None:
+        for index, op in enumerate(ops):
+            if self._offline or not self._may_send():
+                self._to_spool(ops[index:])
+                return
+            try:
+                self.sink.execute(op)
+            except Exception as exc:
+                if not self._handle_failure(op, exc):
+                    self._to_spool(ops[index:])
+                    return
+
+    def _replay(self) -> None:
+        for index, op in self.spool.pending():
+            if not self._may_send():
+                return
+            try:
+                self.sink.execute(op)
+            except Exception as exc:
+                if not self._handle_failure(op, exc):
+                    return
+            self.spool.set_offset(index + 1)
+        self.spool.clear()
+        self._offline = False
+        self._backoff = _BACKOFF_FIRST
+
+    def _handle_failure(self, op: Op, exc: Exception) -> bool:
+        """True when the op is settled (rejected for good); False when it must be retried later."""
+        if is_permanent(exc):
+            self.rejected += 1
+            self.spool.reject(op, exc)
+            if self.rejected == 1:
+                warnings.warn(
+                    f"MLflow refused a gradtrack {op['op']} for good ({exc}); kept in {self.spool.rejected_path}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return True
+        self._offline = True
+        self._next_retry = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+        return False
+
+    def _to_spool(self, ops: list[Op]) -> None:
+        for op in ops:  # a run created live is named by its id, so a later replay needs no map
+            if op.get("run_id") is None and op["run_key"] in self.sink.run_ids:
+                op["run_id"] = self.sink.run_ids[op["run_key"]]
+        self.spool.append(ops)
+        if ops and not self._offline:
+            self._offline = True
+            self._next_retry = time.monotonic() + self._backoff

@@ -1,0 +1,171 @@
+"""Executing journal operations against one MLflow tracking URI, each request bounded in time.
+
+An operation is a small JSON-able dict (``create_run``, ``log_batch``, ``log_artifact``,
+``terminate``), the same shape whether it is sent live or replayed from a spool file.
+
+Over HTTP the JSON endpoints are called through ``mlflow.utils.rest_utils.http_request`` with
+``max_retries=0`` and ``timeout=request_timeout``: MLflow's own client reads its retry policy from
+process-wide environment variables (about four minutes of retries by default), which a plugin must
+not change under the user's feet. Retrying is the sender's job. Other stores (sqlite, file) are local
+and go through ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, final
+
+__all__ = ["PermanentError", "Sink", "encode_value", "is_permanent"]
+
+Op = dict[str, Any]
+
+_API = "/api/2.0/mlflow"
+
+
+class PermanentError(RuntimeError):
+    """An operation the tracking store will never accept as it is (e.g. a param changed value)."""
+
+
+def encode_value(value: float) -> float | str:
+    """JSON has no NaN/Inf: use protobuf's JSON spelling, which MLflow's server parses back."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """A 4xx answer (other than 429) will not change on retry; everything else may."""
+    if isinstance(exc, PermanentError):
+        return True
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status != 429
+
+
+@final
+class Sink:
+    """Runs operations against ``tracking_uri``; remembers the run ids of runs it created."""
+
+    def __init__(self, tracking_uri: str, request_timeout: float) -> None:
+        self.tracking_uri = tracking_uri
+        self.request_timeout = request_timeout
+        self.is_http = tracking_uri.startswith(("http://", "https://"))
+        self.run_ids: dict[str, str] = {}
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def run_id(self, op: Op) -> str:
+        run_id = op.get("run_id") or self.run_ids.get(op["run_key"])
+        if run_id is None:
+            raise PermanentError(f"no run for run_key {op['run_key']!r}: its create_run was never sent")
+        return str(run_id)
+
+    def execute(self, op: Op) -> None:
+        kind = op["op"]
+        if kind == "create_run":
+            self.run_ids[op["run_key"]] = self._create_run(op)
+        elif kind == "log_batch":
+            self._log_batch(self.run_id(op), op["metrics"], op["params"], op["tags"])
+        elif kind == "log_artifact":
+            if self.is_http:
+                self._rest("GET", "/health", None, api=False)  # bounded probe: the upload itself is not
+            self.client.log_artifact(self.run_id(op), op["local_path"], op["artifact_path"])
+        elif kind == "terminate":
+            self._terminate(self.run_id(op), op["status"], op["end_time"])
+        else:
+            raise PermanentError(f"unknown operation {kind!r}")
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def _create_run(self, op: Op) -> str:
+        tags: Mapping[str, str] = op["tags"]
+        if not self.is_http:
+            experiment_id = op.get("experiment_id") or self._local_experiment(op.get("experiment_name"))
+            run = self.client.create_run(experiment_id, op["start_time"], dict(tags), op.get("run_name"))
+            return str(run.info.run_id)
+        experiment_id = op.get("experiment_id") or self._rest_experiment(op.get("experiment_name"))
+        body = {
+            "experiment_id": experiment_id,
+            "start_time": op["start_time"],
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
+        if op.get("run_name"):
+            body["run_name"] = op["run_name"]
+        return str(self._rest("POST", "runs/create", body)["run"]["info"]["run_id"])
+
+    def _local_experiment(self, name: str | None) -> str:
+        if name is None:
+            return "0"
+        experiment = self.client.get_experiment_by_name(name)
+        return str(experiment.experiment_id if experiment else self.client.create_experiment(name))
+
+    def _rest_experiment(self, name: str | None) -> str:
+        if name is None:
+            return "0"
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self._rest("GET", "experiments/get-by-name", {"experiment_name": name})
+            return str(found["experiment"]["experiment_id"])
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        return str(self._rest("POST", "experiments/create", {"name": name})["experiment_id"])
+
+    def _log_batch(
+        self, run_id: str, metrics: list[list[Any]], params: Mapping[str, str], tags: Mapping[str, str]
+    ) -> None:
+        if not self.is_http:
+            from mlflow.entities import Metric, Param, RunTag
+
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in metrics],
+                params=[Param(k, v) for k, v in params.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+                synchronous=True,
+            )
+            return
+        body = {
+            "run_id": run_id,
+            "metrics": [{"key": k, "value": v, "timestamp": ts, "step": step} for k, v, ts, step in metrics],
+            "params": [{"key": k, "value": v} for k, v in params.items()],
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
+        self._rest("POST", "runs/log-batch", body)
+
+    def _terminate(self, run_id: str, status: str, end_time: int) -> None:
+        if not self.is_http:
+            self.client.set_terminated(run_id, status, end_time)
+            return
+        self._rest("POST", "runs/update", {"run_id": run_id, "status": status, "end_time": end_time})
+
+    def _rest(self, method: str, endpoint: str, body: dict[str, Any] | None, api: bool = True) -> Any:
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        path = f"{_API}/{endpoint}" if api else endpoint
+        payload = {"params": body} if method == "GET" else {"json": body}
+        response = http_request(
+            get_default_host_creds(self.tracking_uri),
+            path,
+            method,
+            max_retries=0,
+            timeout=self.request_timeout,
+            **payload,
+        )
+        verify_rest_response(response, path)
+        return response.json() if api else None
