@@ -341,3 +341,18 @@ def test_memory_of_events_is_bounded() -> None:
             tracker.step()
     assert len(tracker.explosions) == 256 and tracker.summary().explosions == 300
     assert tracker.explosions[-1].step == 299
+
+
+def test_amp_grad_scaler_steps_are_measured_after_unscaling(recorder: RecordingBackend) -> None:
+    reference, model = mlp(seed=7), mlp(seed=7)
+    x, y = regression_batches(1, seed=7)[0]
+    nn.functional.mse_loss(reference(x).squeeze(-1), y).backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with GradTracker(model, backend=recorder, clip=None) as tracker:
+        scaler.scale(nn.functional.mse_loss(model(x).squeeze(-1), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert tracker.summary().steps == 1
+    assert recorder.of("step")[0].total_norm == pytest.approx(expected, rel=1e-5)
