@@ -1,0 +1,30 @@
+"""The built-in console backend prints what a hand-written loop would."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from conftest import mlp
+
+from gradtrack import GradTracker
+
+
+def test_console_lines() -> None:
+    stream = io.StringIO()
+    model = mlp()
+    options = {"console": {"every": 2, "stream": stream}}
+    with GradTracker(model, backend="console", backend_options=options, clip=None, explosion_threshold=50) as tracker:
+        for step in range(4):
+            model(torch.randn(4, 8)).sum().backward()
+            if step == 3:
+                model[0].weight.grad.mul_(1e4)  # type: ignore[index, union-attr]
+            tracker.observe(torch.tensor(0.5))
+            tracker.step()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "[gradtrack] tracking 6 tensors of Sequential; clip=none"
+    assert lines[1].startswith("[gradtrack] Step    0: loss=0.5000, grad_norm=") and lines[1].endswith("[OK]")
+    assert lines[2].startswith("[gradtrack] Step    2: ")
+    assert lines[3].startswith("[gradtrack] EXPLOSION step 3: threshold explosion, total_norm=")
+    assert "offenders: 0.weight (" in lines[3]
+    assert lines[4].startswith("[gradtrack] run finished: 4 steps") and "explosions 1" in lines[4]

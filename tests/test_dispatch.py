@@ -1,0 +1,68 @@
+"""Backends run off the training thread; a slow one is decimated by rule, never silently."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import RecordingBackend, mlp
+
+from gradtrack import GradTracker, hookimpl
+from gradtrack.dispatch import Dispatcher
+from gradtrack.events import StepStats
+
+
+class Gate(RecordingBackend):
+    """A backend stuck until the test opens the gate, like a tracker that stopped answering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = threading.Event()
+
+    @hookimpl
+    def gradtrack_step(self, stats: StepStats) -> None:
+        self.open.wait(30)
+        self._record("step", stats)
+
+
+def test_a_stuck_backend_neither_blocks_training_nor_its_sibling(recorder: RecordingBackend) -> None:
+    gate = Gate()
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match="'Gate' is falling behind; keeping one routine step record in 10"), \
+            GradTracker(model, backend=[gate, recorder], max_pending=20, explosion_threshold=1e9) as tracker:
+        for step in range(200):
+            model(torch.randn(4, 8)).sum().backward()
+            if step == 150:
+                model[0].weight.grad.mul_(1e12)  # type: ignore[index, union-attr]  # one flagged step
+            tracker.step()
+        assert tracker.flush(timeout=0.5) is False  # the gate is still shut
+        assert len(recorder.of("step")) == 200  # the healthy sibling got everything already
+        gate.open.set()
+    kept = [s.step for s in gate.of("step")]
+    assert 150 in kept  # flagged steps are never dropped
+    dropped = [s for s in range(200) if s not in kept]
+    assert dropped and all(s % 10 for s in dropped)  # only routine steps off the 1-in-10 grid
+    assert tracker.summary().dropped_records == len(dropped)
+    assert gate.of("run_end") and gate.of("explosion")
+
+
+def test_close_returns_within_its_timeout_when_a_backend_hangs() -> None:
+    gate = Gate()
+    dispatcher = Dispatcher([("gate", gate)])
+    dispatcher.emit("gradtrack_step", stats=None)
+    started = time.monotonic()
+    assert dispatcher.close(timeout=0.3) == ["gate"]
+    assert time.monotonic() - started < 5
+    gate.open.set()
+
+
+def test_exit_warns_about_a_backend_that_outlives_close_timeout() -> None:
+    gate = Gate()
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match=r"\['Gate'\] did not finish within close_timeout=0.2s"), \
+            GradTracker(model, backend=gate, close_timeout=0.2) as tracker:
+        model(torch.randn(4, 8)).sum().backward()
+        tracker.step()
+    gate.open.set()
