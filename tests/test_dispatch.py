@@ -38,7 +38,10 @@ def test_a_stuck_backend_neither_blocks_training_nor_its_sibling(recorder: Recor
                 model[0].weight.grad.mul_(1e12)  # type: ignore[index, union-attr]  # one flagged step
             tracker.step()
         assert tracker.flush(timeout=0.5) is False  # the gate is still shut
-        assert len(recorder.of("step")) == 200  # the healthy sibling got everything already
+        deadline = time.monotonic() + 10
+        while len(recorder.of("step")) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(recorder.of("step")) == 200  # the healthy sibling is not held up by the stuck one
         gate.open.set()
     kept = [s.step for s in gate.of("step")]
     assert 150 in kept  # flagged steps are never dropped
