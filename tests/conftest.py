@@ -88,3 +88,29 @@ def regression_batches(n: int, seed: int = 0, batch: int = 32) -> list[tuple[tor
 @pytest.fixture
 def recorder() -> RecordingBackend:
     return RecordingBackend()
+
+
+# -------------------------------------------------------------------------
+# W&B backend tests: an offline wandb confined to a temporary directory.
+# -------------------------------------------------------------------------
+
+_WANDB_DIR_VARIABLES = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
+
+
+@pytest.fixture
+def wandb_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An offline, silent wandb writing only under ``tmp_path/"wandb"``; wandb-core is torn down after."""
+    wandb = pytest.importorskip("wandb")
+    root = tmp_path / "wandb"
+    root.mkdir()
+    for variable in _WANDB_DIR_VARIABLES:
+        monkeypatch.setenv(variable, str(root))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    yield root
+    if wandb.run is not None:
+        wandb.run.finish()
+    wandb.teardown()

@@ -1,4 +1,4 @@
-"""The Weights & Biases backend for gradtrack, registered as entry point ``wandb`` in the ``gradtrack`` group."""
+"""The Weights & Biases backend for gradtrack: entry point ``wandb`` in the ``gradtrack`` group."""
 
 from __future__ import annotations
 

@@ -1,0 +1,291 @@
+"""``WandbBackend``: gradtrack's records as W&B history rows, a histogram, run tags, summary and alerts.
+
+Every hook runs on the backend's worker thread, so nothing here can stall or break training. wandb
+is imported when the run starts, never at import time.
+
+Step axis: rows carry ``gradtrack/step`` and every gradtrack metric is plotted against it through
+``define_metric``. ``run.log`` is never given ``step=``, so a user's own ``wandb.log`` calls keep
+working, interleaved, without "step less than current step" warnings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NoReturn, final
+
+from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+from gradtrack.hookspecs import hookimpl
+from gradtrack.naming import sanitize_names
+
+__all__ = [
+    "DIVERGED_TAG",
+    "EXPLODED_TAG",
+    "HISTOGRAM_KEY",
+    "HISTOGRAM_EXCLUDED_KEY",
+    "STEP_KEY",
+    "WANDB_INVALID",
+    "WandbBackend",
+]
+
+STEP_KEY = "gradtrack/step"
+HISTOGRAM_KEY = "grad/layer_log10_norm"
+HISTOGRAM_EXCLUDED_KEY = "grad/layer_log10_excluded"
+DIVERGED_TAG = "diverged"
+EXPLODED_TAG = "exploded"
+SUMMARY_KEY = "gradtrack"  # shown in the runs table as gradtrack.explosions, gradtrack.diverged_step, ...
+EXPLOSION_TITLE = "gradtrack: gradients exploded"
+DIVERGENCE_TITLE = "gradtrack: run diverged"
+
+# W&B metric names sort and filter in the UI only when made of letters, digits and underscores;
+# "/" is kept because W&B groups charts into sections by it.
+WANDB_INVALID = r"[^/A-Za-z0-9_]"
+_MAX_KEY = 200
+_EXIT_CODES = {"finished": 0, "failed": 1, "killed": 255}
+_INIT_OPTIONS = ("project", "entity", "name", "group", "job_type", "notes", "mode", "dir")
+
+Mode = Literal["online", "offline", "disabled", "shared"]
+
+
+@final
+class WandbBackend:
+    """Reports one gradtrack run to Weights & Biases.
+
+    If a W&B run is active when the tracker starts, gradtrack logs into it and leaves it open;
+    otherwise it calls ``wandb.init`` with the options below and finishes that run at the end.
+
+    ``project``, ``entity``, ``name``, ``group``, ``job_type``, ``notes``, ``mode``, ``dir``,
+    ``tags``: passed to ``wandb.init`` (ignored when reusing an active run, except ``tags``, which
+    are added to it). ``config``: extra config merged over the tracker's settings.
+    ``init_kwargs``: any other ``wandb.init`` argument.
+    ``layer_scalars``: how many of the largest per-layer norms to log as ``grad_norm/<name>`` at
+    each per-layer step (``"all"`` for every layer, 0 for none); the histogram always has them all.
+    ``histogram``: log the per-layer log10-norm histogram. ``alerts``: send ``run.alert``s.
+    ``alert_every``: seconds between two explosion alerts (the first is sent at once).
+    ``loss_key``: the key for the observed loss (None: do not log it).
+    """
+
+    def __init__(
+        self,
+        *,
+        project: str | None = None,
+        entity: str | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        notes: str | None = None,
+        mode: Mode | None = None,
+        dir: str | os.PathLike[str] | None = None,
+        tags: Sequence[str] = (),
+        config: Mapping[str, Any] | None = None,
+        init_kwargs: Mapping[str, Any] | None = None,
+        layer_scalars: int | Literal["all"] = 10,
+        histogram: bool = True,
+        alerts: bool = True,
+        alert_every: float = 600.0,
+        loss_key: str | None = "gradtrack/loss",
+    ) -> None:
+        if layer_scalars != "all" and (
+            isinstance(layer_scalars, bool) or not isinstance(layer_scalars, int) or layer_scalars < 0
+        ):
+            _invalid("layer_scalars", "an int >= 0 or 'all'", layer_scalars)
+        if isinstance(tags, str):
+            _invalid("tags", "a list of strings, not one string", tags)
+        if not (isinstance(alert_every, int | float) and alert_every >= 0):
+            _invalid("alert_every", "a number of seconds >= 0", alert_every)
+        if loss_key is not None and (not loss_key or loss_key.startswith(("grad/", "grad_norm/"))):
+            _invalid("loss_key", "None or a non-empty key outside grad/ and grad_norm/", loss_key)
+        directory = None if dir is None else os.fspath(dir)
+        values = (project, entity, name, group, job_type, notes, mode, directory)
+        self._init_options = {key: value for key, value in zip(_INIT_OPTIONS, values, strict=True) if value}
+        self.tags = tuple(tags)
+        self.extra_config = dict(config or {})
+        self.init_kwargs = dict(init_kwargs or {})
+        self.layer_scalars = layer_scalars
+        self.histogram = histogram
+        self.alerts = alerts
+        self.alert_every = float(alert_every)
+        self.loss_key = loss_key
+        # The factory runs on the training thread, where the user's run is visible as wandb.run.
+        self._user_run = _active_run()
+        self._run: Any = None
+        self._owned = False
+        self._keys: dict[str, str] = {}
+        self._state: dict[str, Any] = {"explosions": 0, "diverged": False}
+        self._last_norm = math.nan
+        self._last_explosion: Explosion | None = None
+        self._last_alert = -math.inf
+        self._unalerted = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @hookimpl
+    def gradtrack_run_start(self, start: RunStart) -> None:
+        import wandb
+
+        config = {**start.config, **self.extra_config}
+        if self._user_run is not None:
+            run = self._user_run
+            # Nested so that gradtrack's keys (clip, max_norm, ...) never clash with the user's own.
+            run.config.update({SUMMARY_KEY: config}, allow_val_change=True)
+            if self.tags:
+                run.tags = _merged(run.tags, *self.tags)
+        else:
+            init = {**self._init_options, **self.init_kwargs}
+            init["tags"] = list(dict.fromkeys([*init.get("tags", ()), *self.tags]))
+            init["config"] = {**config, **init.get("config", {})}
+            run = wandb.init(**init)
+            self._owned = True
+        self._keys = _wandb_keys(start.layer_names)
+        run.define_metric(STEP_KEY, hidden=True)
+        for pattern in ("grad/*", "grad_norm/*", *([self.loss_key] if self.loss_key else [])):
+            run.define_metric(pattern, step_metric=STEP_KEY)
+        run.define_metric("grad/total_norm", step_metric=STEP_KEY, summary="max")
+        self._run = run
+        self._publish_state()
+
+    @hookimpl
+    def gradtrack_run_end(self, end: RunEnd) -> None:
+        run = self._run
+        if run is None:
+            return
+        self._state.update(end.summary.to_dict(), status=end.status)
+        self._publish_state()
+        if self._owned:
+            run.finish(exit_code=_EXIT_CODES[end.status])
+        self._run = None
+
+    # -- per step ---------------------------------------------------------------------------------
+
+    @hookimpl
+    def gradtrack_step(self, stats: StepStats) -> None:
+        run = self._run
+        if run is None:
+            return
+        row: dict[str, Any] = stats.metrics()
+        loss = row.pop("loss", None)
+        if loss is not None and self.loss_key:
+            row[self.loss_key] = loss
+        row[STEP_KEY] = stats.step
+        if stats.layer_norms is not None:
+            row.update(self._layer_rows(stats.layer_norms))
+        self._last_norm = stats.total_norm
+        run.log(row)
+
+    def _layer_rows(self, layer_norms: Mapping[str, float]) -> dict[str, Any]:
+        """The histogram and the per-layer scalars of one per-layer step."""
+        import wandb
+
+        row: dict[str, Any] = {}
+        if self.histogram:
+            logs = [math.log10(norm) for norm in layer_norms.values() if math.isfinite(norm) and norm > 0]
+            # W&B rejects NaN/Inf in a histogram; zero norms have no log10: count both instead.
+            row[HISTOGRAM_EXCLUDED_KEY] = float(len(layer_norms) - len(logs))
+            if logs:
+                row[HISTOGRAM_KEY] = wandb.Histogram(logs)
+        if self.layer_scalars == "all":
+            chosen = list(layer_norms.items())
+        else:
+            # NaN sorts as the largest: a layer with non-finite gradients is the first to show.
+            chosen = heapq.nlargest(self.layer_scalars, layer_norms.items(), key=_nan_first)
+        for name, norm in chosen:
+            row[self._key(name)] = norm
+        return row
+
+    def _key(self, name: str) -> str:
+        key = self._keys.get(name)
+        if key is None:  # a layer first seen after run start (added parameters): name it now, stably
+            self._keys = _wandb_keys([*self._keys, name])
+            key = self._keys[name]
+        return key
+
+    # -- events -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def gradtrack_explosion(self, event: Explosion) -> None:
+        run = self._run
+        if run is None:
+            return
+        first = self._state["explosions"] == 0
+        self._state["explosions"] += 1
+        self._last_explosion = event
+        if first:
+            self._state["first_explosion_step"] = event.step
+            run.tags = _merged(run.tags, EXPLODED_TAG)
+        self._publish_state()
+        self._unalerted += 1
+        now = time.monotonic()
+        if self.alerts and (first or now - self._last_alert >= self.alert_every):
+            since = f" ({self._unalerted} explosions since the last alert)" if self._unalerted > 1 else ""
+            run.alert(
+                title=EXPLOSION_TITLE,
+                text=_alert_text(event) + since,
+                level="WARN",
+                wait_duration=self.alert_every,
+            )
+            self._last_alert, self._unalerted = now, 0
+
+    @hookimpl
+    def gradtrack_divergence(self, event: Divergence) -> None:
+        run = self._run
+        if run is None:
+            return
+        run.tags = _merged(run.tags, DIVERGED_TAG)
+        self._state.update(diverged=True, diverged_step=event.step, diverged_reason=event.reason)
+        self._publish_state()
+        if self.alerts:
+            text = f"step {event.step}: {event.reason}; last total_norm={_fmt(self._last_norm)}"
+            if self._last_explosion is not None:
+                text += f". Last explosion: {_alert_text(self._last_explosion)}"
+            run.alert(title=DIVERGENCE_TITLE, text=text, level="ERROR", wait_duration=self.alert_every)
+
+    def _publish_state(self) -> None:
+        """One nested summary entry, shown in the runs table as ``gradtrack.<key>`` columns."""
+        self._run.summary[SUMMARY_KEY] = dict(self._state)
+
+
+def _invalid(option: str, expected: str, value: object) -> NoReturn:
+    raise ValueError(f"wandb option {option!r} must be {expected}, got {value!r}")
+
+
+def _nan_first(item: tuple[str, float]) -> float:
+    return math.inf if math.isnan(item[1]) else item[1]
+
+
+def _active_run() -> Any:
+    """The user's active W&B run, if wandb is already imported and a run is open."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def _merged(tags: Sequence[str] | None, *extra: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*(tags or ()), *extra]))
+
+
+def _wandb_keys(names: Sequence[str]) -> dict[str, str]:
+    """``grad_norm/<name>`` keys, distinct even under W&B's case-insensitive metric names."""
+    keys = sanitize_names(names, prefix="grad_norm/", invalid=WANDB_INVALID, max_length=_MAX_KEY)
+    seen: dict[str, int] = {}
+    for key in keys.values():
+        seen[key.lower()] = seen.get(key.lower(), 0) + 1
+    for name, key in keys.items():
+        if seen[key.lower()] > 1:
+            keys[name] = f"{key[: _MAX_KEY - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return keys
+
+
+def _alert_text(event: Explosion) -> str:
+    offenders = ", ".join(f"{o.name} ({_fmt(o.norm)})" for o in event.offenders) or "none"
+    return (
+        f"step {event.step}: {event.kind} explosion, total_norm={_fmt(event.total_norm)} "
+        f"(threshold {_fmt(event.threshold)}); top offenders: {offenders}"
+    )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)

@@ -1,0 +1,283 @@
+"""The W&B backend against real wandb in offline mode, checked through the run's own ``.wandb`` file."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches
+from torch import nn
+
+from gradtrack import GradTracker
+from gradtrack.events import StepStats
+
+wandb = pytest.importorskip("wandb")
+
+from gradtrack_wandb.backend import (  # noqa: E402  (after the importorskip)
+    DIVERGED_TAG,
+    EXPLODED_TAG,
+    HISTOGRAM_EXCLUDED_KEY,
+    HISTOGRAM_KEY,
+    STEP_KEY,
+    WandbBackend,
+    _wandb_keys,
+)
+from wandb_support import WandbRun, run_files  # noqa: E402
+
+CONTRACT = (
+    "grad/total_norm",
+    "grad/clip_coef",
+    "grad/clipped",
+    "grad/explosion",
+    "grad/nonfinite",
+    "grad/diverged",
+    "grad/layer_p50",
+    "grad/layer_p95",
+    "grad/layer_max",
+)
+
+
+@pytest.fixture
+def no_backend_failures() -> Iterator[list[warnings.WarningMessage]]:
+    """Backend exceptions become warnings on the worker thread; any such warning fails the test."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+    failures = [str(w.message) for w in caught if "gradtrack backend" in str(w.message)]
+    assert not failures
+
+
+def train_rnn(
+    tracker_kwargs: dict[str, object],
+    steps: int = 24,
+    until: Callable[[GradTracker], bool] | None = None,
+) -> tuple[GradTracker, RecordingBackend]:
+    """The exploding RNN (spectral radius 3) trained with plain SGD: explodes, then diverges."""
+    recorder = RecordingBackend()
+    model = VanillaRNN(radius=3.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 20, 4, generator=generator), torch.randn(16, generator=generator)
+    with GradTracker(model, backend=["wandb", recorder], clip=None, **tracker_kwargs) as tracker:  # type: ignore[arg-type]
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            tracker.observe(loss=loss)
+            optimizer.step()
+            if until is not None and until(tracker):
+                break
+    return tracker, recorder
+
+
+def train_mlp(tracker: GradTracker, model: nn.Module, steps: int, each: Callable[[int], None] | None = None) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step, (x, y) in enumerate(regression_batches(steps)):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
+        loss.backward()
+        tracker.observe(loss=loss)
+        optimizer.step()
+        if each is not None:
+            each(step)
+
+
+def only_run(root: Path) -> WandbRun:
+    """The one run written under ``root``, read once wandb-core has exited (it closes the file then)."""
+    wandb.teardown()
+    files = run_files(root)
+    assert len(files) == 1, files
+    return WandbRun.read(files[0])
+
+
+def test_offline_run_records_contract_histograms_tags_alerts(wandb_dir: Path, no_backend_failures: list) -> None:
+    options = {"project": "gradtrack-tests", "dir": str(wandb_dir), "layer_scalars": 2, "config": {"lr": 0.5}}
+    tracker, recorder = train_rnn({"layer_every": 4, "backend_options": {"wandb": options}})
+    summary = tracker.summary()
+    assert summary.explosions > 1 and summary.diverged  # the scenario under test really happened
+    run = only_run(wandb_dir)
+    sent: list[StepStats] = recorder.of("step")
+
+    # config: the tracker's settings plus the user's, exit code 0
+    assert run.config["explosion_threshold"] == tracker.config()["explosion_threshold"]
+    assert run.config["clip"] == "none" and run.config["lr"] == 0.5
+    assert run.exit_code == 0
+
+    # custom x-axis, never step=: one row per reported step, in order, with the contract metrics
+    assert run.metric("grad/*").step_metric == STEP_KEY
+    assert run.metric("grad_norm/*").step_metric == STEP_KEY
+    assert run.metric("gradtrack/loss").step_metric == STEP_KEY
+    assert run.metric("grad/total_norm").summary.max
+    rows = run.rows_with(STEP_KEY)
+    assert [row[STEP_KEY] for row in rows] == [stats.step for stats in sent]
+    assert [row["_step"] for row in rows] == list(range(len(rows)))
+    for row, stats in zip(rows, sent, strict=True):
+        expected = stats.metrics()
+        for key in CONTRACT:
+            assert row[key] == pytest.approx(expected[key], nan_ok=True), (stats.step, key)
+        assert row["gradtrack/loss"] == pytest.approx(stats.loss, nan_ok=True)
+        assert "loss" not in row
+
+    # histogram and top-2 per-layer scalars on the per-layer cadence only
+    keys = _wandb_keys(recorder.of("run_start")[0].layer_names)
+    for row, stats in zip(rows, sent, strict=True):
+        scalars = {k for k in row if k.startswith("grad_norm/")}
+        if stats.layer_norms is None:
+            assert HISTOGRAM_KEY not in row and not scalars
+            continue
+        norms = stats.layer_norms
+        usable = [v for v in norms.values() if math.isfinite(v) and v > 0]
+        assert row[HISTOGRAM_EXCLUDED_KEY] == len(norms) - len(usable)
+        if usable:
+            histogram = row[HISTOGRAM_KEY]
+            assert histogram["_type"] == "histogram" and sum(histogram["values"]) == len(usable)
+            logs = [math.log10(v) for v in usable]
+            assert histogram["bins"][0] <= min(logs) <= max(logs) <= histogram["bins"][-1]
+        top = sorted(norms, key=lambda n: math.inf if math.isnan(norms[n]) else norms[n], reverse=True)[:2]
+        assert scalars == {keys[name] for name in top}
+    assert any(HISTOGRAM_KEY in row for row in rows)
+
+    # live tags: exploded at the first explosion, then diverged, while rows were still being written
+    assert run.tag_updates[0][1] == ()
+    assert run.tags == (EXPLODED_TAG, DIVERGED_TAG)
+    assert run.first_tagged(EXPLODED_TAG) < run.first_tagged(DIVERGED_TAG)
+    assert run.first_tagged(DIVERGED_TAG) < max(i for i, kind in enumerate(run.order) if kind == "history")
+
+    # alerts: one WARN (rate limited), one ERROR, with the step, norm, threshold and offenders
+    warn, error = run.alerts
+    assert (warn.level, error.level) == ("WARN", "ERROR")
+    assert len(warn.title) < 64 and len(error.title) < 64
+    first = recorder.of("explosion")[0]
+    assert f"step {first.step}:" in warn.text and "threshold 1000" in warn.text
+    assert first.offenders[0].name in warn.text
+    divergence = recorder.of("divergence")[0]
+    assert f"step {divergence.step}:" in error.text and divergence.reason in error.text
+    assert warn.wait_duration == 600_000
+
+    # summary: the runs-table columns gradtrack.explosions, gradtrack.diverged..., total_norm max
+    state = run.summary["gradtrack"]
+    assert state["explosions"] == summary.explosions
+    assert state["first_explosion_step"] == summary.first_explosion_step
+    assert (state["diverged"], state["diverged_step"]) == (True, summary.diverged_step)
+    assert state["diverged_reason"] == summary.diverged_reason and state["status"] == "finished"
+    finite = [s.total_norm for s in sent if math.isfinite(s.total_norm)]
+    assert run.summary["grad/total_norm"]["max"] >= max(finite)
+
+
+def test_diverged_tag_is_live_before_the_run_ends(wandb_dir: Path, no_backend_failures: list) -> None:
+    seen: list[tuple[str, ...]] = []
+
+    def diverged_on_disk(tracker: GradTracker) -> bool:
+        if not tracker.diverged:
+            return False
+        assert tracker.flush()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and DIVERGED_TAG not in (seen[-1] if seen else ()):
+            files = run_files(wandb_dir)
+            if files:
+                seen.append(WandbRun.read(files[0]).tags)
+            time.sleep(0.1)
+        return True
+
+    tracker, _ = train_rnn({"backend_options": {"wandb": {"dir": str(wandb_dir)}}}, until=diverged_on_disk)
+    assert tracker.diverged
+    assert seen and DIVERGED_TAG in seen[-1]
+    assert only_run(wandb_dir).exit_code == 0
+
+
+def test_alert_every_zero_alerts_on_every_explosion(wandb_dir: Path, no_backend_failures: list) -> None:
+    options = {"dir": str(wandb_dir), "alert_every": 0, "histogram": False, "loss_key": None}
+    tracker, recorder = train_rnn({"layer_every": None, "backend_options": {"wandb": options}}, steps=12)
+    run = only_run(wandb_dir)
+    levels = [alert.level for alert in run.alerts]
+    assert levels.count("WARN") == tracker.summary().explosions == len(recorder.of("explosion"))
+    assert all("gradtrack/loss" not in row and HISTOGRAM_KEY not in row for row in run.history)
+
+
+def test_active_user_run_is_reused_left_open_and_user_logs_interleave(
+    wandb_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], no_backend_failures: list
+) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "false")  # wandb's own warnings must reach stderr to be checked
+    user_run = wandb.init(project="mine", dir=str(wandb_dir), config={"clip": "mine", "lr": 0.05}, tags=["user"])
+    model = mlp()
+    with GradTracker(
+        model, backend="wandb", layer_every=5, backend_options={"wandb": {"layer_scalars": "all", "tags": ["gt"]}}
+    ) as tracker:
+        train_mlp(tracker, model, 20, each=lambda step: wandb.log({"acc": step / 20}))
+    assert wandb.run is user_run  # still open: gradtrack did not finish it
+    user_run.log({"acc": 1.0})
+    user_run.finish()
+    err = capfd.readouterr().err
+    assert "wandb:" in err  # the stream is really captured (wandb prints its run summary there)
+    assert "WARNING" not in err and "less than the current step" not in err
+
+    run = only_run(wandb_dir)
+    assert run.exit_code == 0
+    assert run.config["clip"] == "mine" and run.config["gradtrack"]["clip"] == "norm"
+    assert run.tags == ("user", "gt")
+    assert [row["acc"] for row in run.rows_with("acc")] == [*(step / 20 for step in range(20)), 1.0]
+    assert all(STEP_KEY not in row for row in run.rows_with("acc"))
+    grad_rows = run.rows_with(STEP_KEY)
+    assert [row[STEP_KEY] for row in grad_rows] == list(range(20))
+    names = [name for name, _ in model.named_parameters()]
+    layer_rows = [row for row in grad_rows if row[STEP_KEY] % 5 == 0]
+    assert all({k for k in row if k.startswith("grad_norm/")} == set(_wandb_keys(names).values()) for row in layer_rows)
+    assert "grad_norm/0_weight" in layer_rows[0]
+
+
+def test_failed_body_finishes_own_run_with_nonzero_exit_code(wandb_dir: Path, no_backend_failures: list) -> None:
+    model = mlp()
+    with pytest.raises(RuntimeError, match="boom"), GradTracker(model, backend="wandb") as tracker:
+        train_mlp(tracker, model, 3)
+        raise RuntimeError("boom")
+    run = only_run(wandb_dir)
+    assert run.exit_code == 1 and run.summary["gradtrack"]["status"] == "failed"
+    assert wandb.run is None
+
+
+def test_disabled_mode_trains_and_writes_nothing(
+    wandb_dir: Path, monkeypatch: pytest.MonkeyPatch, no_backend_failures: list
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tracker, recorder = train_rnn({"backend_options": {"wandb": {"dir": str(wandb_dir)}}}, steps=12)
+    assert tracker.summary().explosions > 0 and len(recorder.of("step")) == 12
+    assert list(wandb_dir.rglob("*")) == []
+
+
+def test_names_are_valid_and_distinct_for_wandb() -> None:
+    keys = _wandb_keys(["0.weight", "layer-1.bias", "Block.w", "block.w", "héad.w"])
+    assert keys["0.weight"] == "grad_norm/0_weight" and keys["layer-1.bias"] == "grad_norm/layer_1_bias"
+    assert len({key.lower() for key in keys.values()}) == len(keys)
+    assert all(part.replace("_", "").isalnum() and part.isascii() for k in keys.values() for part in k.split("/"))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"layer_scalars": -1}, "layer_scalars"),
+        ({"layer_scalars": "some"}, "layer_scalars"),
+        ({"tags": "diverged"}, "tags"),
+        ({"alert_every": -5}, "alert_every"),
+        ({"loss_key": "grad/loss"}, "loss_key"),
+    ],
+)
+def test_bad_options_fail_fast_on_entry(options: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        WandbBackend(**options)  # type: ignore[arg-type]
+    with (
+        pytest.raises(ValueError, match=match),
+        GradTracker(mlp(), backend="wandb", backend_options={"wandb": options}),
+    ):
+        pass
+
+
+def test_core_and_plugin_import_do_not_import_wandb() -> None:
+    code = "import sys, gradtrack, gradtrack_wandb; sys.exit('wandb' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
