@@ -1,0 +1,63 @@
+"""``backend=["mlflow", "wandb"]``: one training run, reported identically to both trackers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RecordingBackend, VanillaRNN
+from torch import nn
+
+from gradtrack import GradTracker
+
+wandb = pytest.importorskip("wandb")
+mlflow = pytest.importorskip("mlflow")
+
+from wandb_support import WandbRun, run_files  # noqa: E402
+
+
+def test_mlflow_and_wandb_log_the_same_run(wandb_dir: Path, tmp_path: Path) -> None:
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options = {
+        "mlflow": {"tracking_uri": tracking_uri, "experiment_name": "both", "spool_dir": str(tmp_path / "spool")},
+        "wandb": {"project": "both", "dir": str(wandb_dir)},
+    }
+    recorder = RecordingBackend()
+    model = VanillaRNN(radius=3.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 20, 4, generator=generator), torch.randn(16, generator=generator)
+    with GradTracker(
+        model, backend=["mlflow", "wandb", recorder], clip=None, layer_every=4, backend_options=options
+    ) as tracker:
+        for _ in range(16):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            tracker.observe(loss=loss)
+            optimizer.step()
+    summary = tracker.summary()
+    assert summary.diverged and summary.explosions > 0
+    steps = [stats.step for stats in recorder.of("step")]
+
+    wandb.teardown()  # wandb-core closes the run file
+    (path,) = run_files(wandb_dir)
+    wandb_run = WandbRun.read(path)
+    wandb_norms = {row["gradtrack/step"]: row["grad/total_norm"] for row in wandb_run.rows_with("gradtrack/step")}
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("both")
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(mlflow_run.info.run_id, "grad/total_norm")
+    mlflow_norms = {metric.step: metric.value for metric in history}
+
+    assert sorted(wandb_norms) == sorted(mlflow_norms) == steps
+    for step in steps:
+        w, m = wandb_norms[step], mlflow_norms[step]
+        assert (math.isnan(w) and math.isnan(m)) or w == pytest.approx(m, rel=1e-6), step
+    assert mlflow_run.data.tags["diverged"] == "true" and "diverged" in wandb_run.tags
+    assert mlflow_run.data.tags["gradtrack.diverged_step"] == str(summary.diverged_step)
+    assert wandb_run.summary["gradtrack"]["diverged_step"] == summary.diverged_step
+    assert mlflow_run.info.status == "FINISHED" and wandb_run.exit_code == 0
