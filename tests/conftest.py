@@ -53,6 +53,7 @@ class VanillaRNN(nn.Module):
 
     def __init__(self, input_size: int = 4, hidden: int = 32, radius: float = 1.0, seed: int = 0) -> None:
         super().__init__()
+        torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         self.W_x = nn.Linear(input_size, hidden)
         self.W_h = nn.Linear(hidden, hidden, bias=False)

@@ -67,7 +67,9 @@ class WandbBackend:
     each per-layer step (``"all"`` for every layer, 0 for none); the histogram always has them all.
     ``histogram``: log the per-layer log10-norm histogram. ``alerts``: send ``run.alert``s.
     ``alert_every``: seconds between two explosion alerts (the first is sent at once).
-    ``loss_key``: the key for the observed loss (None: do not log it).
+    ``loss_key``: the key for the observed loss (None: do not log it). The default ``"auto"`` is the
+    contract's ``loss`` in a run gradtrack starts, and ``gradtrack/loss`` in the user's own active run,
+    where ``loss`` is almost always the user's key on the user's step axis.
     """
 
     def __init__(
@@ -88,7 +90,7 @@ class WandbBackend:
         histogram: bool = True,
         alerts: bool = True,
         alert_every: float = 600.0,
-        loss_key: str | None = "gradtrack/loss",
+        loss_key: str | None = "auto",
     ) -> None:
         if layer_scalars != "all" and (
             isinstance(layer_scalars, bool) or not isinstance(layer_scalars, int) or layer_scalars < 0
@@ -110,9 +112,11 @@ class WandbBackend:
         self.histogram = histogram
         self.alerts = alerts
         self.alert_every = float(alert_every)
-        self.loss_key = loss_key
         # The factory runs on the training thread, where the user's run is visible as wandb.run.
         self._user_run = _active_run()
+        if loss_key == "auto":
+            loss_key = "gradtrack/loss" if self._user_run is not None else "loss"
+        self.loss_key = loss_key
         self._run: Any = None
         self._owned = False
         self._keys: dict[str, str] = {}
