@@ -1,0 +1,243 @@
+"""The MLflow backend against a real ``mlflow server`` on loopback and the local default store."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import mlp, regression_batches
+from mlflow_support import MlflowServer, SilentServer
+from torch import nn
+
+from gradtrack import GradTracker
+
+mlflow = pytest.importorskip("mlflow")
+from gradtrack_mlflow.backend import MLflowBackend, SpoolLeftWarning  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+VALID_KEY = r"^[/\w.\- :]*$"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    running = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def local_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One working directory for every default-store test: creating the sqlite schema costs seconds."""
+    return tmp_path_factory.mktemp("mlflow-local")
+
+
+def train(tracker_kwargs: dict[str, Any], steps: int = 12, model: nn.Module | None = None) -> GradTracker:
+    model = model or mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradTracker(model, **tracker_kwargs) as tracker:
+        for x, y in regression_batches(steps):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
+            loss.backward()
+            tracker.observe(loss=loss)
+            optimizer.step()
+    return tracker
+
+
+def only_run(uri: str, experiment: str) -> Any:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"experiment {experiment} was never created"
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def options(uri: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    name = f"exp-{uuid.uuid4().hex[:8]}"
+    return {"tracking_uri": uri, "experiment_name": name, "spool_dir": str(tmp_path / "spool"), **extra}
+
+
+def steps_of(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_options_are_validated_on_the_training_thread() -> None:
+    with pytest.raises(ValueError, match="'request_timeout'"):
+        MLflowBackend(request_timeout=0)
+    with pytest.raises(ValueError, match="'tags'"):
+        MLflowBackend(tags={"a": 1})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        GradTracker(mlp(), backend="mlflow", backend_options={"mlflow": {"trackin_uri": "x"}}).__enter__()
+
+
+def test_end_to_end_metrics_params_tags_artifacts(server: MlflowServer, tmp_path: Path) -> None:
+    opts = options(server.uri, tmp_path, run_name="e2e", tags={"team": "grad"})
+    tracker = train({"backend": "mlflow", "backend_options": {"mlflow": opts}, "layer_every": 1,
+                     "explosion_threshold": 0.5})  # fmt: skip
+    run = only_run(server.uri, opts["experiment_name"])
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    for key in ("grad/total_norm", "grad/clip_coef", "grad/clipped", "grad/explosion", "loss", "grad/layer_p95"):
+        assert steps_of(server.uri, run_id, key) == list(range(12)), key
+    assert steps_of(server.uri, run_id, "grad_norm/0.weight") == list(range(12))
+    summary = tracker.summary()
+    assert run.data.tags["diverged"] == "false" and run.data.tags["team"] == "grad"
+    assert run.data.tags["gradtrack.explosions"] == str(summary.explosions)
+    assert run.data.params["gradtrack.clip"] == "norm" and run.data.params["gradtrack.model_class"] == "Sequential"
+    assert run.data.metrics["gradtrack.summary.steps"] == 12
+    artifacts = Path(MlflowClient(server.uri).download_artifacts(run_id, "gradtrack", str(tmp_path / "dl")))
+    assert json.loads((artifacts / "summary.json").read_text()) == json.loads(json.dumps(summary.to_dict()))
+    events = (artifacts / "events.jsonl").read_text().splitlines()
+    assert len(events) == summary.explosions > 0
+    assert not list((tmp_path / "spool").glob("*/spool.jsonl"))
+
+
+def test_diverged_tag_flips_while_the_run_is_running(
+    server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)  # for mlflow.search_runs, as a user would
+    opts = options(server.uri, tmp_path)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}) as tracker:
+        for index, (x, y) in enumerate(regression_batches(6)):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
+            tracker.observe(loss=float("nan") if index == 3 else 1.0)
+            optimizer.step()
+        assert tracker.flush()
+        live = mlflow.search_runs(
+            experiment_names=[opts["experiment_name"]],
+            filter_string="tags.diverged = 'true'",
+            output_format="list",
+        )
+        assert len(live) == 1 and live[0].info.status == "RUNNING"
+        assert live[0].data.tags["gradtrack.diverged_step"] == "3"
+        assert "loss is nan" in live[0].data.tags["gradtrack.diverged_reason"]
+    assert only_run(server.uri, opts["experiment_name"]).data.metrics["grad/diverged"] == 1.0
+
+
+def test_active_user_run_is_reused_and_left_open(
+    server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    experiment = mlflow.set_experiment(f"user-{uuid.uuid4().hex[:8]}")
+    with mlflow.start_run() as user_run:
+        train({"backend": "mlflow", "backend_options": {"mlflow": {"spool_dir": str(tmp_path)}}}, steps=5)
+        assert mlflow.active_run() is not None
+    runs = MlflowClient(server.uri).search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [user_run.info.run_id]
+    assert steps_of(server.uri, user_run.info.run_id, "grad/total_norm") == list(range(5))
+
+
+@pytest.mark.parametrize(("error", "status"), [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_run_status_follows_the_training_body(
+    server: MlflowServer, tmp_path: Path, error: type[BaseException], status: str
+) -> None:
+    opts = options(server.uri, tmp_path)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(error), GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}):
+        for x, y in regression_batches(3):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
+            optimizer.step()
+        raise error("stop")
+    assert only_run(server.uri, opts["experiment_name"]).info.status == status
+
+
+class OddNames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = nn.ParameterDict({k: nn.Parameter(torch.randn(8)) for k in ("a[0]", "x,y", "a//b", "a_0_")})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum((x * w).sum(-1, keepdim=True) for w in self.weights.values())  # type: ignore[return-value]
+
+
+def test_names_mlflow_rejects_are_logged_valid_and_distinct(server: MlflowServer, tmp_path: Path) -> None:
+    opts = options(server.uri, tmp_path)
+    train({"backend": "mlflow", "backend_options": {"mlflow": opts}, "layer_every": 1}, steps=3, model=OddNames())
+    run = only_run(server.uri, opts["experiment_name"])
+    keys = [k for k in run.data.metrics if k.startswith("grad_norm/")]
+    assert len(keys) == 4
+    assert all(re.match(VALID_KEY, k) and "//" not in k for k in keys)
+
+
+def test_default_local_store_in_the_working_directory(
+    local_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(local_store)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment = f"local-{uuid.uuid4().hex[:8]}"
+    train({"backend": MLflowBackend(experiment_name=experiment, spool_dir=tmp_path)}, steps=4)
+    uri = f"sqlite:///{local_store / 'mlflow.db'}"
+    run = only_run(uri, experiment)
+    assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "false"
+    assert steps_of(uri, run.info.run_id, "grad/total_norm") == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_outage_mid_run_loses_nothing(server: MlflowServer, tmp_path: Path) -> None:
+    opts = options(server.uri, tmp_path, flush_every_s=0.2, request_timeout=1.0, exit_timeout=60.0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}) as tracker:
+        for index, (x, y) in enumerate(regression_batches(30)):
+            if index == 10:
+                tracker.flush()
+                time.sleep(0.5)  # let the sender deliver a batch live before the outage
+                server.stop()
+            if index == 20:
+                server.start()
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
+            optimizer.step()
+    run = only_run(server.uri, opts["experiment_name"])
+    assert steps_of(server.uri, run.info.run_id, "grad/total_norm") == list(range(30))
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_silent_server_never_blocks_and_leaves_a_replayable_spool(server: MlflowServer, tmp_path: Path) -> None:
+    silent = SilentServer()
+    opts = options(silent.uri, tmp_path, request_timeout=0.5, exit_timeout=2.0, flush_every_s=0.1)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    try:
+        started = time.monotonic()
+        with pytest.warns(SpoolLeftWarning, match="python.* -m gradtrack_mlflow replay"):
+            tracker = GradTracker(model, backend="mlflow", backend_options={"mlflow": opts})
+            with tracker:
+                for x, y in regression_batches(40):
+                    optimizer.zero_grad()
+                    nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
+                    optimizer.step()
+                loop_seconds = time.monotonic() - started
+                exit_started = time.monotonic()
+        exit_seconds = time.monotonic() - exit_started
+    finally:
+        silent.close()
+    assert loop_seconds < 5.0  # 40 tiny steps; blocking on the server would take 0.5 s per request
+    assert exit_seconds < opts["exit_timeout"] + 3.0
+    (spool,) = (tmp_path / "spool").glob("*/spool.jsonl")
+    replayed = subprocess.run(
+        [sys.executable, "-m", "gradtrack_mlflow", "replay", str(spool), "--tracking-uri", server.uri],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    run = only_run(server.uri, opts["experiment_name"])
+    assert steps_of(server.uri, run.info.run_id, "grad/total_norm") == list(range(40))
+    assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "false"
+    assert tracker.summary().steps == 40
