@@ -1,0 +1,114 @@
+"""The benchmark's models, their fixed data, and the seed's per-parameter check (issue 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MODELS", "ModelSpec", "Net", "detect_exploding_gradients", "tensor_list"]
+
+
+class Net(nn.Module):
+    """``depth`` square linear layers of ``width`` (2 tensors each), residual so deep stacks train."""
+
+    def __init__(self, depth: int, width: int, residual: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x)) if self.residual else torch.tanh(layer(x))
+        return x
+
+
+class SimpleRNN(nn.Module):
+    """The seed's vanilla RNN (``../shared/seeds/000_*.txt``), with a linear read-out."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.W_h = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.W_x = nn.Linear(input_size, hidden_size)
+        self.readout = nn.Linear(hidden_size, input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        h = x.new_zeros(batch, self.W_h.in_features)
+        for t in range(seq_len):
+            h = torch.tanh(self.W_h(h) + self.W_x(x[:, t, :]))
+        return self.readout(h)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model and the shape of its (fixed, random) batch; ``quick`` is the small variant."""
+
+    key: str
+    title: str
+    build: Callable[[bool], nn.Module]
+    input_shape: Callable[[bool], tuple[int, ...]]
+    target_shape: Callable[[bool], tuple[int, ...]]
+
+    def make(self, quick: bool, device: torch.device, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        model = self.build(quick).to(device)
+        x = torch.randn(self.input_shape(quick), device=device)
+        y = torch.randn(self.target_shape(quick), device=device)
+        return model, x, y
+
+
+def _wide(quick: bool) -> nn.Module:
+    return Net(depth=50, width=128 if quick else 566, residual=False)  # 100 tensors, 16.0M parameters
+
+
+def _many(quick: bool) -> nn.Module:
+    return Net(depth=100 if quick else 500, width=32, residual=True)  # 1,000 tensors of 1K or 32 elements
+
+
+def _rnn(quick: bool) -> nn.Module:
+    return SimpleRNN(input_size=32, hidden_size=128 if quick else 512)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "wide": ModelSpec(
+        "wide", "wide MLP, 50 x Linear(566)", _wide,
+        lambda q: (32, 128 if q else 566), lambda q: (32, 128 if q else 566),
+    ),
+    "many": ModelSpec(
+        "many", "many small tensors, 500 x Linear(32), residual", _many,
+        lambda q: (64, 32), lambda q: (64, 32),
+    ),
+    "rnn": ModelSpec(
+        "rnn", "vanilla RNN (seed's SimpleRNN), hidden 512, 64 time steps", _rnn,
+        lambda q: (32, 16 if q else 64, 32), lambda q: (32, 32),
+    ),
+}  # fmt: skip
+
+
+def tensor_list(count: int, numel: int, device: torch.device) -> nn.ParameterList:
+    """``count`` parameters of ``numel`` elements with random gradients: the scaling table's model."""
+    params = nn.ParameterList(nn.Parameter(torch.randn(numel, device=device)) for _ in range(count))
+    for param in params:
+        param.grad = torch.randn_like(param)
+    return params
+
+
+def detect_exploding_gradients(model: nn.Module, threshold: float = 10.0) -> dict[str, Any]:
+    """The seed's check, as written there: three host reads per parameter tensor."""
+    results: dict[str, Any] = {"has_explosion": False, "problematic_layers": []}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        grad_norm = param.grad.norm().item()
+        has_nan = torch.isnan(param.grad).any().item()
+        has_inf = torch.isinf(param.grad).any().item()
+        if has_nan or has_inf or grad_norm > threshold:
+            results["has_explosion"] = True
+            results["problematic_layers"].append(
+                {"name": name, "grad_norm": grad_norm, "has_nan": has_nan, "has_inf": has_inf}
+            )
+    return results
