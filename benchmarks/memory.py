@@ -73,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tracker.flush(120.0)
                     samples.append((done, rss_mb(), time.monotonic() - began))
             tracker.flush(300.0)
-            samples.append((args.steps, rss_mb(), time.monotonic() - began))
+            if samples[-1][0] != args.steps:
+                samples.append((args.steps, rss_mb(), time.monotonic() - began))
     finally:
         if "wandb" in sys.modules:
             sys.modules["wandb"].teardown()
