@@ -7,11 +7,11 @@ learn from the host-side numbers of previous steps through ``observe``.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from typing import Any, Protocol, final, runtime_checkable
 
-import numpy as np
 import torch
 
 from gradtrack.stats import GradBatch
@@ -137,7 +137,9 @@ class AdaptiveClip:
         self.percentile = float(percentile)
         self.warmup = warmup
         self.ceiling = _check_positive("ceiling", ceiling)
-        self._history: deque[float] = deque(maxlen=window)
+        self.window = window
+        self._history: deque[float] = deque()
+        self._sorted: list[float] = []  # the same values, kept sorted: O(window) memmove, no numpy per step
         self.threshold = self.max_norm
 
     def clip_(self, batch: GradBatch) -> torch.Tensor:
@@ -146,9 +148,12 @@ class AdaptiveClip:
     def observe(self, total_norm: float, clip_coef: float) -> None:
         if not math.isfinite(total_norm):
             return
+        if len(self._history) == self.window:
+            del self._sorted[bisect.bisect_left(self._sorted, self._history.popleft())]
         self._history.append(total_norm)
-        if len(self._history) >= self.warmup:
-            learnt = float(np.percentile(np.fromiter(self._history, float), self.percentile))
+        bisect.insort(self._sorted, total_norm)
+        if len(self._sorted) >= self.warmup:
+            learnt = _percentile(self._sorted, self.percentile)
             self.threshold = min(max(learnt, 1e-12), self.max_norm * self.ceiling)
 
     def config(self) -> dict[str, Any]:
@@ -156,9 +161,17 @@ class AdaptiveClip:
             "clip": self.name,
             "max_norm": self.max_norm,
             "clip_percentile": self.percentile,
-            "clip_window": self._history.maxlen,
+            "clip_window": self.window,
             "clip_warmup": self.warmup,
         }
+
+
+def _percentile(ordered: list[float], percentile: float) -> float:
+    """numpy's default (linear) percentile of an already sorted list."""
+    position = percentile / 100 * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 CLIP_POLICIES: dict[str, type] = {"norm": NormClip, "value": ValueClip, "adaptive": AdaptiveClip}

@@ -21,6 +21,7 @@ Divergence, judged once per run and never undone:
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class ExplosionDetector:
     def spike_limit(self) -> float:
         if len(self._history) < self.warmup or math.isinf(self.spike_factor):
             return math.inf
-        return self.spike_factor * float(np.median(np.fromiter(self._history, float)))
+        return self.spike_factor * statistics.median(self._history)
 
     def check(self, total_norm: float) -> tuple[ExplosionKind, float] | None:
         if not math.isfinite(total_norm):

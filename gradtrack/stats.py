@@ -65,7 +65,6 @@ def _unwrap(tensor: torch.Tensor) -> torch.Tensor:
     return full_tensor() if callable(full_tensor) else tensor
 
 
-@torch.no_grad()
 def measure(grads: Sequence[torch.Tensor], norm_type: float) -> GradBatch:
     """Per-tensor norms and the total norm, as ``get_total_norm`` computes them; no host sync."""
     groups, order = group_grads(grads)
@@ -80,23 +79,24 @@ def measure(grads: Sequence[torch.Tensor], norm_type: float) -> GradBatch:
     return GradBatch(groups, order, norm_type, stacked, total_norm)
 
 
-@torch.no_grad()
 def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, loss: torch.Tensor | None) -> HostStats:
-    """Pack everything into one float64 vector and bring it to the host in one copy."""
+    """Pack everything into one vector and bring it to the host in one copy.
+
+    ``torch.cat`` promotes to the widest dtype among the parts, so nothing is rounded before the
+    single conversion to float64 on the host side of the copy.
+    """
     device = batch.device
-    parts = [batch.layer_norms.to(torch.float64), batch.total_norm.reshape(1).to(torch.float64)]
-    parts.append(
-        clip_coef.reshape(1).to(device, torch.float64)
-        if clip_coef is not None
-        else torch.ones(1, dtype=torch.float64, device=device)
-    )
+    parts = [batch.layer_norms, batch.total_norm.reshape(1)]
+    if clip_coef is not None:
+        parts.append(clip_coef.reshape(1).to(device))
     if loss is not None:
-        parts.append(loss.detach().reshape(1).to(device, torch.float64))
-    host = torch.cat(parts).numpy(force=True)  # the one device-to-host transfer of the step
+        parts.append(loss.detach().reshape(1).to(device))
+    host = torch.cat(parts).numpy(force=True).astype(np.float64)  # the one device-to-host transfer
     count = len(batch.order)
+    tail = host[count:].tolist()
     return HostStats(
         layer_norms=host[:count],
-        total_norm=float(host[count]),
-        clip_coef=float(host[count + 1]),
-        loss=float(host[count + 2]) if loss is not None else None,
+        total_norm=tail[0],
+        clip_coef=tail[1] if clip_coef is not None else 1.0,
+        loss=tail[-1] if loss is not None else None,
     )

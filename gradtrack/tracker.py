@@ -278,9 +278,10 @@ class GradTracker:
         if not with_grad:
             return
         grads = [p.grad for p in with_grad]
-        batch = measure(grads, self.norm_type)  # type: ignore[arg-type]
-        clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
-        host = transfer(batch, clip_coef, self._take_loss(batch.device))
+        with torch.no_grad():
+            batch = measure(grads, self.norm_type)  # type: ignore[arg-type]
+            clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
+            host = transfer(batch, clip_coef, self._take_loss(batch.device))
         # From here on only host numbers: nothing below touches the device.
         cache_key = id(params) if len(with_grad) == len(params) else None
         names = _LazyNames(self, with_grad, batch.order, cache_key)
@@ -314,8 +315,8 @@ class GradTracker:
 
         if explosion is not None or divergence is not None or nonfinite or step % self.log_every == 0:
             with_layers = self.layer_every is not None and step % self.layer_every == 0
-            finite = host.layer_norms[finite_mask]
-            p50, p95 = np.percentile(finite, (50, 95)) if finite.size else (math.nan, math.nan)
+            finite = np.sort(host.layer_norms[finite_mask])
+            p50, p95 = _quantile(finite, 0.5), _quantile(finite, 0.95)
             stats = StepStats(
                 step=step,
                 total_norm=host.total_norm,
@@ -325,9 +326,9 @@ class GradTracker:
                 explosion=explosion is not None,
                 diverged=self.diverged,
                 skipped=skipped,
-                layer_p50=float(p50),
-                layer_p95=float(p95),
-                layer_max=math.inf if nonfinite else float(finite.max()),
+                layer_p50=p50,
+                layer_p95=p95,
+                layer_max=math.inf if nonfinite else float(finite[-1]),
                 loss=host.loss,
                 timestamp=now,
                 layer_norms=dict(zip(names.get(), host.layer_norms.tolist(), strict=True)) if with_layers else None,
@@ -382,6 +383,16 @@ class _LazyNames:
         if self._names is None:
             self._names = self._tracker._names_for(*self._args)
         return self._names
+
+
+def _quantile(ordered: np.ndarray, q: float) -> float:
+    """Linear-interpolation quantile of sorted values (numpy's default method, without its overhead)."""
+    if not ordered.size:
+        return math.nan
+    position = q * (ordered.size - 1)
+    low = int(position)
+    high = min(low + 1, ordered.size - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def _is_silent_rank() -> bool:

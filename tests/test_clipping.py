@@ -79,3 +79,13 @@ def test_registry_and_bad_input() -> None:
             make_clip_policy("norm", bad)
     with pytest.raises(TypeError, match="clip must be None"):
         make_clip_policy(3)  # type: ignore[arg-type]
+
+
+def test_adaptive_clip_forgets_norms_older_than_its_window() -> None:
+    import numpy as np
+
+    policy = AdaptiveClip(max_norm=100.0, percentile=90, warmup=3, window=10)
+    values = np.random.default_rng(0).lognormal(size=40)
+    for value in values:
+        policy.observe(float(value), 1.0)
+    assert policy.threshold == pytest.approx(np.percentile(values[-10:], 90))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import pytest
 import torch
 from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches
@@ -48,6 +49,8 @@ def test_every_hook_in_order_off_the_training_thread(recorder: RecordingBackend)
     assert set(first.layer_norms or {}) == set(start.layer_names)
     norms = list((first.layer_norms or {}).values())
     assert first.layer_max == pytest.approx(max(norms))
+    assert first.layer_p50 == pytest.approx(float(np.percentile(norms, 50)))
+    assert first.layer_p95 == pytest.approx(float(np.percentile(norms, 95)))
     assert first.total_norm == pytest.approx(math.sqrt(sum(n * n for n in norms)))
     assert set(first.metrics()) >= {"grad/total_norm", "grad/clip_coef", "grad/clipped", "grad/explosion",
                                     "grad/nonfinite", "grad/diverged", "grad/layer_p50", "grad/layer_p95",
