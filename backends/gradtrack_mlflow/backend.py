@@ -115,6 +115,7 @@ class MLflowBackend:
                 self.run_id, self.owns_run = active.info.run_id, False
             self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
         self.run_key = uuid.uuid4().hex
+        self._default_spool_dir = spool_dir is None
         self.spool = Spool(Path(spool_dir or Path(".gradtrack", "spool")).absolute() / self.run_key)
         self.sender: Sender | None = None
         self._layer_keys: dict[str, str] = {}
@@ -215,6 +216,8 @@ class MLflowBackend:
         if self.sender.close(self.exit_timeout):
             if not self.spool.rejected_path.exists():
                 shutil.rmtree(self.spool.directory, ignore_errors=True)
+                if self._default_spool_dir:
+                    _remove_empty_parents(self.spool.directory.parent, levels=2)
             return
         warnings.warn(
             f"gradtrack could not send everything to MLflow at {self.tracking_uri} within "
@@ -238,6 +241,15 @@ class MLflowBackend:
         self._tags_sent_at = time.monotonic()
         self._explosion_tag_due = False
         return {"gradtrack.explosions": str(self._explosions)}
+
+
+def _remove_empty_parents(directory: Path, levels: int) -> None:
+    """Leave no empty default ``.gradtrack/spool`` behind after a clean run; a folder in use stays."""
+    for folder in (directory, *directory.parents)[:levels]:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run's spool), or gone already
+            return
 
 
 def _summary_metrics(summary: Summary, timestamp: int) -> list[list[Any]]:
