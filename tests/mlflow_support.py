@@ -62,7 +62,7 @@ class MlflowServer:
             return
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(15)
+            self.process.wait(3)  # uvicorn drains slowly; sqlite survives a kill
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
