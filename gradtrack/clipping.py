@@ -14,7 +14,7 @@ from typing import Any, Protocol, final, runtime_checkable
 
 import torch
 
-from gradtrack.stats import GradBatch
+from gradtrack.stats import GradBatch, sorted_quantile
 
 __all__ = [
     "CLIP_POLICIES",
@@ -153,7 +153,7 @@ class AdaptiveClip:
         self._history.append(total_norm)
         bisect.insort(self._sorted, total_norm)
         if len(self._sorted) >= self.warmup:
-            learnt = _percentile(self._sorted, self.percentile)
+            learnt = sorted_quantile(self._sorted, self.percentile / 100)
             self.threshold = min(max(learnt, 1e-12), self.max_norm * self.ceiling)
 
     def config(self) -> dict[str, Any]:
@@ -164,14 +164,6 @@ class AdaptiveClip:
             "clip_window": self.window,
             "clip_warmup": self.warmup,
         }
-
-
-def _percentile(ordered: list[float], percentile: float) -> float:
-    """numpy's default (linear) percentile of an already sorted list."""
-    position = percentile / 100 * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 CLIP_POLICIES: dict[str, type] = {"norm": NormClip, "value": ValueClip, "adaptive": AdaptiveClip}

@@ -7,6 +7,7 @@ the clipped gradients are bitwise those of ``clip_grad_norm_(foreach=True)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import final
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["GradBatch", "HostStats", "group_grads", "measure", "transfer"]
+__all__ = ["GradBatch", "HostStats", "group_grads", "measure", "sorted_quantile", "transfer"]
 
 
 @final
@@ -100,3 +101,13 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, loss: torch.Tenso
         clip_coef=tail[1] if clip_coef is not None else 1.0,
         loss=tail[-1] if loss is not None else None,
     )
+
+
+def sorted_quantile(ordered: Sequence[float] | np.ndarray, q: float) -> float:
+    """numpy's default (linear) quantile of already sorted values, without numpy's per-call overhead."""
+    if not len(ordered):
+        return math.nan
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))

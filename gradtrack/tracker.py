@@ -23,7 +23,7 @@ from gradtrack.detection import DivergenceDetector, ExplosionDetector, offenders
 from gradtrack.dispatch import Dispatcher
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, StepStats, Summary
 from gradtrack.plugins import BackendSpec, resolve_backends
-from gradtrack.stats import HostStats, measure, transfer
+from gradtrack.stats import HostStats, measure, sorted_quantile, transfer
 from gradtrack.summary import RunSummary
 
 __all__ = ["GradTracker", "NonFiniteGradientError"]
@@ -316,7 +316,7 @@ class GradTracker:
         if explosion is not None or divergence is not None or nonfinite or step % self.log_every == 0:
             with_layers = self.layer_every is not None and step % self.layer_every == 0
             finite = np.sort(host.layer_norms[finite_mask])
-            p50, p95 = _quantile(finite, 0.5), _quantile(finite, 0.95)
+            p50, p95 = sorted_quantile(finite, 0.5), sorted_quantile(finite, 0.95)
             stats = StepStats(
                 step=step,
                 total_norm=host.total_norm,
@@ -383,16 +383,6 @@ class _LazyNames:
         if self._names is None:
             self._names = self._tracker._names_for(*self._args)
         return self._names
-
-
-def _quantile(ordered: np.ndarray, q: float) -> float:
-    """Linear-interpolation quantile of sorted values (numpy's default method, without its overhead)."""
-    if not ordered.size:
-        return math.nan
-    position = q * (ordered.size - 1)
-    low = int(position)
-    high = min(low + 1, ordered.size - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def _is_silent_rank() -> bool:
