@@ -6,8 +6,10 @@ delays nobody else and training only ever appends to a deque.
 Back-pressure rule: when a backend has ``max_pending`` records waiting, a routine step record
 (one not flagged by an explosion, non-finite gradients, a skip or divergence) is kept only if its
 step is a multiple of ``decimate``; the others are dropped and counted. Run, explosion and
-divergence records and flagged steps are always kept. Drops are reported once as a warning and in
-the summary's ``dropped_records``.
+divergence records and flagged steps are kept, up to a hard bound of ten times ``max_pending``
+waiting records; past it (a backend stuck while every step explodes) only run start, run end and
+divergence are kept, so memory stays bounded. Drops are reported once as a warning and in the
+summary's ``dropped_records``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_ALWAYS_KEPT = frozenset({"gradtrack_run_start", "gradtrack_run_end", "gradtrack_divergence"})
+_HARD_LIMIT = 10  # times max_pending: past it, flagged steps and explosion events are dropped too
 
 
 @final
@@ -50,13 +54,7 @@ class _Worker:
 
     def put(self, hook: str, kwargs: dict[str, Any]) -> None:
         with self._ready:
-            stats = kwargs.get("stats")
-            if (
-                isinstance(stats, StepStats)
-                and len(self._pending) >= self.max_pending
-                and not stats.flagged
-                and stats.step % self.decimate
-            ):
+            if self._drops(hook, kwargs):
                 if not self.dropped:
                     warnings.warn(
                         f"gradtrack backend {self.name!r} is falling behind; keeping one routine step "
@@ -68,6 +66,15 @@ class _Worker:
                 return
             self._pending.append((hook, kwargs))
             self._ready.notify()
+
+    def _drops(self, hook: str, kwargs: dict[str, Any]) -> bool:
+        backlog = len(self._pending)
+        if backlog < self.max_pending or hook in _ALWAYS_KEPT:
+            return False
+        if backlog >= self.max_pending * _HARD_LIMIT:  # memory stays bounded even if every step is flagged
+            return True
+        stats = kwargs.get("stats")
+        return isinstance(stats, StepStats) and not stats.flagged and stats.step % self.decimate != 0
 
     def stop(self) -> None:
         with self._ready:

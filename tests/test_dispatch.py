@@ -69,3 +69,21 @@ def test_exit_warns_about_a_backend_that_outlives_close_timeout() -> None:
         model(torch.randn(4, 8)).sum().backward()
         tracker.step()
     gate.open.set()
+
+
+def test_the_backlog_is_bounded_even_when_every_step_explodes() -> None:
+    gate = Gate()
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match="falling behind"), \
+            GradTracker(model, backend=gate, clip=None, max_pending=5, explosion_threshold=1e-9) as tracker:
+        for _ in range(200):
+            model(torch.randn(4, 8)).sum().backward()
+            tracker.step()
+        backlog = len(tracker._dispatcher._workers[0]._pending)  # private: the bound under test
+        assert backlog <= 5 * 10 + 1
+        model[0].weight.grad.fill_(float("nan"))  # type: ignore[index, union-attr]
+        for _ in range(3):
+            tracker.step()  # diverges: its record is kept past the hard bound
+        gate.open.set()
+    assert len(gate.of("divergence")) == 1 and gate.of("run_end")
+    assert tracker.summary().dropped_records > 0
