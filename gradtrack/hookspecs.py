@@ -89,12 +89,14 @@ def gradtrack_step(stats: StepStats) -> None:
 
     Called every ``log_every`` steps and on every step that raised an explosion, saw non-finite
     gradients, was skipped or was judged diverged. Under back-pressure routine steps may be
-    decimated; flagged steps never are. The return value is ignored.
+    decimated; flagged steps are kept unless the backend is ten times ``max_pending`` behind (see
+    ``gradtrack.dispatch``). The return value is ignored.
     """
 
 
 # -------------------------------------------------------------------------
-# Events: never dropped, delivered as soon as the step that raised them is measured.
+# Events: delivered as soon as the step that raised them is measured. Divergence is never dropped;
+# explosions only past the hard backlog bound of ``gradtrack.dispatch``.
 # -------------------------------------------------------------------------
 
 
