@@ -1,0 +1,663 @@
+"""Step time and queue bounds when the MLflow tracking server is slow or silent (issue 5).
+
+Issue 5's target: "A tracking server 500 ms slow per request (a loopback proxy that delays), or not
+answering at all: step time stays within 1.05x of no backend; the queue stays bounded."
+
+One real ``mlflow server`` runs on 127.0.0.1; in front of it a loopback TCP proxy holds every chunk a
+client sends for ``--delay-ms`` before forwarding it (so each request is answered that much later), and
+a silent server accepts connections and never answers. Four configurations, each a GradTracker with its
+own copy of the model and its own optimizer, all open at once:
+
+* (a) gradtrack, ``backend=None``;
+* (b) gradtrack + MLflow straight to the server;
+* (c) gradtrack + MLflow through the delaying proxy;
+* (d) gradtrack + MLflow to the silent server.
+
+Three phases per ``layer_every``:
+
+1. **timing**: the configurations take turns block by block (A B C D, B C D A, ...), warm-up dropped,
+   medians compared with (a). Every backend's threads run throughout, as in a real run, so the table
+   also gives the CPU time each configuration's background threads (gradtrack's worker and the MLflow
+   sender) spent per step: on a small machine that time is taken from training.
+2. **soak**: (b), (c), (d) each train alone for ``--soak-s`` seconds, the way a real run feeds its
+   backend without pauses; the backlog is sampled to see whether it levels off or keeps growing.
+3. **exit and delivery**: each ``with`` block is left and timed (bound: ``exit_timeout`` + 2 s); a spool
+   left behind is replayed with ``python -m gradtrack_mlflow replay <spool> --tracking-uri <server>``,
+   and the run's ``grad/total_norm`` values on the server are counted against the steps taken.
+
+Queues are read through private attributes (the tracker's ``_dispatcher``, its workers' ``_pending``
+deques, the MLflow sender's ``_inbox`` list): fine for a benchmark, which must see inside to measure them.
+
+    .venv/bin/python benchmarks/slow_server.py --quick     # < 2 minutes
+    .venv/bin/python benchmarks/slow_server.py             # more steps, 20 s soak (< 5 minutes)
+    .venv/bin/python benchmarks/slow_server.py --quick --layer-every 1   # per-layer metrics every step
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from _configs import Tracked, backend_problem, mlflow_server
+from _models import MODELS
+from _timing import Clock, Samples, interleave, table
+from overhead import machine
+
+EXPERIMENT = "gradtrack-slow-server"
+LABELS = {"none": "a", "direct": "b", "slow": "c", "silent": "d"}
+EXIT_MARGIN_S = 2.0  # the sender's join allows exit_timeout + 1 s; one more for the dispatcher
+MAX_OPEN = 64  # connections each loopback server keeps open at most
+
+
+# -- loopback servers -----------------------------------------------------------------------------
+
+
+class Loopback:
+    """A delaying TCP proxy to ``upstream_port`` and a silent server, on 127.0.0.1, in one asyncio thread.
+
+    The proxy holds each chunk the client sends for ``delay_s`` after it arrived (order kept), then
+    forwards it; answers come back at once. Each connection buffers at most 64 chunks: a client sending
+    faster is slowed by TCP's own flow control. The silent server reads and discards, never answers.
+    Both keep at most ``MAX_OPEN`` connections and refuse more.
+    """
+
+    def __init__(self, upstream_port: int, delay_s: float) -> None:
+        self.upstream_port, self.delay_s = upstream_port, delay_s
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="loopback-servers", daemon=True)
+        self.proxy_port = self.silent_port = 0
+        self.open = {"proxy": 0, "silent": 0}
+        self.accepted = {"proxy": 0, "silent": 0}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __enter__(self) -> Loopback:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    async def _start(self) -> None:
+        proxy = await asyncio.start_server(self._proxy, "127.0.0.1", 0)
+        silent = await asyncio.start_server(self._silent, "127.0.0.1", 0)
+        self._servers = [proxy, silent]
+        self.proxy_port = proxy.sockets[0].getsockname()[1]
+        self.silent_port = silent.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, kind: str, writer: asyncio.StreamWriter) -> Any:
+        """Count the connection and its task; refuse it (yield False) beyond ``MAX_OPEN``."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.accepted[kind] += 1
+        self.open[kind] += 1
+        try:
+            yield self.open[kind] <= MAX_OPEN
+        except asyncio.CancelledError:  # stopping: end quietly
+            pass
+        finally:
+            self.open[kind] -= 1
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _silent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with self._connection("silent", writer) as allowed:
+            while allowed and await reader.read(65536):
+                pass
+
+    async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with self._connection("proxy", writer) as allowed:
+            if not allowed:
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            held: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=64)
+
+            async def hold() -> None:
+                while data := await reader.read(65536):
+                    await held.put((self.loop.time() + self.delay_s, data))
+                await held.put(None)
+
+            async def forward() -> None:
+                while (item := await held.get()) is not None:
+                    await asyncio.sleep(max(0.0, item[0] - self.loop.time()))
+                    up_writer.write(item[1])
+                    await up_writer.drain()
+                up_writer.write_eof()
+
+            async def answer() -> None:
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                writer.close()
+
+            try:
+                await asyncio.gather(hold(), forward(), answer())
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                up_writer.close()
+
+
+def _group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds used so far by the processes of process group ``pgid``."""
+    total = 0.0
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(process.pid) == pgid:
+                total += sum(process.cpu_times()[:2])
+    return total
+
+
+def wait_quiet(server: str, limit_s: float = 60.0, cpu_percent: float = 15.0) -> float:
+    """Wait until the server's process group uses under ``cpu_percent`` of a core over a second.
+
+    An MLflow 3 server goes on starting helpers for a while after /health answers; on a small
+    machine that work would be timed as training. Returns the seconds waited.
+    """
+    began = time.monotonic()
+    port = int(server.rsplit(":", 1)[1])
+    owners = [c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.pid]
+    if not owners:
+        return 0.0
+    pgid = os.getpgid(owners[0])
+    while time.monotonic() - began < limit_s:
+        before = _group_cpu_s(pgid)
+        time.sleep(1.0)
+        if (_group_cpu_s(pgid) - before) * 100 < cpu_percent:
+            break
+    return time.monotonic() - began
+
+
+def request_ms(url: str, timeout: float) -> float:
+    """Wall time of one GET (an error, e.g. a timeout, ends it too)."""
+    began = time.perf_counter()
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=timeout) as response:
+        response.read()
+    return (time.perf_counter() - began) * 1e3
+
+
+# -- configurations -------------------------------------------------------------------------------
+
+
+@dataclass
+class Peaks:
+    """Largest values seen by the sampler, plus a time series while ``series`` is on."""
+
+    backlog: int = 0  # records waiting in gradtrack's dispatcher for this backend
+    inbox: int = 0  # fragments (one per step record) waiting in the MLflow sender's inbox
+    inbox_metrics: int = 0  # metric values in that inbox
+    spool: int = 0  # bytes in the spool file
+    series: list[tuple[float, int, int, float]] | None = None  # (time, inbox, backlog, rss MB)
+
+
+class Case(Tracked):
+    """One configuration: a GradTracker on its own model copy, optionally logging to MLflow at ``uri``."""
+
+    def __init__(
+        self, key: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, workdir: Path,
+        uri: str, title: str, layer_every: int, args: argparse.Namespace,
+    ) -> None:  # fmt: skip
+        super().__init__(model, x, y, workdir)
+        self.key, self.uri, self.title, self.layer_every, self.args = key, uri, title, layer_every, args
+        self.backend = "mlflow" if uri else None
+        self.run_name = f"{key}-layer_every-{layer_every}-{os.getpid()}"
+        self.peaks = Peaks()
+        self.exit_s: float | None = None
+        self.spool_path: Path | None = None
+        self.mlflow: Any = None
+
+    def backend_options(self) -> dict[str, dict[str, Any]] | None:
+        if not self.uri:
+            return None
+        return {
+            "mlflow": {
+                "tracking_uri": self.uri, "experiment_name": EXPERIMENT, "run_name": self.run_name,
+                "spool_dir": str(self.workdir / "spool"), "exit_timeout": self.args.exit_timeout,
+                "request_timeout": self.args.request_timeout,
+            }
+        }  # fmt: skip
+
+    def open(self) -> None:
+        super().open()
+        self.tracker.flush(30.0)  # run_start handled: the MLflow backend has its sender now
+        workers = self.tracker._dispatcher._workers
+        self.mlflow = workers[0].manager.get_plugin("mlflow") if workers else None
+        if self.mlflow is not None:
+            self.spool_path = self.mlflow.spool.path
+
+    def threads(self) -> list[threading.Thread]:
+        """gradtrack's worker thread and the MLflow sender thread of this configuration."""
+        found = [w.thread for w in self.tracker._dispatcher._workers]
+        sender = getattr(self.mlflow, "sender", None)
+        return found + ([sender.thread] if sender is not None else [])
+
+    def sample(self) -> None:
+        """Read the queues (private attributes, see the module docstring) into ``peaks``."""
+        if not getattr(self, "tracker", None) or not self.tracker._active:
+            return
+        peaks = self.peaks
+        backlog = sum(len(w._pending) for w in self.tracker._dispatcher._workers)
+        sender = getattr(self.mlflow, "sender", None)
+        inbox = list(sender._inbox) if sender is not None else []
+        metrics = sum(len(item.get("metrics", ())) for item in inbox)
+        spool = self.spool_path.stat().st_size if self.spool_path and self.spool_path.exists() else 0
+        peaks.backlog = max(peaks.backlog, backlog)
+        peaks.inbox = max(peaks.inbox, len(inbox))
+        peaks.inbox_metrics = max(peaks.inbox_metrics, metrics)
+        peaks.spool = max(peaks.spool, spool)
+        if peaks.series is not None:
+            rss = psutil.Process().memory_info().rss / 2**20
+            peaks.series.append((time.monotonic(), len(inbox), backlog, rss))
+
+    def close(self) -> None:
+        began = time.monotonic()
+        super().close()
+        self.exit_s = time.monotonic() - began
+
+
+def cpu_seconds(threads: Sequence[threading.Thread]) -> float:
+    """User + system CPU seconds the threads used so far (Linux /proc; 0 elsewhere or once gone)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for thread in threads:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+class Sampler:
+    """Samples every case's queues every ``period`` seconds on its own thread."""
+
+    def __init__(self, cases: Sequence[Case], period: float = 0.05) -> None:
+        self.cases, self.period = cases, period
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="queue-sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            for case in self.cases:
+                with contextlib.suppress(Exception):  # a case closing under our feet
+                    case.sample()
+
+
+# -- one round: one layer_every -------------------------------------------------------------------
+
+
+@dataclass
+class Soak:
+    seconds: float
+    steps: int
+    step_ms: float
+    inbox_first: int  # largest inbox in the first third of the soak
+    inbox_last: int  # ... and in the last third
+    backlog_max: int
+    rss_growth_mb: float
+
+    @property
+    def bounded(self) -> bool:
+        return self.inbox_last <= 1.5 * self.inbox_first + 100
+
+
+@dataclass
+class Delivery:
+    steps: int
+    dropped: int
+    spool_left: bool
+    replay_s: float | None
+    replay_note: str
+    on_server: int | None
+
+
+@dataclass
+class Round:
+    layer_every: int
+    cases: dict[str, Case]
+    samples: dict[str, Samples]
+    bg_cpu_ms: dict[str, float]
+    soaks: dict[str, Soak] = field(default_factory=dict)
+    deliveries: dict[str, Delivery] = field(default_factory=dict)
+    warnings: Counter[str] = field(default_factory=Counter)
+
+    def ratio(self, key: str) -> float:
+        return self.samples[key].median_ms / self.samples["none"].median_ms
+
+
+def soak(case: Case, seconds: float) -> Soak:
+    """Train ``case`` alone for ``seconds`` while the sampler records its inbox and the process RSS."""
+    case.peaks.series = []
+    began, times = time.monotonic(), []
+    while time.monotonic() - began < seconds:
+        start = time.perf_counter()
+        case.train_step()
+        times.append(time.perf_counter() - start)
+    case.sample()
+    series, case.peaks.series = case.peaks.series, None
+    third = (time.monotonic() - began) / 3
+
+    def largest(part: list[tuple[float, int, int, float]]) -> int:
+        return max((inbox for _, inbox, _, _ in part), default=0)
+
+    return Soak(
+        seconds=time.monotonic() - began,
+        steps=len(times),
+        step_ms=statistics.median(times) * 1e3,
+        inbox_first=largest([s for s in series if s[0] < began + third]),
+        inbox_last=largest([s for s in series if s[0] >= began + 2 * third]),
+        backlog_max=max((backlog for _, _, backlog, _ in series), default=0),
+        rss_growth_mb=(series[-1][3] - series[0][3]) if len(series) > 1 else 0.0,
+    )
+
+
+def replay_and_count(case: Case, server: str) -> Delivery:
+    """Replay the spool ``case`` left (if any) to ``server``; count its run's ``grad/total_norm`` there."""
+    from mlflow.tracking import MlflowClient
+
+    steps, dropped = case.tracker.steps, case.tracker._dispatcher.dropped
+    left = case.spool_path is not None and case.spool_path.exists()
+    replay_s, note = None, ""
+    if left:
+        began = time.monotonic()
+        command = [sys.executable, "-m", "gradtrack_mlflow", "replay", str(case.spool_path), "--tracking-uri", server]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        replay_s = time.monotonic() - began
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        note = lines[-1] if lines else ""
+        if done.returncode:
+            note = f"replay exit {done.returncode}: {note}"
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = (
+        client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{case.run_name}'")
+        if experiment is not None
+        else []
+    )
+    on_server = len(client.get_metric_history(runs[0].info.run_id, "grad/total_norm")) if runs else None
+    if len(runs) > 1:
+        note += f" ({len(runs)} runs named {case.run_name}!)"
+    return Delivery(steps, dropped, left, replay_s, note, on_server)
+
+
+def run_round(layer_every: int, uris: dict[str, str], server: str, args: argparse.Namespace, workdir: Path) -> Round:
+    spec = MODELS[args.model]
+    device = torch.device("cpu")
+    base, x, y = spec.make(args.small, device)
+    titles = {
+        "none": "gradtrack, backend=None",
+        "direct": "+ MLflow, server direct",
+        "slow": f"+ MLflow, via {args.delay_ms:g} ms proxy",
+        "silent": "+ MLflow, silent server",
+    }
+    cases = {
+        key: Case(key, copy.deepcopy(base), x, y, workdir / f"l{layer_every}" / key, uri, title, layer_every, args)
+        for key, uri, title in ((k, uris.get(k, ""), t) for k, t in titles.items())
+    }
+    caught: Counter[str] = Counter()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        opened: list[Case] = []
+        try:
+            for case in cases.values():
+                case.workdir.mkdir(parents=True, exist_ok=True)
+                case.open()
+                opened.append(case)
+            with Sampler(list(cases.values())):
+                cpu_before = {k: cpu_seconds(c.threads()) for k, c in cases.items()}
+                samples = interleave(
+                    {k: c.train_step for k, c in cases.items()}, Clock(device), args.steps, args.warmup, args.block,
+                    settle={k: c.settle for k, c in cases.items()},
+                )  # fmt: skip
+                calls = args.steps + args.warmup
+                bg_cpu = {k: (cpu_seconds(c.threads()) - cpu_before[k]) * 1e3 / calls for k, c in cases.items()}
+                result = Round(layer_every, cases, samples, bg_cpu)
+                for key in ("direct", "slow", "silent"):
+                    result.soaks[key] = soak(cases[key], args.soak_s)
+                for case in reversed(opened):
+                    opened.remove(case)
+                    case.close()
+        finally:
+            for case in opened:
+                case.close()
+        for record in records:
+            caught[f"{record.category.__name__}: {str(record.message)[:160]}"] += 1
+    result.warnings = caught
+    for key in ("direct", "slow", "silent"):
+        result.deliveries[key] = replay_and_count(cases[key], server)
+    return result
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _kb(value: int) -> str:
+    return f"{value / 1024:,.0f}"
+
+
+def round_tables(r: Round, args: argparse.Namespace) -> str:
+    rows = []
+    for key, case in r.cases.items():
+        spool = r.deliveries.get(key)
+        rows.append(
+            [
+                f"({LABELS[key]}) {case.title}",
+                f"{r.samples[key].median_ms:.2f}",
+                f"{r.ratio(key):.3f}x",
+                f"{r.bg_cpu_ms[key]:.2f}",
+                f"{case.peaks.backlog:,}",
+                f"{case.peaks.inbox:,}" if case.mlflow else "-",
+                f"{case.peaks.inbox_metrics:,}" if case.mlflow else "-",
+                _kb(case.peaks.spool) if case.mlflow else "-",
+                "-" if case.exit_s is None else f"{case.exit_s:.2f}",
+                "-" if spool is None else ("yes" if spool.spool_left else "no"),
+            ]
+        )
+    out = [table(
+        ["configuration", "step ms", "vs (a)", "bg CPU ms/step", "dispatcher max", "inbox max", "inbox metrics max",
+         "spool max KB", "exit s", "spool left"],
+        rows, args.markdown,
+    )]  # fmt: skip
+    rows = [
+        [
+            f"({LABELS[key]}) {r.cases[key].title}", f"{s.seconds:.1f}", f"{s.steps:,}", f"{s.step_ms:.2f}",
+            f"{s.inbox_first:,}", f"{s.inbox_last:,}", f"{s.backlog_max:,}", f"{s.rss_growth_mb:+.1f}",
+        ]
+        for key, s in r.soaks.items()
+    ]  # fmt: skip
+    out.append(
+        f"\nsoak: each configuration trains alone for {args.soak_s:g} s; inbox = records waiting in the sender\n"
+    )
+    out.append(table(
+        ["configuration", "s", "steps", "step ms", "inbox max, 1st third", "inbox max, last third",
+         "dispatcher max", "RSS growth MB"], rows, args.markdown,
+    ))  # fmt: skip
+    rows = [
+        [
+            f"({LABELS[key]}) {r.cases[key].title}", f"{d.steps:,}", f"{d.dropped:,}", "yes" if d.spool_left else "no",
+            "-" if d.replay_s is None else f"{d.replay_s:.1f}", "-" if d.on_server is None else f"{d.on_server:,}",
+            "yes" if d.on_server == d.steps else "NO",
+        ]
+        for key, d in r.deliveries.items()
+    ]  # fmt: skip
+    out.append("\ndelivery: steps taken vs grad/total_norm values on the real server (after replaying any spool)\n")
+    out.append(table(
+        ["configuration", "steps", "dropped", "spool left", "replay s", "on server", "all there"], rows, args.markdown
+    ))  # fmt: skip
+    for key, d in r.deliveries.items():
+        if d.replay_note:
+            out.append(f"  ({LABELS[key]}) replay: {d.replay_note}")
+    for message, count in r.warnings.items():
+        out.append(f"  warning x{count}: {message}")
+    return "\n".join(out)
+
+
+def targets(rounds: Sequence[Round], args: argparse.Namespace) -> list[str]:
+    lines = []
+
+    def line(ok: bool, text: str) -> None:
+        lines.append(f"[{'PASS' if ok else 'FAIL'}] {text}")
+
+    bound = args.max_pending
+    for r in rounds:
+        tag = f"layer_every={r.layer_every}"
+        for key in ("direct", "slow", "silent"):
+            ratio = r.ratio(key)
+            line(ratio <= 1.05, f"{tag}: step ({LABELS[key]}) / step (a) = {ratio:.3f}x; target <= 1.05x")
+        for key in ("direct", "slow", "silent"):
+            case, s = r.cases[key], r.soaks[key]
+            backlog = max(case.peaks.backlog, s.backlog_max)
+            line(backlog <= bound, f"{tag}: ({LABELS[key]}) dispatcher backlog max {backlog:,}; bound {bound:,}")
+            line(
+                case.peaks.inbox <= bound and s.bounded,
+                f"{tag}: ({LABELS[key]}) sender inbox max {case.peaks.inbox:,} records (bound {bound:,}); "
+                f"soak {s.inbox_first:,} -> {s.inbox_last:,} (bounded: last third <= 1.5x first third + 100)",
+            )
+        for key in ("none", "direct", "slow", "silent"):
+            exit_s = r.cases[key].exit_s or 0.0
+            limit = args.exit_timeout + EXIT_MARGIN_S
+            line(exit_s <= limit, f"{tag}: ({LABELS[key]}) exit {exit_s:.2f} s; bound exit_timeout + 2 = {limit:g} s")
+        for key, d in r.deliveries.items():
+            line(
+                d.on_server == d.steps,
+                f"{tag}: ({LABELS[key]}) grad/total_norm on server {d.on_server} = steps {d.steps} "
+                f"(dropped {d.dropped}, spool {'replayed' if d.spool_left else 'none'})",
+            )
+    return lines
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="layer_every=10 only, short soak (< 2 minutes)")
+    parser.add_argument("--model", default="many", choices=list(MODELS), help="benchmarks/_models.py model")
+    parser.add_argument("--small", action="store_true", help="the model's small variant (200 tensors for 'many')")
+    parser.add_argument("--layer-every", default=None, help="comma-separated, e.g. 10,1 (default 10)")
+    parser.add_argument("--delay-ms", type=float, default=500.0, help="the proxy's delay per request")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration first")
+    parser.add_argument("--block", type=int, default=None, help="consecutive steps of one configuration")
+    parser.add_argument("--soak-s", type=float, default=None, help="seconds each MLflow configuration trains alone")
+    parser.add_argument("--request-timeout", type=float, default=2.0, help="mlflow option request_timeout")
+    parser.add_argument("--exit-timeout", type=float, default=5.0, help="mlflow option exit_timeout")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.steps = args.steps or (60 if quick else 150)
+    args.warmup = args.warmup if args.warmup is not None else (10 if quick else 20)
+    args.block = args.block or 10
+    args.soak_s = args.soak_s if args.soak_s is not None else (8.0 if quick else 20.0)
+    args.layer_every = [int(v) for v in (args.layer_every or "10").split(",") if v]
+    args.max_pending = 1000  # GradTracker's default, which the cases use
+    return args
+
+
+def create_experiment(server: str) -> None:
+    """Create the experiment before the runs start: two backends creating it at once race (see README)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server)
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # The server's job runner (8 helper processes importing MLflow) serves no tracking request and
+    # costs a 2-core machine most of its CPU for ~20 s after start: leave it off.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problem = backend_problem("mlflow-http")
+    if problem is not None:
+        print(f"cannot run: {problem}")
+        return 2
+    began = time.monotonic()
+    print(f"gradtrack with a slow / silent MLflow server: {machine(torch.device('cpu'))}")
+    base, _, _ = MODELS[args.model].make(args.small, torch.device("cpu"))
+    tensors, numel = len(list(base.parameters())), sum(p.numel() for p in base.parameters())
+    print(
+        f"model {args.model}{' (small)' if args.small else ''}: {tensors:,} tensors, {numel / 1e6:.2f}M parameters; "
+        f"{args.steps} timed steps per configuration, {args.warmup} warm-up, blocks of {args.block}, medians; "
+        f"request_timeout={args.request_timeout:g}s exit_timeout={args.exit_timeout:g}s\n"
+    )
+    rounds: list[Round] = []
+    with tempfile.TemporaryDirectory(prefix="gradtrack-slow-") as tmp:
+        workdir = Path(tmp)
+        with mlflow_server(workdir) as server:
+            port = int(server.rsplit(":", 1)[1])
+            quiet_s = wait_quiet(server)
+            create_experiment(server)
+            with Loopback(port, args.delay_ms / 1e3) as loopback:
+                slow = f"http://127.0.0.1:{loopback.proxy_port}"
+                silent = f"http://127.0.0.1:{loopback.silent_port}"
+                direct_ms = statistics.median(request_ms(f"{server}/health", 5) for _ in range(3))
+                slow_ms = statistics.median(request_ms(f"{slow}/health", 5) for _ in range(3))
+                silent_ms = request_ms(f"{silent}/health", args.request_timeout)
+                print(
+                    f"server up and quiet after {time.monotonic() - began:.0f} s (waited {quiet_s:.0f} s for "
+                    f"its CPU to settle); GET /health: direct {direct_ms:.0f} ms, "
+                    f"via proxy {slow_ms:.0f} ms, silent server {silent_ms:.0f} ms (gives up after "
+                    f"{args.request_timeout:g} s)\n"
+                )
+                uris = {"direct": server, "slow": slow, "silent": silent}
+                for layer_every in args.layer_every:
+                    start = time.monotonic()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        result = run_round(layer_every, uris, server, args, workdir)
+                    rounds.append(result)
+                    print(f"## layer_every={layer_every} ({time.monotonic() - start:.0f} s)\n")
+                    print(round_tables(result, args) + "\n", flush=True)
+                print(
+                    f"proxy connections {loopback.accepted['proxy']}, silent connections {loopback.accepted['silent']}"
+                )
+    print("\n## Targets (issue 5: slow or silent server)\n")
+    for line in targets(rounds, args):
+        print(line)
+    print(f"\ntotal {time.monotonic() - began:.0f} s; load average at the end: "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
