@@ -227,7 +227,9 @@ def mlflow_server(workdir: Path, timeout: float = 90.0) -> Iterator[str]:
         "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}", "--artifacts-destination", str(workdir / "art"),
     ]  # fmt: skip
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # MLflow 3 starts job-runner processes that load both cores for ~20 s after /health answers.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(uri, process, timeout)

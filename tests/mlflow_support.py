@@ -39,8 +39,10 @@ class MlflowServer:
             "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
         ]  # fmt: skip
         log = self.log_path.open("ab")
+        # MLflow 3 starts job-runner processes that load both cores for ~20 s after /health answers.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, env=env
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -241,3 +241,53 @@ def test_silent_server_never_blocks_and_leaves_a_replayable_spool(server: Mlflow
     assert steps_of(server.uri, run.info.run_id, "grad/total_norm") == list(range(40))
     assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "false"
     assert tracker.summary().steps == 40
+
+
+def test_a_run_that_loses_the_race_to_create_its_experiment_still_starts(server: MlflowServer) -> None:
+    from gradtrack_mlflow.transport import Sink
+
+    class LosesTheRace(Sink):
+        """Another process creates the experiment between our lookup and our create, as happens when
+        several ranks or jobs start at once; the interleaving is forced, the server is real."""
+
+        def _rest(self, method: str, endpoint: str, body: dict[str, Any] | None, api: bool = True) -> Any:
+            if endpoint == "experiments/create" and body is not None:
+                MlflowClient(server.uri).create_experiment(body["name"])
+            return super()._rest(method, endpoint, body, api=api)
+
+    experiment = f"race-{uuid.uuid4().hex[:8]}"
+    sink = LosesTheRace(server.uri, 5.0)
+    sink.execute({"op": "create_run", "run_key": "k", "experiment_name": experiment,
+                  "start_time": int(time.time() * 1000), "tags": {}})  # fmt: skip
+    found = MlflowClient(server.uri).get_experiment_by_name(experiment)
+    assert found is not None
+    assert [r.info.run_id for r in MlflowClient(server.uri).search_runs([found.experiment_id])] == [sink.run_ids["k"]]
+
+
+def test_a_server_slower_than_training_is_caught_up_from_disk(
+    server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradtrack_mlflow import sender
+
+    monkeypatch.setattr(sender, "BEHIND_METRICS", 40)  # every cycle counts as behind: the disk path runs
+    spooled: list[int] = []
+    original = sender.Sender._to_spool
+
+    def counting(self: Any, ops: list[dict[str, Any]]) -> None:
+        spooled.append(len(ops))
+        original(self, ops)
+
+    monkeypatch.setattr(sender.Sender, "_to_spool", counting)
+    opts = options(server.uri, tmp_path, flush_every_s=0.05)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(10)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}, layer_every=1) as tracker:
+        for _ in range(40):
+            model(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+            time.sleep(0.01)
+    assert sum(spooled) > 0  # the backlog went through the spool ...
+    run = only_run(server.uri, opts["experiment_name"])
+    assert steps_of(server.uri, run.info.run_id, "grad/total_norm") == list(range(40))  # ... and all arrived
+    assert steps_of(server.uri, run.info.run_id, "grad_norm/9.bias") == list(range(40))
+    assert not list((tmp_path / "spool").glob("*/spool.jsonl")) and tracker.summary().dropped_records == 0

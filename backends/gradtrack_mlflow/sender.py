@@ -5,7 +5,10 @@ for urgent records such as the divergence tag) the sender merges what arrived in
 operations within MLflow's limits and sends them in order. The first transient failure moves
 that operation and everything after it to the spool file, and from then on new operations are
 appended behind them, so order is kept; the spool is replayed with exponential backoff, and the
-sender goes back to sending live once it is empty.
+sender goes back to sending live once it is empty. A server that answers, but more slowly than
+training produces records, is treated the same way: a cycle that finds more than
+``BEHIND_METRICS`` metrics waiting spools them and catches up from disk, in slices of
+``_REPLAY_SLICE_S`` seconds, so memory stays bounded and nothing is lost.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ Op = dict[str, Any]
 MAX_ENTITIES = 1000  # MLflow's log_batch limit: metrics + params + tags
 MAX_PARAMS_OR_TAGS = 100  # ... and at most 100 params and 100 tags
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
+BEHIND_METRICS = 20_000  # a cycle with more waiting than this means the server is slower than training
+_REPLAY_SLICE_S = 2.0  # replay in slices, so the inbox is taken (and spooled) while a long replay runs
 
 
 def coalesce(items: Sequence[Op], run_key: str, run_id: str | None, tracking_uri: str) -> list[Op]:
@@ -155,8 +160,13 @@ class Sender:
             items, target, closing = self._wait_for_work()
             self._last_cycle = time.monotonic()
             if self._offline and time.monotonic() >= self._next_retry:
-                self._replay()
-            self._deliver(coalesce(items, self.run_key, self.run_id, self.sink.tracking_uri))
+                self._replay(None if closing else _REPLAY_SLICE_S)
+            ops = coalesce(items, self.run_key, self.run_id, self.sink.tracking_uri)
+            if not self._offline and sum(len(op.get("metrics", ())) for op in ops) > BEHIND_METRICS:
+                self._to_spool(ops)  # behind a slow server: catch up from disk, not from memory
+                self._next_retry = time.monotonic()
+                ops = []
+            self._deliver(ops)
             with self._cond:
                 self._handled = target
                 self._cond.notify_all()
@@ -193,9 +203,14 @@ class Sender:
                     self._to_spool(ops[index:])
                     return
 
-    def _replay(self) -> None:
+    def _replay(self, slice_s: float | None = None) -> None:
+        """Send the spool in order; with ``slice_s``, return after that long to take the inbox again."""
+        stop_at = math.inf if slice_s is None else time.monotonic() + slice_s
         for index, op in self.spool.pending():
             if not self._may_send():
+                return
+            if time.monotonic() >= stop_at:
+                self._next_retry = time.monotonic()  # more to replay: go on after this cycle
                 return
             try:
                 self.sink.execute(op)

@@ -109,8 +109,17 @@ class Sink:
     def _local_experiment(self, name: str | None) -> str:
         if name is None:
             return "0"
+        from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(name)
-        return str(experiment.experiment_id if experiment else self.client.create_experiment(name))
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        try:
+            return str(self.client.create_experiment(name))
+        except MlflowException as exc:  # another run created it between our two calls
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return str(self.client.get_experiment_by_name(name).experiment_id)
 
     def _rest_experiment(self, name: str | None) -> str:
         if name is None:
@@ -123,7 +132,13 @@ class Sink:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-        return str(self._rest("POST", "experiments/create", {"name": name})["experiment_id"])
+        try:
+            return str(self._rest("POST", "experiments/create", {"name": name})["experiment_id"])
+        except MlflowException as exc:  # another run created it between our two requests
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        found = self._rest("GET", "experiments/get-by-name", {"experiment_name": name})
+        return str(found["experiment"]["experiment_id"])
 
     def _log_batch(
         self, run_id: str, metrics: list[list[Any]], params: Mapping[str, str], tags: Mapping[str, str]
