@@ -6,9 +6,9 @@ operations within MLflow's limits and sends them in order. The first transient f
 that operation and everything after it to the spool file, and from then on new operations are
 appended behind them, so order is kept; the spool is replayed with exponential backoff, and the
 sender goes back to sending live once it is empty. A server that answers, but more slowly than
-training produces records, is treated the same way: a cycle that finds more than
-``BEHIND_METRICS`` metrics waiting spools them and catches up from disk, in slices of
-``_REPLAY_SLICE_S`` seconds, so memory stays bounded and nothing is lost.
+training produces records, is treated the same way: no cycle sends for longer than ``SLICE_S``;
+what it could not send by then goes to the spool and is caught up from disk, slice by slice, so
+at most a few seconds of records wait in memory and nothing is lost.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ Op = dict[str, Any]
 MAX_ENTITIES = 1000  # MLflow's log_batch limit: metrics + params + tags
 MAX_PARAMS_OR_TAGS = 100  # ... and at most 100 params and 100 tags
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
-BEHIND_METRICS = 20_000  # a cycle with more waiting than this means the server is slower than training
-_REPLAY_SLICE_S = 2.0  # replay in slices, so the inbox is taken (and spooled) while a long replay runs
+SLICE_S = 2.0  # the longest a cycle sends before taking the inbox again: bounds memory by time
 
 
 def coalesce(items: Sequence[Op], run_key: str, run_id: str | None, tracking_uri: str) -> list[Op]:
@@ -160,13 +159,8 @@ class Sender:
             items, target, closing = self._wait_for_work()
             self._last_cycle = time.monotonic()
             if self._offline and time.monotonic() >= self._next_retry:
-                self._replay(None if closing else _REPLAY_SLICE_S)
-            ops = coalesce(items, self.run_key, self.run_id, self.sink.tracking_uri)
-            if not self._offline and sum(len(op.get("metrics", ())) for op in ops) > BEHIND_METRICS:
-                self._to_spool(ops)  # behind a slow server: catch up from disk, not from memory
-                self._next_retry = time.monotonic()
-                ops = []
-            self._deliver(ops)
+                self._replay(None if closing else SLICE_S)
+            self._deliver(coalesce(items, self.run_key, self.run_id, self.sink.tracking_uri))
             with self._cond:
                 self._handled = target
                 self._cond.notify_all()
@@ -192,9 +186,14 @@ class Sender:
         return time.monotonic() + self.sink.request_timeout <= self._give_up_at
 
     def _deliver(self, ops: list[Op]) -> None:
+        stop_at = time.monotonic() + SLICE_S
         for index, op in enumerate(ops):
             if self._offline or not self._may_send():
                 self._to_spool(ops[index:])
+                return
+            if index and time.monotonic() >= stop_at and self._give_up_at is None:
+                self._to_spool(ops[index:])  # slower than training: catch up from disk, not memory
+                self._next_retry = time.monotonic()
                 return
             try:
                 self.sink.execute(op)
@@ -206,10 +205,11 @@ class Sender:
     def _replay(self, slice_s: float | None = None) -> None:
         """Send the spool in order; with ``slice_s``, return after that long to take the inbox again."""
         stop_at = math.inf if slice_s is None else time.monotonic() + slice_s
+        start = self.spool.offset
         for index, op in self.spool.pending():
             if not self._may_send():
                 return
-            if time.monotonic() >= stop_at:
+            if time.monotonic() >= stop_at and index > start:
                 self._next_retry = time.monotonic()  # more to replay: go on after this cycle
                 return
             try:
