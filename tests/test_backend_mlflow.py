@@ -291,3 +291,23 @@ def test_a_server_slower_than_training_is_caught_up_from_disk(
     assert steps_of(server.uri, run.info.run_id, "grad/total_norm") == list(range(20))  # ... and all arrived
     assert steps_of(server.uri, run.info.run_id, "grad_norm/299.bias") == list(range(20))
     assert not list((tmp_path / "spool").glob("*/spool.jsonl")) and tracker.summary().dropped_records == 0
+
+
+def test_routine_steps_reach_the_server_while_training_runs(server: MlflowServer, tmp_path: Path) -> None:
+    opts = options(server.uri, tmp_path, flush_every_s=0.1)
+    model = mlp()
+    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}) as tracker:
+        tracker.flush()
+        time.sleep(0.5)  # the sender has sent the run's start and is idle
+        for _ in range(3):
+            model(torch.randn(2, 8)).sum().backward()
+            tracker.step()
+        tracker.flush()
+        deadline, seen = time.monotonic() + 10, []
+        while time.monotonic() < deadline and seen != [0, 1, 2]:
+            runs = MlflowClient(server.uri).search_experiments(filter_string=f"name = '{opts['experiment_name']}'")
+            if runs:
+                found = MlflowClient(server.uri).search_runs([runs[0].experiment_id])
+                seen = steps_of(server.uri, found[0].info.run_id, "grad/total_norm") if found else []
+            time.sleep(0.1)
+        assert seen == [0, 1, 2]  # live, not only when the run ends

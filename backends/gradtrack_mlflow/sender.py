@@ -109,10 +109,11 @@ class Sender:
 
     def put(self, *items: Op, urgent: bool = False) -> None:
         with self._cond:
+            was_empty = not self._inbox
             self._inbox.extend(items)
             self._queued += 1
             self._urgent = self._urgent or urgent
-            if urgent:
+            if urgent or was_empty:  # an idle sender sleeps without a deadline: give it one
                 self._cond.notify_all()
 
     def flush(self, timeout: float) -> bool:
