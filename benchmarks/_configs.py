@@ -166,6 +166,11 @@ class TrackedMlflowSqlite(TrackedMlflowHttp):
     title = "gradtrack + MLflow backend, local sqlite, layer_every=1"
 
 
+class TrackedMlflowSqliteEvery10(TrackedMlflowHttp):
+    title = "gradtrack + MLflow backend, local sqlite, layer_every=10 (default)"
+    layer_every = 10
+
+
 class TrackedWandb(Tracked):
     title = "gradtrack + W&B backend (offline), layer_every=1"
     backend = "wandb"
@@ -188,9 +193,10 @@ CONFIGS: dict[str, type[Config]] = {
     "gradtrack-l10": TrackedEvery10,
     "mlflow-http": TrackedMlflowHttp,
     "mlflow-sqlite": TrackedMlflowSqlite,
+    "mlflow-sqlite-l10": TrackedMlflowSqliteEvery10,
     "wandb": TrackedWandb,
 }
-BACKEND_OF = {"mlflow-http": "mlflow", "mlflow-sqlite": "mlflow", "wandb": "wandb"}
+BACKEND_OF = {"mlflow-http": "mlflow", "mlflow-sqlite": "mlflow", "mlflow-sqlite-l10": "mlflow", "wandb": "wandb"}
 
 
 def backend_problem(key: str) -> str | None:

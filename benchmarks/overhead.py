@@ -41,7 +41,7 @@ from gradtrack import GradTracker
 
 LABELS = {
     "bare": "1", "clip": "2", "seed": "3", "watch": "4", "gradtrack": "5", "gradtrack-l10": "5b",
-    "mlflow-http": "6a", "mlflow-sqlite": "6b", "wandb": "7",
+    "mlflow-http": "6a", "mlflow-sqlite": "6b", "mlflow-sqlite-l10": "6c", "wandb": "7",
 }  # fmt: skip
 OPEN_LAST = ("watch",)  # the W&B backend must start before wandb.watch's run is the active one
 
@@ -187,11 +187,11 @@ def targets(results: list[ModelResult]) -> list[str]:
         lines.append(f"[{'PASS' if ok else 'FAIL'}] {model}: {what} = {value:.2f}x; target {target}")
 
     for r in results:
-        for key in ("gradtrack", "gradtrack-l10", "mlflow-http", "mlflow-sqlite", "wandb"):
+        for key in ("gradtrack", "gradtrack-l10", "mlflow-http", "mlflow-sqlite", "mlflow-sqlite-l10", "wandb"):
             ratio = r.hook_ratio(key)
             if ratio is not None:
                 line(ratio <= 1.15, r.key, f"hook ({LABELS[key]}) / hook (2)", ratio, "<= 1.15x")
-        for key in ("mlflow-http", "mlflow-sqlite"):
+        for key in ("mlflow-http", "mlflow-sqlite", "mlflow-sqlite-l10"):
             ratio = r.step_ratio(key, "clip")
             if ratio is not None:
                 line(ratio <= 1.05, r.key, f"step ({LABELS[key]}) / step (2)", ratio, "<= 1.05x")
