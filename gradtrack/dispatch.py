@@ -32,7 +32,7 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger(__name__)
 
 _STOP = object()
-_ALWAYS_KEPT = frozenset({"gradtrack_run_start", "gradtrack_run_end", "gradtrack_divergence"})
+_ALWAYS_KEPT = frozenset({"gradtrack_run_start", "gradtrack_run_end", "gradtrack_divergence", "gradtrack_flush"})
 _HARD_LIMIT = 10  # times max_pending: past it, flagged steps and explosion events are dropped too
 
 
@@ -134,7 +134,8 @@ class Dispatcher:
             worker.put(hook, kwargs)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every backend has handled what was emitted so far (tests, checkpoints)."""
+        """Wait until every backend has handled, and sent, what was emitted so far."""
+        self.emit("gradtrack_flush", timeout=timeout)
         deadline = time.monotonic() + timeout
         return all(w.wait_idle(max(0.0, deadline - time.monotonic())) for w in self._workers)
 

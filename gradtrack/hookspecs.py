@@ -94,6 +94,18 @@ def gradtrack_step(stats: StepStats) -> None:
     """
 
 
+@hookspec
+def gradtrack_flush(timeout: float) -> None:
+    """``tracker.flush()`` was called: deliver what the backend still buffers.
+
+    :param timeout: seconds the caller waits at most; return by then even if something is left.
+
+    Called after every record emitted before the flush was handled. Backends that send from their own
+    thread or batch records (the MLflow backend does both) wait here until that is sent or spooled, so
+    that after ``tracker.flush()`` everything reported so far is out. The return value is ignored.
+    """
+
+
 # -------------------------------------------------------------------------
 # Events: delivered as soon as the step that raised them is measured. Divergence is never dropped;
 # explosions only past the hard backlog bound of ``gradtrack.dispatch``.

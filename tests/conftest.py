@@ -44,6 +44,10 @@ class RecordingBackend:
     def gradtrack_run_end(self, end: RunEnd) -> None:
         self._record("run_end", end)
 
+    @hookimpl
+    def gradtrack_flush(self, timeout: float) -> None:
+        self._record("flush", timeout)
+
     def of(self, hook: str) -> list[Any]:
         return [value for name, value in self.calls if name == hook]
 

@@ -359,3 +359,12 @@ def test_amp_grad_scaler_steps_are_measured_after_unscaling(recorder: RecordingB
         scaler.update()
     assert tracker.summary().steps == 1
     assert recorder.of("step")[0].total_norm == pytest.approx(expected, rel=1e-5)
+
+
+def test_flush_reaches_every_backend_after_what_was_reported(recorder: RecordingBackend) -> None:
+    model = mlp()
+    with GradTracker(model, backend=recorder) as tracker:
+        train(model, tracker, steps=3)
+        assert tracker.flush(timeout=5.0)
+        names = [name for name, _ in recorder.calls]
+        assert names == ["run_start", "step", "step", "step", "flush"] and recorder.of("flush") == [5.0]

@@ -233,6 +233,10 @@ class MLflowBackend:
         """Wait until every record handed to the backend so far was sent to MLflow or spooled."""
         return self.sender.flush(timeout) if self.sender is not None else True
 
+    @hookimpl
+    def gradtrack_flush(self, timeout: float) -> None:
+        self.flush(timeout)
+
     def _send(self, fragment: dict[str, Any], urgent: bool = False) -> None:
         if self.sender is not None:
             self.sender.put(fragment, urgent=urgent)
