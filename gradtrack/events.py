@@ -22,6 +22,7 @@ __all__ = [
     "RunStatus",
     "StepStats",
     "Summary",
+    "format_norm",
 ]
 
 ExplosionKind = Literal["nonfinite", "threshold", "spike"]
@@ -108,12 +109,12 @@ class Explosion:
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
 
-    def describe(self) -> str:
-        """One human line: used by the console backend and alert texts."""
-        names = ", ".join(f"{o.name} ({_fmt(o.norm)})" for o in self.offenders[:3])
+    def describe(self, top: int | None = 3) -> str:
+        """One human line for consoles and alerts; ``top`` offenders named (None: all of them)."""
+        names = ", ".join(f"{o.name} ({format_norm(o.norm)})" for o in self.offenders[:top])
         return (
-            f"step {self.step}: {self.kind} explosion, total_norm={_fmt(self.total_norm)} "
-            f"(threshold {_fmt(self.threshold)}); offenders: {names or 'none'}"
+            f"step {self.step}: {self.kind} explosion, total_norm={format_norm(self.total_norm)} "
+            f"(threshold {format_norm(self.threshold)}); offenders: {names or 'none'}"
         )
 
 
@@ -171,7 +172,8 @@ class RunEnd:
     timestamp: float
 
 
-def _fmt(value: float) -> str:
+def format_norm(value: float) -> str:
+    """Four significant digits, and NaN/inf spelt out, the same in every backend's text."""
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 

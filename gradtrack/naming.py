@@ -29,12 +29,17 @@ def _clean(name: str, invalid: re.Pattern[str], budget: int) -> str:
 
 
 def sanitize_names(
-    names: Iterable[str], prefix: str = "", invalid: str = MLFLOW_INVALID, max_length: int = 250
+    names: Iterable[str],
+    prefix: str = "",
+    invalid: str = MLFLOW_INVALID,
+    max_length: int = 250,
+    fold_case: bool = False,
 ) -> dict[str, str]:
     """Map each name to ``prefix + key`` where key has no character matching ``invalid``.
 
-    Names that clean to the same key all get a short hash of their original name appended, so the
-    result depends only on the set of names, not on their order.
+    Names that clean to the same key (ignoring case when the tracker does, ``fold_case``) all get a
+    short hash of their original name appended, so the result depends only on the set of names, not
+    on their order.
     """
     pattern = re.compile(invalid)
     budget = max_length - len(prefix)
@@ -42,21 +47,21 @@ def sanitize_names(
         raise ValueError(f"max_length={max_length} leaves too little room after prefix={prefix!r}")
     unique = list(dict.fromkeys(names))
     by_key: dict[str, list[str]] = defaultdict(list)
-    for name in unique:
-        by_key[_clean(name, pattern, budget)].append(name)
+    cleaned = {name: _clean(name, pattern, budget) for name in unique}
+    fold = str.lower if fold_case else str
+    for name, key in cleaned.items():
+        by_key[fold(key)].append(name)
     result: dict[str, str] = {}
-    for key, originals in by_key.items():
+    for originals in by_key.values():
         for name in originals:
-            if len(originals) == 1:
-                result[name] = key
-            else:
-                result[name] = f"{key[: budget - 9]}_{_digest(name)}"
+            key = cleaned[name]
+            result[name] = key if len(originals) == 1 else f"{key[: budget - 9]}_{_digest(name)}"
     taken: set[str] = set()
     for name in unique:  # a hashed key could, in theory, equal another name's plain key
         key, length = result[name], 8
-        while key in taken:
+        while fold(key) in taken:
             length += 4
             key = f"{result[name][: budget - length - 1]}_{_digest(name, length)}"
-        taken.add(key)
+        taken.add(fold(key))
         result[name] = prefix + key
     return result

@@ -30,3 +30,11 @@ def test_long_names_are_cut_with_a_hash() -> None:
     assert keys[long_a] != keys[long_b]
     assert all(len(k) <= 250 for k in keys.values())
     assert not re.search(MLFLOW_INVALID, keys[long_a])
+
+
+def test_fold_case_keeps_keys_distinct_for_trackers_that_ignore_case() -> None:
+    names = ["layer.Weight", "layer.weight", "other"]
+    assert len({k.lower() for k in sanitize_names(names).values()}) == 2  # plain: only exact collisions
+    keys = sanitize_names(names, fold_case=True)
+    assert len({k.lower() for k in keys.values()}) == 3 and keys["other"] == "other"
+    assert keys == sanitize_names(list(reversed(names)), fold_case=True)

@@ -10,7 +10,6 @@ working, interleaved, without "step less than current step" warnings.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 import os
@@ -19,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NoReturn, final
 
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats, format_norm
 from gradtrack.hookspecs import hookimpl
 from gradtrack.naming import sanitize_names
 
@@ -228,7 +227,7 @@ class WandbBackend:
             since = f" ({self._unalerted} explosions since the last alert)" if self._unalerted > 1 else ""
             run.alert(
                 title=EXPLOSION_TITLE,
-                text=_alert_text(event) + since,
+                text=event.describe(top=None) + since,
                 level="WARN",
                 wait_duration=self.alert_every,
             )
@@ -243,9 +242,9 @@ class WandbBackend:
         self._state.update(diverged=True, diverged_step=event.step, diverged_reason=event.reason)
         self._publish_state()
         if self.alerts:
-            text = f"step {event.step}: {event.reason}; last total_norm={_fmt(self._last_norm)}"
+            text = f"step {event.step}: {event.reason}; last total_norm={format_norm(self._last_norm)}"
             if self._last_explosion is not None:
-                text += f". Last explosion: {_alert_text(self._last_explosion)}"
+                text += f". Last explosion: {self._last_explosion.describe(top=None)}"
             run.alert(title=DIVERGENCE_TITLE, text=text, level="ERROR", wait_duration=self.alert_every)
 
     def _publish_state(self) -> None:
@@ -273,23 +272,4 @@ def _merged(tags: Sequence[str] | None, *extra: str) -> tuple[str, ...]:
 
 def _wandb_keys(names: Sequence[str]) -> dict[str, str]:
     """``grad_norm/<name>`` keys, distinct even under W&B's case-insensitive metric names."""
-    keys = sanitize_names(names, prefix="grad_norm/", invalid=WANDB_INVALID, max_length=_MAX_KEY)
-    seen: dict[str, int] = {}
-    for key in keys.values():
-        seen[key.lower()] = seen.get(key.lower(), 0) + 1
-    for name, key in keys.items():
-        if seen[key.lower()] > 1:
-            keys[name] = f"{key[: _MAX_KEY - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return keys
-
-
-def _alert_text(event: Explosion) -> str:
-    offenders = ", ".join(f"{o.name} ({_fmt(o.norm)})" for o in event.offenders) or "none"
-    return (
-        f"step {event.step}: {event.kind} explosion, total_norm={_fmt(event.total_norm)} "
-        f"(threshold {_fmt(event.threshold)}); top offenders: {offenders}"
-    )
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return sanitize_names(names, prefix="grad_norm/", invalid=WANDB_INVALID, max_length=_MAX_KEY, fold_case=True)
