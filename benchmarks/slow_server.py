@@ -252,14 +252,14 @@ class Case(Tracked):
     def open(self) -> None:
         super().open()
         self.tracker.flush(30.0)  # run_start handled: the MLflow backend has its sender now
-        workers = self.tracker._dispatcher._workers
+        workers = self.tracker._pipeline.dispatcher._workers
         self.mlflow = workers[0].manager.get_plugin("mlflow") if workers else None
         if self.mlflow is not None:
             self.spool_path = self.mlflow.spool.path
 
     def threads(self) -> list[threading.Thread]:
         """gradtrack's worker thread and the MLflow sender thread of this configuration."""
-        found = [w.thread for w in self.tracker._dispatcher._workers]
+        found = [w.thread for w in self.tracker._pipeline.dispatcher._workers]
         sender = getattr(self.mlflow, "sender", None)
         return found + ([sender.thread] if sender is not None else [])
 
@@ -268,7 +268,7 @@ class Case(Tracked):
         if not getattr(self, "tracker", None) or not self.tracker._active:
             return
         peaks = self.peaks
-        backlog = sum(len(w._pending) for w in self.tracker._dispatcher._workers)
+        backlog = sum(len(w._pending) for w in self.tracker._pipeline.dispatcher._workers)
         sender = getattr(self.mlflow, "sender", None)
         inbox = list(sender._inbox) if sender is not None else []
         metrics = sum(len(item.get("metrics", ())) for item in inbox)
@@ -393,7 +393,7 @@ def replay_and_count(case: Case, server: str) -> Delivery:
     """Replay the spool ``case`` left (if any) to ``server``; count its run's ``grad/total_norm`` there."""
     from mlflow.tracking import MlflowClient
 
-    steps, dropped = case.tracker.steps, case.tracker._dispatcher.dropped
+    steps, dropped = case.tracker.steps, case.tracker._pipeline.dispatcher.dropped
     left = case.spool_path is not None and case.spool_path.exists()
     replay_s, note = None, ""
     if left:

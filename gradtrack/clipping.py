@@ -53,8 +53,11 @@ def _check_positive(name: str, value: float) -> float:
 
 def _scale_(batch: GradBatch, max_norm: float) -> torch.Tensor:
     # Same ops as torch.nn.utils.clip_grads_with_norm_: no `if coef < 1` so no host sync.
-    clip_coef = max_norm / (batch.total_norm + 1e-6)
+    clip_coef = max_norm / (batch.clip_norm + 1e-6)
     clip_coef_clamped = torch.clamp(clip_coef, max=1.0)
+    if batch.clip_norm is not batch.total_norm:  # 16-bit arithmetic: fall back to the wide total where it overflowed
+        wide = torch.clamp(max_norm / (batch.total_norm + 1e-6), max=1.0)
+        clip_coef_clamped = torch.where(torch.isfinite(batch.clip_norm), clip_coef_clamped, wide)
     for grads in batch.groups:
         torch._foreach_mul_(grads, clip_coef_clamped.to(grads[0].device))
     return clip_coef_clamped
@@ -92,15 +95,25 @@ class ValueClip:
     def __init__(self, clip_value: float = 1.0) -> None:
         self.clip_value = _check_positive("clip_value", clip_value)
 
+    needs_max_abs = True  # sharded gradients: the reduction brings the global max in its one collective
+
     def clip_(self, batch: GradBatch) -> torch.Tensor:
-        if batch.norm_type == math.inf:
+        max_abs = batch.max_abs
+        if max_abs is None and batch.norm_type == math.inf:
             max_abs = batch.total_norm
-        else:
+        elif max_abs is None:
             per_tensor = [n for grads in batch.groups for n in torch._foreach_norm(grads, math.inf)]
             max_abs = torch.stack([n.to(batch.device) for n in per_tensor]).max()
+            if batch.grad_scale is not None:
+                max_abs = max_abs / batch.grad_scale.to(max_abs.device)
         for grads in batch.groups:
-            torch._foreach_clamp_min_(grads, -self.clip_value)
-            torch._foreach_clamp_max_(grads, self.clip_value)
+            if batch.grad_scale is None:
+                torch._foreach_clamp_min_(grads, -self.clip_value)
+                torch._foreach_clamp_max_(grads, self.clip_value)
+            else:  # the gradients still carry the AMP scale: clamp them at the scaled bound, no host sync
+                bound = (self.clip_value * batch.grad_scale).to(grads[0].device, grads[0].dtype)
+                torch._foreach_clamp_min_(grads, [-bound] * len(grads))
+                torch._foreach_clamp_max_(grads, [bound] * len(grads))
         return torch.clamp(self.clip_value / max_abs, max=1.0)
 
     def observe(self, total_norm: float, clip_coef: float) -> None:

@@ -54,7 +54,8 @@ class StepStats:
     """Everything measured at one optimizer step.
 
     ``layer_norms`` is filled only at the per-layer cadence (``layer_every``); it maps the cleaned
-    parameter name to its gradient norm before clipping.
+    parameter name to its gradient norm before clipping. On a step the AMP ``GradScaler`` skipped for
+    overflow (``amp_overflow``) nothing was measured: the norms are NaN and ``metrics()`` leaves them out.
     """
 
     step: int
@@ -71,15 +72,25 @@ class StepStats:
     loss: float | None
     timestamp: float
     layer_norms: Mapping[str, float] | None = None
+    amp_overflow: bool = False
 
     def metrics(self) -> dict[str, float]:
         """The contract metrics of PRODUCT.md for this step (without per-layer norms)."""
+        if self.amp_overflow:  # the scaled gradients overflowed: there is no norm to report
+            return {
+                "grad/amp_overflow": 1.0,
+                "grad/clipped": 0.0,
+                "grad/explosion": 0.0,
+                "grad/nonfinite": 0.0,
+                "grad/diverged": float(self.diverged),
+            }
         metrics = {
             "grad/total_norm": self.total_norm,
             "grad/clip_coef": self.clip_coef,
             "grad/clipped": float(self.clipped),
             "grad/explosion": float(self.explosion),
             "grad/nonfinite": float(self.nonfinite),
+            "grad/amp_overflow": 0.0,
             "grad/diverged": float(self.diverged),
             "grad/layer_p50": self.layer_p50,
             "grad/layer_p95": self.layer_p95,
@@ -92,7 +103,7 @@ class StepStats:
     @property
     def flagged(self) -> bool:
         """A step that must reach every backend even under back-pressure."""
-        return self.explosion or self.diverged or self.nonfinite > 0 or self.skipped
+        return self.explosion or self.diverged or self.nonfinite > 0 or self.skipped or self.amp_overflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +162,7 @@ class Summary:
     recommended_max_norm: float | None
     top_offenders: tuple[tuple[str, int], ...] = field(default=())
     dropped_records: int = 0
+    amp_overflow_steps: int = 0
 
     @property
     def clip_rate(self) -> float:

@@ -1,8 +1,23 @@
-"""The hot path: every per-step number from one fused pass and one device-to-host transfer.
+"""The hot path's device work: every per-step number from one fused pass and one device-to-host transfer.
 
-The norms are computed exactly as ``torch.nn.utils.get_total_norm`` computes them (``_foreach_norm``
-per device and dtype group, then the norm of the stacked per-tensor norms), so the total norm and
-the clipped gradients are bitwise those of ``clip_grad_norm_(foreach=True)``.
+Norms are computed as ``torch.nn.utils.get_total_norm`` computes them: ``_foreach_norm`` per device
+and dtype group, then the norm of the stacked per-tensor norms. Two things differ, both so that the
+numbers are right whatever the precision:
+
+* **16-bit gradients** (bf16, fp16) are reduced in fp32 (``_foreach_norm(..., dtype=float32)``), so
+  the reported norms never overflow at fp16's 65504 and the host copy never meets a dtype numpy
+  lacks. For clipping, ``clip_norm`` rounds those fp32 norms back to the gradients' dtype and combines
+  them as torch does, which is exactly what ``_foreach_norm`` returns on 16-bit tensors (its
+  accumulator is fp32 too): the clipped gradients stay bitwise those of
+  ``clip_grad_norm_(foreach=True)``. Where that 16-bit total overflows, the fp32 total is used, so a
+  true norm above 65504 clips to ``max_norm`` instead of zeroing the gradients as torch would.
+* **AMP** with an optimizer that unscales inside its own step (fused Adam/AdamW/SGD under
+  ``GradScaler``): the gradients carry ``grad_scale``. Every norm is divided by it on the device, so
+  reports and clipping see the true gradients; clipping scales the scaled gradients by the true
+  coefficient, which commutes with the optimizer's own unscaling.
+
+Sharded gradients (FSDP2 / DTensor) are measured on their local shards and made global with one
+collective (``gradtrack.distributed``) before anything is clipped.
 """
 
 from __future__ import annotations
@@ -10,22 +25,38 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import final
+from typing import Protocol, final
 
 import numpy as np
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["GradBatch", "HostStats", "group_grads", "measure", "sorted_quantile", "transfer"]
+__all__ = ["GradBatch", "HostStats", "Reduce", "group_grads", "measure", "sorted_quantile", "transfer"]
+
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+class Reduce(Protocol):
+    """Makes local per-tensor norms, loss and largest element global (``gradtrack.distributed``)."""
+
+    def __call__(
+        self, layer_norms: torch.Tensor, order: list[int], loss: torch.Tensor | None, local_max: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
 
 @final
 @dataclass(slots=True)
 class GradBatch:
-    """One step's gradients, grouped once and shared by the norm pass and the clip policy.
+    """One step's gradients and every number measured from them, still on the device.
 
-    ``order`` maps each position of ``layer_norms`` to the index of its gradient in the caller's
-    list, because grouping by device and dtype reorders them.
+    ``groups`` are the tensors clipping works on (the local shards of DTensors), grouped once by
+    device and dtype; ``order`` maps each position of ``layer_norms`` to the index of its gradient in
+    the caller's list, because grouping reorders them. ``layer_norms`` and ``total_norm`` are fp32 or
+    wider, global across ranks and unscaled; ``clip_norm`` is the total that norm clipping divides by
+    (see the module docstring). ``loss`` is the mean observed loss, or across ranks ``[sum, ranks that
+    observed one]``; ``overflow`` the AMP scaler's found-inf flag for a fused optimizer; ``grad_scale``
+    the factor the gradients still carry; ``max_abs`` the largest element magnitude when a reduction
+    had to compute it globally.
     """
 
     groups: list[list[torch.Tensor]]
@@ -33,6 +64,11 @@ class GradBatch:
     norm_type: float
     layer_norms: torch.Tensor
     total_norm: torch.Tensor
+    clip_norm: torch.Tensor
+    loss: torch.Tensor | None = None
+    overflow: torch.Tensor | None = None
+    grad_scale: torch.Tensor | None = None
+    max_abs: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -42,12 +78,13 @@ class GradBatch:
 @final
 @dataclass(frozen=True, slots=True)
 class HostStats:
-    """The step's numbers on the host, after the single transfer."""
+    """The step's numbers on the host, after the single transfer, widened to float64 there."""
 
     layer_norms: np.ndarray  # float64, in GradBatch.order
     total_norm: float
     clip_coef: float
     loss: float | None
+    overflow: bool
 
 
 def group_grads(grads: Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[int]]:
@@ -60,47 +97,116 @@ def group_grads(grads: Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]]
     return groups, order
 
 
-def _unwrap(tensor: torch.Tensor) -> torch.Tensor:
-    # FSDP2 grads are DTensors: their norms are partial per rank until reduced.
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else tensor
+def measure(
+    grads: Sequence[torch.Tensor],
+    norm_type: float,
+    *,
+    loss: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    overflow: torch.Tensor | None = None,
+    reduction: Reduce | None = None,
+    want_max_abs: bool = False,
+) -> GradBatch:
+    """Per-tensor and total norms of ``grads`` with no host synchronisation.
 
-
-def measure(grads: Sequence[torch.Tensor], norm_type: float) -> GradBatch:
-    """Per-tensor norms and the total norm, as ``get_total_norm`` computes them; no host sync."""
+    ``grads`` are plain tensors (DTensors already replaced by their local shards when ``reduction``
+    is given); ``loss`` is this rank's mean observed loss, on the device.
+    """
     groups, order = group_grads(grads)
     first_device = grads[0].device
-    norms: list[torch.Tensor] = []
+    wide: list[torch.Tensor] = []  # fp32 or wider: what is reported
+    native: list[torch.Tensor] = []  # in each gradient's dtype: what torch would clip with
+    narrow = False
     for tensors in groups:
-        norms.extend(torch._foreach_norm(tensors, norm_type))
-    if len(groups) > 1 or type(norms[0]) is not torch.Tensor:  # several devices, or DTensors
-        norms = [_unwrap(norm).to(first_device) for norm in norms]
-    stacked = torch.stack(norms)
-    total_norm = torch.linalg.vector_norm(stacked, norm_type)
-    return GradBatch(groups, order, norm_type, stacked, total_norm)
+        if tensors[0].dtype in _NARROW:
+            narrow = True
+            norms = _foreach_norm(tensors, norm_type, torch.float32)
+            wide.extend(norms)
+            native.extend(norm.to(tensors[0].dtype) for norm in norms)
+        else:
+            norms = _foreach_norm(tensors, norm_type)
+            wide.extend(norms)
+            native.extend(norms)
+    if len(groups) > 1:
+        wide = [norm.to(first_device) for norm in wide]
+        native = [norm.to(first_device) for norm in native]
+    layer_norms = torch.stack(wide)
+    max_abs = None
+    local_norms = layer_norms
+    if reduction is not None:
+        local_max = _max_abs(groups, norm_type, layer_norms) if want_max_abs else None
+        layer_norms, loss, max_abs = reduction(layer_norms, order, loss, local_max)
+    total_norm = torch.linalg.vector_norm(layer_norms, norm_type)
+    if layer_norms is not local_norms:  # combined across ranks: torch's own arithmetic has no equivalent
+        clip_norm = total_norm
+    elif narrow:
+        clip_norm = torch.linalg.vector_norm(torch.stack(native), norm_type)
+    else:
+        clip_norm = total_norm  # the same stack and vector_norm as get_total_norm: bitwise torch's
+    if grad_scale is not None:
+        scale = grad_scale.to(first_device)
+        unscaled_clip = None if clip_norm is total_norm else clip_norm.to(total_norm.dtype) / scale  # not in fp16
+        layer_norms, total_norm = layer_norms / scale, total_norm / scale
+        clip_norm = total_norm if unscaled_clip is None else unscaled_clip
+        if max_abs is not None:
+            max_abs = max_abs / scale
+    return GradBatch(groups, order, norm_type, layer_norms, total_norm, clip_norm, loss, overflow, grad_scale, max_abs)
 
 
-def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, loss: torch.Tensor | None) -> HostStats:
+def _foreach_norm(
+    tensors: list[torch.Tensor], norm_type: float, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """``torch._foreach_norm``, except that an empty tensor's inf-norm is 0 instead of an error.
+
+    Empty tensors are ordinary under FSDP2: with uneven shards a rank may hold no rows of a parameter
+    (torch's own ``clip_grad_norm_`` raises there with ``norm_type=inf``).
+    """
+    if norm_type != math.inf or all(t.numel() for t in tensors):
+        return list(torch._foreach_norm(tensors, norm_type, dtype=dtype))
+    filled = [t if t.numel() else t.new_zeros(1) for t in tensors]
+    return list(torch._foreach_norm(filled, norm_type, dtype=dtype))
+
+
+def _max_abs(groups: list[list[torch.Tensor]], norm_type: float, layer_norms: torch.Tensor) -> torch.Tensor:
+    """This rank's largest gradient magnitude (value clipping's coefficient)."""
+    if norm_type == math.inf:
+        return layer_norms.max()
+    device = layer_norms.device
+    per_tensor = [n.to(device) for tensors in groups for n in _foreach_norm(tensors, math.inf)]
+    return torch.stack(per_tensor).max().to(layer_norms.dtype)
+
+
+def transfer(batch: GradBatch, clip_coef: torch.Tensor | None) -> HostStats:
     """Pack everything into one vector and bring it to the host in one copy.
 
-    ``torch.cat`` promotes to the widest dtype among the parts, so nothing is rounded before the
-    single conversion to float64 on the host side of the copy.
+    ``torch.cat`` promotes to the widest dtype among the parts (fp32 at least, since the norms are),
+    so nothing is rounded before the host widens the copy to float64: no float64 is ever asked of a
+    device that lacks it (MPS).
     """
     device = batch.device
     parts = [batch.layer_norms, batch.total_norm.reshape(1)]
     if clip_coef is not None:
         parts.append(clip_coef.reshape(1).to(device))
-    if loss is not None:
-        parts.append(loss.detach().reshape(1).to(device))
+    if batch.loss is not None:
+        parts.append(batch.loss.detach().reshape(-1).to(device))  # a mean, or [sum, count] across ranks
+    if batch.overflow is not None:
+        parts.append(batch.overflow.reshape(1).to(device, parts[0].dtype))
     host = torch.cat(parts).numpy(force=True).astype(np.float64)  # the one device-to-host transfer
     count = len(batch.order)
     tail = host[count:].tolist()
-    return HostStats(
-        layer_norms=host[:count],
-        total_norm=tail[0],
-        clip_coef=tail[1] if clip_coef is not None else 1.0,
-        loss=tail[-1] if loss is not None else None,
-    )
+    total_norm, position = tail[0], 1
+    coef = 1.0
+    if clip_coef is not None:
+        coef, position = tail[position], position + 1
+    loss = None
+    if batch.loss is not None:
+        if batch.loss.numel() == 1:
+            loss, position = tail[position], position + 1
+        else:
+            loss_sum, observed = tail[position : position + 2]
+            loss, position = (loss_sum / observed if observed else None), position + 2
+    overflow = batch.overflow is not None and tail[position] > 0
+    return HostStats(host[:count], total_norm, coef, loss, overflow)
 
 
 def sorted_quantile(ordered: Sequence[float] | np.ndarray, q: float) -> float:

@@ -97,6 +97,7 @@ class RunSummary:
         self.clipped_steps = 0
         self.skipped_steps = 0
         self.nonfinite_steps = 0
+        self.amp_overflow_steps = 0
         self.explosions = 0
         self.first_explosion_step: int | None = None
         self.divergence: Divergence | None = None
@@ -116,6 +117,11 @@ class RunSummary:
         if not exploded:
             self.healthy_norms.add(total_norm)
         self.history.add(step, total_norm)
+
+    def add_amp_overflow(self) -> None:
+        """A step the AMP scaler skipped: counted, but no norm enters the statistics."""
+        self.steps += 1
+        self.amp_overflow_steps += 1
 
     def add_explosion(self, event: Explosion) -> None:
         self.explosions += 1
@@ -143,4 +149,5 @@ class RunSummary:
             recommended_max_norm=self.healthy_norms.quantile(0.95),
             top_offenders=tuple(self.offender_counts.most_common(top)),
             dropped_records=dropped_records,
+            amp_overflow_steps=self.amp_overflow_steps,
         )

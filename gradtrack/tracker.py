@@ -1,4 +1,7 @@
-"""GradTracker: hooks the optimizer step and runs the per-step work there, before the update."""
+"""GradTracker: the context manager users write, and the hooks that decide when a step happens.
+
+The step itself (measure, clip, one transfer, judge, report) is ``gradtrack.pipeline``.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +9,33 @@ import math
 import time
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, final
+from typing import Any, final
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from gradtrack._version import __version__
+from gradtrack.amp import AmpState, ScalerWatch, amp_state, check_scaler
 from gradtrack.clipping import ClipPolicy, make_clip_policy
-from gradtrack.detection import DivergenceDetector, ExplosionDetector, offenders
+from gradtrack.detection import DivergenceDetector, ExplosionDetector
 from gradtrack.dispatch import Dispatcher
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, StepStats, Summary
+from gradtrack.distributed import topology
+from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, Summary
+from gradtrack.pipeline import NonFiniteGradientError, OnNonfinite, StepPipeline
 from gradtrack.plugins import BackendSpec, resolve_backends
-from gradtrack.stats import HostStats, measure, sorted_quantile, transfer
-from gradtrack.summary import RunSummary
 
 __all__ = ["GradTracker", "NonFiniteGradientError"]
 
-OnNonfinite = Literal["skip", "raise", "continue"]
 _ON_NONFINITE = ("skip", "raise", "continue")
 _NORM_TYPES = (1.0, 2.0, math.inf)
 _LEADING_WRAPPERS = ("module.", "_orig_mod.")
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-_KEPT_EVENTS = 256
 
 _tracked_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """Raised by ``on_nonfinite="raise"``; names the layers whose gradients hold NaN/Inf."""
 
 
 def clean_name(name: str) -> str:
@@ -73,7 +69,7 @@ def _positive_int(name: str, value: int | None) -> int | None:
 
 @final
 class GradTracker:
-    """Measures, clips and reports the gradients of ``model`` at every optimizer step.
+    """Measures, clips and reports the gradients of ``model`` once per training iteration.
 
     Use it as a context manager around an unchanged training loop; see README.md for every option.
     """
@@ -84,6 +80,7 @@ class GradTracker:
         backend: BackendSpec = None,
         *,
         optimizer: torch.optim.Optimizer | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         clip: str | ClipPolicy | None = "norm",
         max_norm: float = 1.0,
         norm_type: float | str = 2.0,
@@ -115,67 +112,79 @@ class GradTracker:
             raise ValueError(f"close_timeout must be a number of seconds >= 0, got {close_timeout!r}")
         self.model = model
         self.optimizer = optimizer
-        self.norm_type = _norm_type(norm_type)
-        self.clip_policy = make_clip_policy(clip, max_norm, clip_value)
-        self.on_nonfinite: OnNonfinite = on_nonfinite
-        self.detector = ExplosionDetector(explosion_threshold, spike_factor)
-        self.divergence = DivergenceDetector(nonfinite_patience, loss_blowup, loss_patience)
-        self.log_every = _positive_int("log_every", log_every) or 1
-        self.layer_every = _positive_int("layer_every", layer_every)
-        self.top_k = _positive_int("top_k", top_k) or 1
+        self.scaler = check_scaler(scaler)
         self.close_timeout = float(close_timeout)
+        self._pipeline = StepPipeline(
+            names={id(p): name for name, p in named},
+            norm_type=_norm_type(norm_type),
+            clip_policy=make_clip_policy(clip, max_norm, clip_value),
+            on_nonfinite=on_nonfinite,
+            detector=ExplosionDetector(explosion_threshold, spike_factor),
+            divergence=DivergenceDetector(nonfinite_patience, loss_blowup, loss_patience),
+            log_every=_positive_int("log_every", log_every) or 1,
+            layer_every=_positive_int("layer_every", layer_every),
+            top_k=_positive_int("top_k", top_k) or 1,
+        )
         self._backend_spec = backend
         self._backend_options = backend_options
         self._max_pending = max_pending
-        self._names = {id(p): name for name, p in named}
         self._params = [p for _, p in named]
-        self._per_optimizer: dict[int, tuple[int, list[nn.Parameter]]] = {}
-        self._names_in_order: dict[int, tuple[list[int], list[str]]] = {}
+        self._iteration = _Iteration(self._pipeline.names)
         self._handle: RemovableHandle | None = None
-        self._dispatcher = Dispatcher([])
-        self._losses: list[torch.Tensor] = []
-        self._manual_step_done = False
+        self._scaler_watch: ScalerWatch | None = None
+        self._stepped_since_update = False
         self._active = False
-        self._step = 0
-        self._summary = RunSummary()
-        self._events: deque[Explosion] = deque(maxlen=_KEPT_EVENTS)
 
     # -- public state -----------------------------------------------------------------------------
 
     @property
+    def norm_type(self) -> float:
+        return self._pipeline.norm_type
+
+    @property
+    def clip_policy(self) -> ClipPolicy | None:
+        return self._pipeline.clip_policy
+
+    @property
+    def on_nonfinite(self) -> OnNonfinite:
+        return self._pipeline.on_nonfinite
+
+    @property
     def diverged(self) -> bool:
-        return self.divergence.verdict is not None
+        return self._pipeline.divergence.verdict is not None
 
     @property
     def divergence_event(self) -> Divergence | None:
-        return self.divergence.verdict
+        return self._pipeline.divergence.verdict
 
     @property
     def explosions(self) -> tuple[Explosion, ...]:
         """The most recent explosion events (at most 256 kept; the summary counts them all)."""
-        return tuple(self._events)
+        return tuple(self._pipeline.events)
 
     @property
     def steps(self) -> int:
-        return self._step
+        return self._pipeline.step
 
     def summary(self) -> Summary:
-        return self._summary.freeze(self._dispatcher.dropped)
+        return self._pipeline.summary.freeze(self._pipeline.dispatcher.dropped)
 
     def config(self) -> dict[str, Any]:
         """The settings reported to backends at run start."""
+        pipeline = self._pipeline
         config: dict[str, Any] = {"gradtrack_version": __version__, "clip": "none"}
-        if self.clip_policy is not None:
-            config.update(self.clip_policy.config())
+        if pipeline.clip_policy is not None:
+            config.update(pipeline.clip_policy.config())
         config.update(
-            norm_type=self.norm_type,
-            on_nonfinite=self.on_nonfinite,
-            log_every=self.log_every,
-            layer_every=self.layer_every or 0,
-            top_k=self.top_k,
+            norm_type=pipeline.norm_type,
+            on_nonfinite=pipeline.on_nonfinite,
+            log_every=pipeline.log_every,
+            layer_every=pipeline.layer_every or 0,
+            top_k=pipeline.top_k,
         )
-        config.update(self.detector.config())
-        config.update(self.divergence.config())
+        config.update(pipeline.detector.config())
+        config.update(pipeline.divergence.config())
+        config.update(strategy=pipeline.topology.strategy, world_size=pipeline.topology.world_size)
         return config
 
     # -- context ----------------------------------------------------------------------------------
@@ -188,19 +197,24 @@ class GradTracker:
                 f"{type(self.model).__name__} is already tracked by another active GradTracker; "
                 "exit that one first"
             )
-        backends = [] if _is_silent_rank() else resolve_backends(self._backend_spec, self._backend_options)
-        self._dispatcher = Dispatcher(backends, max_pending=self._max_pending)
+        pipeline = self._pipeline
+        pipeline.topology = topology(self.model, self._params, list(pipeline.names.values()))
+        backends = resolve_backends(self._backend_spec, self._backend_options) if pipeline.topology.reports else []
+        pipeline.dispatcher = Dispatcher(backends, max_pending=self._max_pending)
         _tracked_models.add(self.model)
         if self.optimizer is None:
             self._handle = register_optimizer_step_pre_hook(self._on_optimizer_step)
         else:
             self._handle = self.optimizer.register_step_pre_hook(self._on_optimizer_step)
+        if self.scaler is not None:
+            self._scaler_watch = ScalerWatch(self.scaler, self._on_scaler_update)
+            self._scaler_watch.install()
         self._active = True
-        self._dispatcher.emit(
+        pipeline.dispatcher.emit(
             "gradtrack_run_start",
             start=RunStart(
                 config=self.config(),
-                layer_names=tuple(self._names.values()),
+                layer_names=tuple(pipeline.names.values()),
                 num_parameters=sum(p.numel() for p in self._params),
                 model_class=type(self.model).__name__,
                 timestamp=time.time(),
@@ -215,12 +229,16 @@ class GradTracker:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._scaler_watch is not None:
+            self._scaler_watch.remove()
+            self._scaler_watch = None
         _tracked_models.discard(self.model)
         status: RunStatus = "finished"
         if exc_type is not None:
             status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
-        self._dispatcher.emit("gradtrack_run_end", end=RunEnd(status, self.summary(), time.time()))
-        late = self._dispatcher.close(self.close_timeout)
+        dispatcher = self._pipeline.dispatcher
+        dispatcher.emit("gradtrack_run_end", end=RunEnd(status, self.summary(), time.time()))
+        late = dispatcher.close(self.close_timeout)
         if late:
             warnings.warn(
                 f"gradtrack backends {late} did not finish within close_timeout={self.close_timeout}s; "
@@ -231,7 +249,7 @@ class GradTracker:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every backend has handled everything reported so far; True if they did."""
-        return self._dispatcher.flush(timeout)
+        return self._pipeline.dispatcher.flush(timeout)
 
     # -- user calls -------------------------------------------------------------------------------
 
@@ -240,152 +258,91 @@ class GradTracker:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
-            self._losses.append(loss.detach().reshape(()))
-        elif isinstance(loss, int | float) and not isinstance(loss, bool):
-            self._losses.append(torch.tensor(float(loss), dtype=torch.float64))
-        else:
+        elif not isinstance(loss, int | float) or isinstance(loss, bool):
             raise TypeError(f"loss must be a scalar tensor or a number, got {type(loss).__name__}")
+        self._pipeline.losses.add(loss)
 
     def step(self) -> None:
         """Do the per-step work by hand (loops without a torch.optim optimizer)."""
         if not self._active:
             raise RuntimeError("tracker.step() must be called inside `with GradTracker(...) as tracker:`")
-        self._process(self._params)
-        self._manual_step_done = True
+        self._measure(self._params, None, None)
 
-    # -- hot path ---------------------------------------------------------------------------------
+    # -- hooks ------------------------------------------------------------------------------------
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
-        if self._manual_step_done:
-            self._manual_step_done = False
-            return
-        params = self._params_of(optimizer)
-        if params:
-            self._process(params)
+        params = self._iteration.params_of(optimizer)
+        if params and self._iteration.starts(optimizer, params):
+            self._measure(self._params if self.optimizer is None else params, optimizer, amp_state(optimizer, kwargs))
 
-    def _params_of(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
-        count = sum(len(group["params"]) for group in optimizer.param_groups)
-        cached = self._per_optimizer.get(id(optimizer))
-        if cached is None or cached[0] != count:
-            params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in self._names]
-            cached = self._per_optimizer[id(optimizer)] = (count, params)
-        return cached[1]
+    def _measure(
+        self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None, amp: AmpState | None
+    ) -> None:
+        self._stepped_since_update = True
+        try:
+            self._pipeline.run(params, amp)
+        finally:
+            self._iteration.measured(optimizer)
 
-    def _process(self, params: Sequence[nn.Parameter]) -> None:
-        with_grad = [p for p in params if p.grad is not None]
-        if not with_grad:
-            return
-        grads = [p.grad for p in with_grad]
-        with torch.no_grad():
-            batch = measure(grads, self.norm_type)  # type: ignore[arg-type]
-            clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
-            host = transfer(batch, clip_coef, self._take_loss(batch.device))
-        # From here on only host numbers: nothing below touches the device.
-        cache_key = id(params) if len(with_grad) == len(params) else None
-        names = _LazyNames(self, with_grad, batch.order, cache_key)
-        self._report(with_grad, names, host)
-
-    def _take_loss(self, device: torch.device) -> torch.Tensor | None:
-        if not self._losses:
-            return None
-        losses, self._losses = self._losses, []
-        if len(losses) == 1:
-            return losses[0]
-        return torch.stack([loss.to(device, torch.float64) for loss in losses]).mean()
-
-    def _report(self, params: Sequence[nn.Parameter], names: _LazyNames, host: HostStats) -> None:
-        step, now = self._step, time.time()
-        self._step += 1
-        finite_mask = np.isfinite(host.layer_norms)
-        nonfinite = int(host.layer_norms.size - np.count_nonzero(finite_mask))
-        if self.clip_policy is not None:
-            self.clip_policy.observe(host.total_norm, host.clip_coef)
-        explosion = self._check_explosion(step, now, nonfinite, names, host)
-        divergence = self.divergence.update(step, nonfinite, host.loss, now)
-        if divergence is not None:
-            self._summary.divergence = divergence
-        skipped = bool(nonfinite) and self.on_nonfinite == "skip"
-        if skipped:
-            for p in params:  # optimizers skip parameters without a gradient: the update is skipped
-                p.grad = None
-        clipped = host.clip_coef < 1.0
-        self._summary.add_step(step, host.total_norm, clipped, skipped, bool(nonfinite), explosion is not None)
-
-        if explosion is not None or divergence is not None or nonfinite or step % self.log_every == 0:
-            with_layers = self.layer_every is not None and step % self.layer_every == 0
-            finite = np.sort(host.layer_norms[finite_mask])
-            p50, p95 = sorted_quantile(finite, 0.5), sorted_quantile(finite, 0.95)
-            stats = StepStats(
-                step=step,
-                total_norm=host.total_norm,
-                clip_coef=host.clip_coef,
-                clipped=clipped,
-                nonfinite=nonfinite,
-                explosion=explosion is not None,
-                diverged=self.diverged,
-                skipped=skipped,
-                layer_p50=p50,
-                layer_p95=p95,
-                layer_max=math.inf if nonfinite else float(finite[-1]),
-                loss=host.loss,
-                timestamp=now,
-                layer_norms=dict(zip(names.get(), host.layer_norms.tolist(), strict=True)) if with_layers else None,
-            )
-            self._dispatcher.emit("gradtrack_step", stats=stats)
-        if explosion is not None:
-            self._dispatcher.emit("gradtrack_explosion", event=explosion)
-        if divergence is not None:
-            self._dispatcher.emit("gradtrack_divergence", event=divergence)
-        if nonfinite and self.on_nonfinite == "raise":
-            bad = [o.name for o in explosion.offenders if o.nonfinite] if explosion else []
-            raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")
-
-    def _check_explosion(
-        self, step: int, now: float, nonfinite: int, names: _LazyNames, host: HostStats
-    ) -> Explosion | None:
-        verdict = self.detector.check(host.total_norm)
-        if verdict is None and not nonfinite:
-            return None
-        kind, threshold = verdict or ("nonfinite", self.detector.explosion_threshold)
-        picked = offenders(host.layer_norms, names.get(), threshold, self.top_k)
-        explosion = Explosion(step, "nonfinite" if nonfinite else kind, host.total_norm, threshold, picked, now)
-        self._events.append(explosion)
-        self._summary.add_explosion(explosion)
-        return explosion
-
-    def _names_for(self, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None) -> list[str]:
-        """Layer names in the order of the norms; cached while the same full parameter list recurs."""
-        cached = self._names_in_order.get(cache_key) if cache_key is not None else None
-        if cached is not None and cached[0] == order:
-            return cached[1]
-        names = [self._names[id(params[i])] for i in order]
-        if cache_key is not None:
-            self._names_in_order[cache_key] = (order, names)
-        return names
+    def _on_scaler_update(self) -> None:
+        """``scaler.update()``: with no step since the last one, the scaler skipped it for overflow."""
+        if self._active and not self._stepped_since_update:
+            self._pipeline.amp_skipped()
+        self._stepped_since_update = False
 
 
 @final
-class _LazyNames:
-    """Names are only needed on explosion steps and at the per-layer cadence: build them then."""
+class _Iteration:
+    """Recognises one training iteration, so several optimizers over one model make one gradtrack step.
 
-    __slots__ = ("_args", "_names", "_tracker")
+    An optimizer step starts a new iteration when that optimizer already stepped in the current one,
+    or when the gradients of its parameters changed since gradtrack measured them (their first
+    gradient is another tensor, or was written since: autograd and ``zero_grad`` bump its version).
+    Otherwise it belongs to the iteration already measured, which measured and clipped every
+    parameter of the model. An optimizer seen for the first time joins the current iteration.
+    """
 
-    def __init__(
-        self, tracker: GradTracker, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None
-    ) -> None:
-        self._tracker = tracker
-        self._args = (params, order, cache_key)
-        self._names: list[str] | None = None
+    def __init__(self, tracked: Mapping[int, str]) -> None:
+        self._tracked = tracked
+        self._params: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, list[nn.Parameter]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._marks: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int] | None] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._stepped: set[int] = set()
+        self._open = False
 
-    def get(self) -> list[str]:
-        if self._names is None:
-            self._names = self._tracker._names_for(*self._args)
-        return self._names
+    def params_of(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+        """The tracked model's parameters this optimizer updates; cached while its groups keep their size."""
+        count = sum(len(group["params"]) for group in optimizer.param_groups)
+        cached = self._params.get(optimizer)
+        if cached is None or cached[0] != count:
+            params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in self._tracked]
+            cached = self._params[optimizer] = (count, params)
+        return cached[1]
+
+    def starts(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> bool:
+        mark = _mark(params)
+        known = optimizer in self._marks
+        if not self._open or id(optimizer) in self._stepped or (known and self._marks[optimizer] != mark):
+            return True
+        self._stepped.add(id(optimizer))
+        self._marks[optimizer] = mark
+        return False
+
+    def measured(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """After a measurement (clipping rewrote the gradients): the marks of every known optimizer move."""
+        self._open = True
+        self._stepped = {id(optimizer)} if optimizer is not None else set()
+        for known, (_, params) in self._params.items():
+            self._marks[known] = _mark(params)
 
 
-def _is_silent_rank() -> bool:
-    """Under torch.distributed only rank 0 reports; every rank still measures and clips."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+def _mark(params: Sequence[nn.Parameter]) -> tuple[int, int] | None:
+    for p in params:
+        if p.grad is not None:
+            return id(p.grad), p.grad._version
+    return None

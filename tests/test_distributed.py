@@ -1,12 +1,18 @@
-"""Inside torch.distributed (DDP over gloo on the CPU): every rank clips alike, only rank 0 reports."""
+"""Inside torch.distributed over gloo on the CPU: DDP, FSDP2 and FSDP2 + tensor parallel (issue 8).
+
+Every rank measures and clips with the same numbers; one collective per step combines what ranks hold
+locally; only global rank 0 reports. Each test spawns its ranks once and runs several cases in them,
+since starting processes is most of the cost.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,49 +21,272 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _spawn(worker: Callable[..., None], world: int, out: Path) -> list[dict[str, Any]]:
+    mp.spawn(_run, args=(worker, world, str(out)), nprocs=world, join=True)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _run(rank: int, worker: Callable[..., dict[str, Any]], world: int, out: str) -> None:
     import torch.distributed as dist
+
+    # A file rendezvous: no port to pick, so no race with another process for it.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    try:
+        result = worker(rank, world)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears its connections down while another still talks over them
+    finally:
+        dist.destroy_process_group()
+
+
+# -- DDP ------------------------------------------------------------------------------------------
+
+
+def _ddp(rank: int, world: int) -> dict[str, Any]:
     from conftest import RecordingBackend, mlp, regression_batches
     from torch import nn
 
     from gradtrack import GradTracker
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = nn.parallel.DistributedDataParallel(mlp(seed=0))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        recorder = RecordingBackend()
-        with GradTracker(model, backend=recorder, max_norm=0.5, layer_every=1) as tracker:
-            for x, y in regression_batches(5, seed=rank):  # each rank sees different data
-                optimizer.zero_grad()
-                nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
-                optimizer.step()
-        result = {
-            "norms": [s.total_norm for s in recorder.of("step")],
-            "summary_norm_max": tracker.summary().norm_max,
-            "layers": sorted(recorder.of("step")[0].layer_norms or {}) if recorder.of("step") else [],
-            "calls": len(recorder.calls),
-            "params": [p.detach().flatten().tolist() for p in model.parameters()],
-        }
-        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    model = nn.parallel.DistributedDataParallel(mlp(seed=0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = RecordingBackend()
+    with GradTracker(model, backend=recorder, max_norm=0.5, layer_every=1) as tracker:
+        for x, y in regression_batches(5, seed=rank):  # each rank sees different data
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
+            loss.backward()
+            tracker.observe(loss * (rank + 1))  # ranks see different losses: gradtrack averages them
+            optimizer.step()
+    steps = recorder.of("step")
+    return {
+        "norms": [s.total_norm for s in steps],
+        "losses": [s.loss for s in steps],
+        "summary_norm_max": tracker.summary().norm_max,
+        "layers": sorted(steps[0].layer_norms or {}) if steps else [],
+        "config": recorder.of("run_start")[0].config if steps else None,
+        "calls": len(recorder.calls),
+        "params": [p.detach().flatten().tolist() for p in model.parameters()],
+    }
 
 
 @pytest.mark.slow
 def test_ddp_ranks_clip_identically_and_only_rank0_reports(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    rank0, rank1 = _spawn(_ddp, 2, tmp_path)
     assert rank0["calls"] == 7 and len(rank0["norms"]) == 5  # start, 5 steps, end
     assert rank1["calls"] == 0
     assert rank0["layers"][0] == "0.bias"  # the DDP "module." prefix is gone
     assert rank0["summary_norm_max"] == rank1["summary_norm_max"]  # gradients were all-reduced first
     assert rank0["params"] == rank1["params"]
+    assert rank0["config"]["strategy"] == "ddp" and rank0["config"]["world_size"] == 2
+    assert all(loss is not None and loss > 0 for loss in rank0["losses"])
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------------
+
+
+def _sharded_mlp(seed: int = 0) -> torch.nn.Module:
+    """Uneven shards on 2 ranks: 5, 3 and 1 rows (the last layer has an empty shard on rank 1)."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _full_norms(model: torch.nn.Module, norm_type: float) -> dict[str, float]:
+    return {name: torch.linalg.vector_norm(p.grad.full_tensor(), norm_type).item()
+            for name, p in model.named_parameters()}
+
+
+def _reference_clip(model: torch.nn.Module, max_norm: float, norm_type: float) -> None:
+    if norm_type != math.inf:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
+        return
+    # torch's clip_grad_norm_ raises on an empty shard with the inf-norm: the same arithmetic by hand
+    total = max(_full_norms(model, math.inf).values())
+    coef = min(1.0, max_norm / (total + 1e-6))
+    for p in model.parameters():
+        p.grad.to_local().mul_(coef)
+
+
+def _fsdp2(rank: int, world: int) -> dict[str, Any]:
+    from conftest import RecordingBackend
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from gradtrack import GradTracker
+
+    result: dict[str, Any] = {}
+    for norm_type in (1.0, 2.0, math.inf):
+        model, reference = _sharded_mlp(), _sharded_mlp()  # FSDP2 modules cannot be deep-copied
+        recorder = RecordingBackend()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+        collectives, expected, clipped_alike = [], [], True
+        with GradTracker(model, backend=recorder, norm_type=norm_type, max_norm=0.05, layer_every=1) as tracker:
+            for step in range(3):
+                torch.manual_seed(100 * step + rank)  # each rank its own batch
+                x = torch.randn(4, 8)
+                for m in (model, reference):
+                    m.zero_grad()
+                    loss = m(x).square().mean() * 10
+                    loss.backward()
+                expected.append(_full_norms(model, norm_type))
+                tracker.observe(loss)
+                _reference_clip(reference, 0.05, norm_type)
+                with CommDebugMode() as comm:
+                    optimizer.step()
+                collectives.append(comm.get_total_counts())
+                reference_optimizer.step()
+                clipped_alike &= all(torch.allclose(a.to_local(), b.to_local(), rtol=1e-5, atol=1e-7)
+                                     for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+        result[str(norm_type)] = {
+            "collectives": collectives,
+            "expected": expected,
+            "layers": [s.layer_norms for s in recorder.of("step")],
+            "totals": [s.total_norm for s in recorder.of("step")],
+            "clip_coefs": [s.clip_coef for s in recorder.of("step")],
+            "summary": tracker.summary().to_dict(),
+            "clipped_alike": clipped_alike,
+            "config": recorder.of("run_start")[0].config if recorder.calls else None,
+        }
+    result["nan_on_one_rank"] = _nan_on_one_rank(rank)
+    result["value_clip"] = _value_clip(rank)
+    return result
+
+
+def _nan_on_one_rank(rank: int) -> dict[str, Any]:
+    from gradtrack import GradTracker
+
+    model = _sharded_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.to_local().clone() for p in model.parameters()]
+    with GradTracker(model, on_nonfinite="skip") as tracker:
+        model(torch.randn(4, 8)).sum().backward()
+        if rank == 1:
+            next(model.parameters()).grad.to_local()[0, 0] = math.nan
+            tracker.observe(torch.tensor(math.nan))  # and a loss only this rank sees as NaN
+        optimizer.step()
+    return {
+        "skipped": tracker.summary().skipped_steps,
+        "unchanged": all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters(), strict=True)),
+        "diverged": tracker.diverged,
+        "reason": tracker.divergence_event.reason if tracker.divergence_event else None,
+    }
+
+
+def _value_clip(rank: int) -> dict[str, Any]:
+    from conftest import RecordingBackend
+
+    from gradtrack import GradTracker
+
+    model = _sharded_mlp()
+    recorder = RecordingBackend()
+    with GradTracker(model, backend=recorder, clip="value", clip_value=0.01) as tracker:
+        model(torch.randn(4, 8) * (rank + 1)).sum().backward()
+        largest = max(p.grad.full_tensor().abs().max().item() for p in model.parameters())
+        tracker.step()
+    bounded = all(p.grad.full_tensor().abs().max().item() <= 0.01 for p in model.parameters())
+    return {"bounded": bounded, "largest": largest, "coef": [s.clip_coef for s in recorder.of("step")]}
+
+
+@pytest.mark.slow
+def test_fsdp2_norms_are_global_with_one_collective_and_every_rank_decides_alike(tmp_path: Path) -> None:
+    rank0, rank1 = _spawn(_fsdp2, 2, tmp_path)
+    for norm_type in ("1.0", "2.0", "inf"):
+        case, other = rank0[norm_type], rank1[norm_type]
+        assert case["collectives"] == [1, 1, 1] and other["collectives"] == [1, 1, 1]
+        assert case["config"]["strategy"] == "fsdp2" and case["config"]["world_size"] == 2
+        assert other["config"] is None  # rank 1 starts no backend
+        for layers, expected in zip(case["layers"], case["expected"], strict=True):
+            assert layers == pytest.approx(expected, rel=1e-5)
+        exact = [torch.linalg.vector_norm(torch.tensor(list(e.values())), float(norm_type)).item()
+                 for e in case["expected"]]
+        assert case["totals"] == pytest.approx(exact, rel=1e-5)
+        assert case["clipped_alike"] and other["clipped_alike"]  # as torch's clip_grad_norm_ on DTensors
+        assert case["summary"]["clipped_steps"] == 3 == other["summary"]["clipped_steps"]
+    nan0, nan1 = rank0["nan_on_one_rank"], rank1["nan_on_one_rank"]
+    assert nan0["skipped"] == nan1["skipped"] == 1 and nan0["unchanged"] and nan1["unchanged"]
+    assert nan0["diverged"] and nan1["diverged"] and nan0["reason"] == nan1["reason"] == "loss is nan"
+    value0, value1 = rank0["value_clip"], rank1["value_clip"]
+    assert value0["bounded"] and value1["bounded"]
+    assert value0["coef"] == [pytest.approx(0.01 / value0["largest"], rel=1e-5)]
+
+
+# -- FSDP2 + tensor parallel on a 2-D mesh --------------------------------------------------------------
+
+
+def _fsdp2_tp(rank: int, world: int) -> dict[str, Any]:
+    from conftest import RecordingBackend
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from gradtrack import GradTracker
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 1))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])  # the LayerNorm and the last layer live on the 1-D dp sub-mesh
+    recorder = RecordingBackend()
+    with GradTracker(model, backend=recorder, clip=None, layer_every=1) as tracker:
+        torch.manual_seed(100 + mesh.get_local_rank("dp"))
+        model(torch.randn(4, 8)).square().mean().backward()
+        expected = _full_norms(model, 2.0)
+        with CommDebugMode() as comm:
+            tracker.step()
+    steps = recorder.of("step")
+    return {"expected": expected, "layers": steps[0].layer_norms if steps else None,
+            "collectives": comm.get_total_counts(), "strategy": tracker.config()["strategy"]}
+
+
+@pytest.mark.slow
+def test_fsdp2_with_tensor_parallel_on_a_2d_mesh(tmp_path: Path) -> None:
+    results = _spawn(_fsdp2_tp, 4, tmp_path)
+    assert [r["collectives"] for r in results] == [1, 1, 1, 1]
+    assert results[0]["strategy"] == "fsdp2+tp"
+    assert results[0]["layers"] == pytest.approx(results[0]["expected"], rel=1e-5)
+    assert all(r["layers"] is None for r in results[1:])
+
+
+# -- refused set-ups --------------------------------------------------------------------------------
+
+
+def _refusals(rank: int, world: int) -> dict[str, Any]:
+    from conftest import mlp
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from gradtrack import GradTracker
+
+    errors = {}
+    # FSDP1 cannot be constructed without an accelerator: an instance of the class, not initialised by it
+    wrapped = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapped)
+    wrapped.inner = mlp()
+    with pytest.raises(ValueError) as fsdp1:
+        GradTracker(nn.Sequential(wrapped)).__enter__()
+    errors["fsdp1"] = str(fsdp1.value)
+    model = mlp() if rank == 0 else nn.Sequential(mlp(), nn.Linear(1, 1))  # pipeline-like: not the same model
+    with pytest.raises(ValueError) as asymmetric:
+        GradTracker(model).__enter__()
+    errors["asymmetric"] = str(asymmetric.value)
+    tracker = GradTracker(mlp())  # and a refused tracker left nothing behind: a new one works
+    with tracker:
+        pass
+    return errors
+
+
+@pytest.mark.slow
+def test_setups_that_cannot_be_combined_are_refused_on_entry(tmp_path: Path) -> None:
+    for errors in _spawn(_refusals, 2, tmp_path):
+        assert "FSDP1" in errors["fsdp1"] and "fully_shard" in errors["fsdp1"]
+        assert "track different parameters" in errors["asymmetric"]

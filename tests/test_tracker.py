@@ -368,3 +368,55 @@ def test_flush_reaches_every_backend_after_what_was_reported(recorder: Recording
         assert tracker.flush(timeout=5.0)
         names = [name for name, _ in recorder.calls]
         assert names == ["run_start", "step", "step", "step", "flush"] and recorder.of("flush") == [5.0]
+
+
+def _split_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
+    """Muon-style: matrices to one optimizer, vectors to another."""
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    return [torch.optim.SGD(matrices, lr=0.05, momentum=0.9), torch.optim.AdamW(vectors, lr=1e-2)]
+
+
+@pytest.mark.parametrize("order", ["matrices first", "vectors first"])
+def test_several_optimizers_make_one_step_clipped_over_the_whole_model(
+    order: str, recorder: RecordingBackend
+) -> None:
+    ours, theirs = mlp(seed=5), mlp(seed=5)
+    mine, reference = _split_optimizers(ours), _split_optimizers(theirs)
+    if order == "vectors first":
+        mine.reverse()
+        reference.reverse()
+    batches = regression_batches(6, seed=5)
+    expected = []
+    for x, y in batches:  # the reference: one clip_grad_norm_ over all parameters before the steps
+        for optimizer in reference:
+            optimizer.zero_grad()
+        (nn.functional.mse_loss(theirs(x).squeeze(-1), y) * 10).backward()
+        expected.append(torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0, foreach=True).item())
+        for optimizer in reference:
+            optimizer.step()
+    with GradTracker(ours, backend=recorder) as tracker:
+        for x, y in batches:
+            for optimizer in mine:
+                optimizer.zero_grad()
+            (nn.functional.mse_loss(ours(x).squeeze(-1), y) * 10).backward()
+            for optimizer in mine:
+                optimizer.step()
+    assert tracker.steps == len(batches)
+    assert [s.total_norm for s in recorder.of("step")] == pytest.approx(expected, rel=1e-6)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_optimizer_that_steps_every_other_iteration_still_makes_one_step_each() -> None:
+    model = mlp(seed=5)
+    every, sometimes = _split_optimizers(model)
+    with GradTracker(model) as tracker:
+        for step, (x, y) in enumerate(regression_batches(6, seed=5)):
+            every.zero_grad()
+            sometimes.zero_grad()
+            nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
+            if step % 2:
+                sometimes.step()  # first in this iteration: its gradients changed since the last measurement
+            every.step()
+    assert tracker.steps == 6

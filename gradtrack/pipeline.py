@@ -1,0 +1,261 @@
+"""One training step, top to bottom: measure, clip, one transfer, judge, report.
+
+Everything up to the transfer runs on the gradients' device without a host synchronisation
+(``gradtrack.stats``, the clip policy, and under ``torch.distributed`` one collective). Everything after
+it is host arithmetic on the transferred numbers, the same on every rank, and ends in frozen records
+handed to the dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Literal, final
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradtrack.amp import AmpState
+from gradtrack.clipping import ClipPolicy
+from gradtrack.detection import DivergenceDetector, ExplosionDetector, offenders
+from gradtrack.dispatch import Dispatcher
+from gradtrack.distributed import Topology, local_grads
+from gradtrack.events import Explosion, StepStats
+from gradtrack.stats import HostStats, Reduce, measure, sorted_quantile, transfer
+from gradtrack.summary import RunSummary
+
+__all__ = ["NonFiniteGradientError", "OnNonfinite", "StepPipeline"]
+
+OnNonfinite = Literal["skip", "raise", "continue"]
+KEPT_EVENTS = 256
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``on_nonfinite="raise"``; names the layers whose gradients hold NaN/Inf."""
+
+
+@final
+class _Losses:
+    """Losses observed since the last step: tensors stay on their device until the step's transfer."""
+
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._numbers: list[float] = []
+
+    def add(self, loss: torch.Tensor | float) -> None:
+        if isinstance(loss, torch.Tensor):
+            self._tensors.append(loss.detach().reshape(()))
+        else:
+            self._numbers.append(float(loss))
+
+    def clear(self) -> None:
+        self._tensors, self._numbers = [], []
+
+    def take(self, device: torch.device) -> torch.Tensor | None:
+        """The mean as a 0-dim fp32 tensor on ``device``; numbers enter by ``torch.full``, never a copy."""
+        tensors, numbers = self._tensors, self._numbers
+        if not tensors and not numbers:
+            return None
+        self.clear()
+        if len(tensors) == 1 and not numbers and tensors[0].device == device:
+            return tensors[0]
+        total = torch.full((), math.fsum(numbers), dtype=torch.float32, device=device)
+        for loss in tensors:
+            total = total + loss.to(device, torch.float32)
+        return total / (len(tensors) + len(numbers))
+
+
+@final
+class StepPipeline:
+    """The per-step work of one tracker; ``GradTracker`` decides when a step happens, this does it."""
+
+    def __init__(
+        self,
+        names: dict[int, str],
+        norm_type: float,
+        clip_policy: ClipPolicy | None,
+        on_nonfinite: OnNonfinite,
+        detector: ExplosionDetector,
+        divergence: DivergenceDetector,
+        log_every: int,
+        layer_every: int | None,
+        top_k: int,
+    ) -> None:
+        self.names = names
+        self.norm_type = norm_type
+        self.clip_policy = clip_policy
+        self.on_nonfinite: OnNonfinite = on_nonfinite
+        self.detector = detector
+        self.divergence = divergence
+        self.log_every = log_every
+        self.layer_every = layer_every
+        self.top_k = top_k
+        self.dispatcher = Dispatcher([])
+        self.topology = Topology("single", 1, 0)
+        self.summary = RunSummary()
+        self.events: deque[Explosion] = deque(maxlen=KEPT_EVENTS)
+        self.step = 0
+        self.losses = _Losses()
+        self._names_in_order: dict[int, tuple[list[int], list[str]]] = {}
+        self._wants_max_abs = bool(getattr(clip_policy, "needs_max_abs", False))
+
+    # -- device work --------------------------------------------------------------------------------
+
+    def run(self, params: Sequence[nn.Parameter], amp: AmpState | None = None) -> None:
+        """Measure, clip and judge the gradients of ``params`` (those that have one)."""
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            return
+        grads: list[torch.Tensor] = [p.grad for p in with_grad]  # type: ignore[misc]
+        topology = self.topology
+        if topology.sharded:
+            grads = local_grads(grads)
+        with torch.no_grad():
+            batch = measure(
+                grads,
+                self.norm_type,
+                loss=self.losses.take(grads[0].device),
+                grad_scale=amp.grad_scale if amp is not None else None,
+                overflow=amp.found_inf if amp is not None else None,
+                reduction=self._reduction(with_grad),
+                want_max_abs=self._wants_max_abs and topology.sharded,
+            )
+            clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
+            host = transfer(batch, clip_coef)
+        # From here on only host numbers: nothing below touches the device.
+        if host.overflow or (amp is not None and amp.found_inf is None and not math.isfinite(host.total_norm)):
+            self.amp_skipped()  # the optimizer skips its own update; the gradients are no evidence
+            return
+        cache_key = id(params) if len(with_grad) == len(params) else None
+        self._judge(with_grad, _LazyNames(self, with_grad, batch.order, cache_key), host)
+
+    def _reduction(self, params: list[nn.Parameter]) -> Reduce | None:
+        reduction = self.topology.reduction
+        if reduction is None:
+            return None
+        norm_type = self.norm_type
+
+        def reduce(
+            layer_norms: torch.Tensor, order: list[int], loss: torch.Tensor | None, local_max: torch.Tensor | None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            return reduction.reduce(layer_norms, params, order, norm_type, loss, local_max)
+
+        return reduce
+
+    # -- host work ----------------------------------------------------------------------------------
+
+    def amp_skipped(self) -> None:
+        """A step the AMP scaler skipped for overflow: counted and reported, never judged."""
+        self.losses.clear()  # the skipped step's loss must not leak into the next step's value
+        step = self.step
+        self.step += 1
+        self.summary.add_amp_overflow()
+        nan = math.nan
+        stats = StepStats(
+            step=step,
+            total_norm=nan,
+            clip_coef=1.0,
+            clipped=False,
+            nonfinite=0,
+            explosion=False,
+            diverged=self.divergence.verdict is not None,
+            skipped=False,
+            layer_p50=nan,
+            layer_p95=nan,
+            layer_max=nan,
+            loss=None,
+            timestamp=time.time(),
+            amp_overflow=True,
+        )
+        self.dispatcher.emit("gradtrack_step", stats=stats)
+
+    def _judge(self, params: Sequence[nn.Parameter], names: _LazyNames, host: HostStats) -> None:
+        step, now = self.step, time.time()
+        self.step += 1
+        finite_mask = np.isfinite(host.layer_norms)
+        nonfinite = int(host.layer_norms.size - np.count_nonzero(finite_mask))
+        if self.clip_policy is not None:
+            self.clip_policy.observe(host.total_norm, host.clip_coef)
+        explosion = self._check_explosion(step, now, nonfinite, names, host)
+        divergence = self.divergence.update(step, nonfinite, host.loss, now)
+        if divergence is not None:
+            self.summary.divergence = divergence
+        skipped = bool(nonfinite) and self.on_nonfinite == "skip"
+        if skipped:
+            for p in params:  # optimizers skip parameters without a gradient: the update is skipped
+                p.grad = None
+        clipped = host.clip_coef < 1.0
+        self.summary.add_step(step, host.total_norm, clipped, skipped, bool(nonfinite), explosion is not None)
+
+        if explosion is not None or divergence is not None or nonfinite or step % self.log_every == 0:
+            with_layers = self.layer_every is not None and step % self.layer_every == 0
+            finite = np.sort(host.layer_norms[finite_mask])
+            stats = StepStats(
+                step=step,
+                total_norm=host.total_norm,
+                clip_coef=host.clip_coef,
+                clipped=clipped,
+                nonfinite=nonfinite,
+                explosion=explosion is not None,
+                diverged=self.divergence.verdict is not None,
+                skipped=skipped,
+                layer_p50=sorted_quantile(finite, 0.5),
+                layer_p95=sorted_quantile(finite, 0.95),
+                layer_max=math.inf if nonfinite else float(finite[-1]),
+                loss=host.loss,
+                timestamp=now,
+                layer_norms=dict(zip(names.get(), host.layer_norms.tolist(), strict=True)) if with_layers else None,
+            )
+            self.dispatcher.emit("gradtrack_step", stats=stats)
+        if explosion is not None:
+            self.dispatcher.emit("gradtrack_explosion", event=explosion)
+        if divergence is not None:
+            self.dispatcher.emit("gradtrack_divergence", event=divergence)
+        if nonfinite and self.on_nonfinite == "raise":
+            bad = [o.name for o in explosion.offenders if o.nonfinite] if explosion else []
+            raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")
+
+    def _check_explosion(
+        self, step: int, now: float, nonfinite: int, names: _LazyNames, host: HostStats
+    ) -> Explosion | None:
+        verdict = self.detector.check(host.total_norm)
+        if verdict is None and not nonfinite:
+            return None
+        kind, threshold = verdict or ("nonfinite", self.detector.explosion_threshold)
+        picked = offenders(host.layer_norms, names.get(), threshold, self.top_k)
+        explosion = Explosion(step, "nonfinite" if nonfinite else kind, host.total_norm, threshold, picked, now)
+        self.events.append(explosion)
+        self.summary.add_explosion(explosion)
+        return explosion
+
+    def names_for(self, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None) -> list[str]:
+        """Layer names in the order of the norms; cached while the same full parameter list recurs."""
+        cached = self._names_in_order.get(cache_key) if cache_key is not None else None
+        if cached is not None and cached[0] == order:
+            return cached[1]
+        names = [self.names[id(params[i])] for i in order]
+        if cache_key is not None:
+            self._names_in_order[cache_key] = (order, names)
+        return names
+
+
+@final
+class _LazyNames:
+    """Names are only needed on explosion steps and at the per-layer cadence: build them then."""
+
+    __slots__ = ("_args", "_names", "_pipeline")
+
+    def __init__(
+        self, pipeline: StepPipeline, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None
+    ) -> None:
+        self._pipeline = pipeline
+        self._args = (params, order, cache_key)
+        self._names: list[str] | None = None
+
+    def get(self) -> list[str]:
+        if self._names is None:
+            self._names = self._pipeline.names_for(*self._args)
+        return self._names
