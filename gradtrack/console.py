@@ -40,6 +40,9 @@ class ConsoleBackend:
     @hookimpl
     def gradtrack_step(self, stats: StepStats) -> None:
         if self.every and stats.step % self.every == 0:
+            if stats.amp_overflow:
+                self._print(f"Step {stats.step:4d}: skipped by the AMP GradScaler (overflow) [OK]")
+                return
             loss = f"loss={stats.loss:.4f}, " if stats.loss is not None else ""
             status = "EXPLODING" if stats.explosion else "OK"
             clipped = f", clipped x{stats.clip_coef:.3g}" if stats.clipped else ""
@@ -58,9 +61,10 @@ class ConsoleBackend:
         s = end.summary
         median = f"{s.norm_median:.4g}" if s.norm_median is not None else "n/a"
         advice = f", recommended max_norm {s.recommended_max_norm:.3g}" if s.recommended_max_norm else ""
+        overflow = f", AMP overflow steps {s.amp_overflow_steps}" if s.amp_overflow_steps else ""
         self._print(
             f"run {end.status}: {s.steps} steps, median norm {median}, clipped {s.clipped_steps}, "
-            f"explosions {s.explosions}, diverged {s.diverged}{advice}"
+            f"explosions {s.explosions}, diverged {s.diverged}{overflow}{advice}"
         )
 
 

@@ -61,3 +61,41 @@ def test_mlflow_and_wandb_log_the_same_run(wandb_dir: Path, tmp_path: Path) -> N
     assert mlflow_run.data.tags["gradtrack.diverged_step"] == str(summary.diverged_step)
     assert wandb_run.summary["gradtrack"]["diverged_step"] == summary.diverged_step
     assert mlflow_run.info.status == "FINISHED" and wandb_run.exit_code == 0
+
+
+def test_amp_overflow_steps_reach_both_backends_without_norms(wandb_dir: Path, tmp_path: Path) -> None:
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options = {
+        "mlflow": {"tracking_uri": tracking_uri, "experiment_name": "amp", "spool_dir": str(tmp_path / "spool")},
+        "wandb": {"project": "amp", "dir": str(wandb_dir)},
+    }
+    model = VanillaRNN(radius=0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # takes the scale itself
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 10, 4, generator=generator), torch.randn(8, generator=generator)
+    with GradTracker(model, backend=["mlflow", "wandb"], backend_options=options) as tracker:
+        for step in range(4):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            if step == 1:
+                model.W_h.weight.grad[0, 0] = math.inf  # type: ignore[index]
+            tracker.observe(loss=loss)
+            scaler.step(optimizer)
+            scaler.update()
+    assert tracker.summary().amp_overflow_steps == 1
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("amp").experiment_id])
+    overflow = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "grad/amp_overflow")}
+    norms = {m.step for m in client.get_metric_history(run.info.run_id, "grad/total_norm")}
+    assert overflow == {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.0} and norms == {0, 2, 3}
+    assert run.data.metrics["gradtrack.summary.amp_overflow_steps"] == 1
+    assert run.data.tags["diverged"] == "false" and run.data.tags["gradtrack.explosions"] == "0"
+
+    wandb.teardown()
+    (path,) = run_files(wandb_dir)
+    rows = {row["gradtrack/step"]: row for row in WandbRun.read(path).rows_with("gradtrack/step")}
+    assert [rows[step]["grad/amp_overflow"] for step in range(4)] == [0, 1, 0, 0]
+    assert "grad/total_norm" not in rows[1] and "grad/total_norm" in rows[2]

@@ -237,3 +237,37 @@ def test_one_transfer_with_mixed_dtypes_and_manual_step() -> None:
             tracker.step()  # the loop without a torch.optim optimizer
     assert counter.total == 1, dict(counter.calls)
     assert tracker.steps == 1
+
+
+def test_one_transfer_for_a_bf16_model() -> None:
+    model = Net().to(torch.bfloat16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)  # AdamW reads its bf16 step counts itself
+    with GradTracker(model, layer_every=1) as tracker:
+        for _ in range(3):
+            optimizer.zero_grad()
+            tracker.observe(_backward(model))
+            with counting() as counter:
+                optimizer.step()
+            assert counter.total == 1, dict(counter.calls)
+
+
+def test_one_transfer_under_amp_with_a_fused_optimizer_including_overflow_steps() -> None:
+    model = Net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    counts = []
+    with GradTracker(model, scaler=scaler, layer_every=1) as tracker:
+        for step in range(4):
+            optimizer.zero_grad()
+            torch.manual_seed(1)
+            loss = model(torch.randn(4, 8)).square().mean()
+            scaler.scale(loss).backward()
+            tracker.observe(loss)
+            if step == 2:
+                model.layers[0].weight.grad[0, 0] = float("inf")  # type: ignore[index]
+            with counting() as counter:
+                scaler.step(optimizer)  # the scaler's fused path reads nothing; the found-inf flag rides along
+            counts.append(counter.total)
+            scaler.update()
+    assert tracker.summary().amp_overflow_steps == 1
+    assert counts == [1, 1, 1, 1], counts

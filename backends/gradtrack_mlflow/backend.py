@@ -32,7 +32,7 @@ _STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 _SUMMARY_METRICS = (
     "steps", "clipped_steps", "skipped_steps", "nonfinite_steps", "explosions", "clip_rate",
     "norm_mean", "norm_median", "norm_p95", "norm_p99", "norm_max", "recommended_max_norm",
-    "dropped_records",
+    "dropped_records", "amp_overflow_steps",
 )  # fmt: skip
 _MAX_TAG_VALUE = 8000
 
