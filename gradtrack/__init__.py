@@ -1,14 +1,23 @@
-"""gradtrack: gradient norms, clipping, explosion and divergence detection for PyTorch training."""
+"""gradtrack: gradient norms, clipping, explosion and divergence detection for PyTorch training.
+
+The names that need torch (the tracker, the clip policies) are imported when first used, so that the
+reporter process and the backends, which import ``gradtrack`` for its hooks and records, never load torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from gradtrack._version import __version__
-from gradtrack.clipping import AdaptiveClip, ClipPolicy, NormClip, ValueClip
 from gradtrack.events import Divergence, Explosion, Offender, RunEnd, RunStart, StepStats, Summary
 from gradtrack.hookspecs import hookimpl, hookspec
 from gradtrack.naming import sanitize_names
 from gradtrack.plugins import BackendUnavailableError, UnknownBackendError, available_backends
-from gradtrack.tracker import GradTracker, NonFiniteGradientError
+
+if TYPE_CHECKING:
+    from gradtrack.clipping import AdaptiveClip, ClipPolicy, NormClip, ValueClip
+    from gradtrack.tracker import GradTracker, NonFiniteGradientError
 
 __all__ = [
     "AdaptiveClip",
@@ -32,3 +41,21 @@ __all__ = [
     "hookspec",
     "sanitize_names",
 ]
+
+_WITH_TORCH = {
+    "AdaptiveClip": "gradtrack.clipping",
+    "ClipPolicy": "gradtrack.clipping",
+    "NormClip": "gradtrack.clipping",
+    "ValueClip": "gradtrack.clipping",
+    "GradTracker": "gradtrack.tracker",
+    "NonFiniteGradientError": "gradtrack.tracker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WITH_TORCH.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradtrack' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

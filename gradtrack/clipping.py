@@ -14,7 +14,8 @@ from typing import Any, Protocol, final, runtime_checkable
 
 import torch
 
-from gradtrack.stats import GradBatch, sorted_quantile
+from gradtrack.records import sorted_quantile
+from gradtrack.stats import GradBatch
 
 __all__ = [
     "CLIP_POLICIES",

@@ -17,7 +17,8 @@ class ConsoleBackend:
     """Prints like the hand-written loops it replaces: ``Step 3: loss=..., grad_norm=... [EXPLODING]``.
 
     ``every``: also print every N-th step (0: only explosions, divergence and the end).
-    ``stream``: where to print (default: standard output).
+    ``stream``: where to print (default: standard output, which the reporter process shares with the
+    training process). A stream object keeps the console in the training process, on a thread.
     """
 
     def __init__(self, every: int = 0, stream: TextIO | None = None) -> None:
@@ -25,6 +26,7 @@ class ConsoleBackend:
             raise ValueError(f"console option 'every' must be an int >= 0, got {every!r}")
         self.every = every
         self.stream = stream
+        self.gradtrack_in_process = stream is not None  # an object, not a file descriptor: it stays here
 
     def _print(self, line: str) -> None:
         print(f"[gradtrack] {line}", file=self.stream or sys.stdout, flush=True)

@@ -1,7 +1,9 @@
-"""Delivering records to backends off the training thread.
+"""Delivering records to backends, one worker thread per backend.
 
-Each backend gets its own worker thread, queue and plugin manager, so a slow or broken tracker
-delays nobody else and training only ever appends to a deque.
+The reporter process runs the backends named by string here; backends passed as objects run here
+too, in the training process. Each backend gets its own worker thread, queue and plugin manager, so
+a slow or broken tracker delays nobody else, and the caller only ever appends to a deque. A step
+arrives as a compact ``StepRecord``; the worker turns it into the ``StepStats`` its hook receives.
 
 Back-pressure rule: when a backend has ``max_pending`` records waiting, a routine step record
 (one not flagged by an explosion, non-finite gradients, a skip or divergence) is kept only if its
@@ -24,8 +26,8 @@ from typing import Any, final
 
 import pluggy
 
-from gradtrack.events import StepStats
 from gradtrack.plugins import new_plugin_manager
+from gradtrack.records import StepRecord, step_stats
 
 __all__ = ["Dispatcher"]
 
@@ -34,6 +36,33 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _ALWAYS_KEPT = frozenset({"gradtrack_run_start", "gradtrack_run_end", "gradtrack_divergence", "gradtrack_flush"})
 _HARD_LIMIT = 10  # times max_pending: past it, flagged steps and explosion events are dropped too
+
+
+@final
+class _Step:
+    """A step record waiting for its ``StepStats``, built once by whichever worker needs it first."""
+
+    __slots__ = ("_stats", "names", "record")
+
+    def __init__(self, record: StepRecord, names: Sequence[str] | None) -> None:
+        self.record = record
+        self.names = names
+        self._stats: Any = None
+
+    def stats(self) -> Any:
+        if self._stats is None:
+            self._stats = step_stats(self.record, self.names)
+        return self._stats
+
+
+def drops(hook: str, item: Any, backlog: int, max_pending: int, decimate: int) -> bool:
+    """The back-pressure rule (module docstring), for a queue ``backlog`` records long."""
+    if backlog < max_pending or hook in _ALWAYS_KEPT:
+        return False
+    if backlog >= max_pending * _HARD_LIMIT:  # memory stays bounded even if every step is flagged
+        return True
+    record = item.record if isinstance(item, _Step) else item if isinstance(item, StepRecord) else None
+    return record is not None and not record.flagged and record.step % decimate != 0
 
 
 @final
@@ -52,9 +81,9 @@ class _Worker:
         self._idle = True
         self.thread = threading.Thread(target=self._run, name=f"gradtrack-{name}", daemon=True)
 
-    def put(self, hook: str, kwargs: dict[str, Any]) -> None:
+    def put(self, hook: str, kwargs: Any) -> None:
         with self._ready:
-            if self._drops(hook, kwargs):
+            if drops(hook, kwargs, len(self._pending), self.max_pending, self.decimate):
                 if not self.dropped:
                     warnings.warn(
                         f"gradtrack backend {self.name!r} is falling behind; keeping one routine step "
@@ -66,15 +95,6 @@ class _Worker:
                 return
             self._pending.append((hook, kwargs))
             self._ready.notify()
-
-    def _drops(self, hook: str, kwargs: dict[str, Any]) -> bool:
-        backlog = len(self._pending)
-        if backlog < self.max_pending or hook in _ALWAYS_KEPT:
-            return False
-        if backlog >= self.max_pending * _HARD_LIMIT:  # memory stays bounded even if every step is flagged
-            return True
-        stats = kwargs.get("stats")
-        return isinstance(stats, StepStats) and not stats.flagged and stats.step % self.decimate != 0
 
     def stop(self) -> None:
         with self._ready:
@@ -102,6 +122,8 @@ class _Worker:
                 return
             hook, kwargs = item
             try:
+                if isinstance(kwargs, _Step):
+                    kwargs = {"stats": kwargs.stats()}
                 getattr(self.manager.hook, hook)(**kwargs)
             except Exception as exc:  # a backend must never break training or its siblings
                 if hook not in self._failed_hooks:
@@ -129,9 +151,20 @@ class Dispatcher:
     def dropped(self) -> int:
         return sum(worker.dropped for worker in self._workers)
 
+    @property
+    def names(self) -> list[str]:
+        return [worker.name for worker in self._workers]
+
     def emit(self, hook: str, **kwargs: Any) -> None:
         for worker in self._workers:
             worker.put(hook, kwargs)
+
+    def emit_step(self, record: StepRecord, names: Sequence[str] | None) -> None:
+        """A reported step; ``names`` are the layer names in the order of ``record.layer_norms``."""
+        if self._workers:
+            step = _Step(record, names)
+            for worker in self._workers:
+                worker.put("gradtrack_step", step)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every backend has handled, and sent, what was emitted so far."""

@@ -3,7 +3,7 @@
 Everything up to the transfer runs on the gradients' device without a host synchronisation
 (``gradtrack.stats``, the clip policy, and under ``torch.distributed`` one collective). Everything after
 it is host arithmetic on the transferred numbers, the same on every rank, and ends in frozen records
-handed to the dispatcher.
+handed to the outbox (``gradtrack.outbox``): the reporter process, and backends kept in this one.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from torch import nn
 from gradtrack.amp import AmpState
 from gradtrack.clipping import ClipPolicy
 from gradtrack.detection import DivergenceDetector, ExplosionDetector, offenders
-from gradtrack.dispatch import Dispatcher
 from gradtrack.distributed import Topology, local_grads
-from gradtrack.events import Explosion, StepStats
-from gradtrack.stats import HostStats, Reduce, measure, sorted_quantile, transfer
+from gradtrack.events import Explosion
+from gradtrack.outbox import Outbox
+from gradtrack.records import StepRecord
+from gradtrack.stats import HostStats, Reduce, measure, transfer
 from gradtrack.summary import RunSummary
 
 __all__ = ["NonFiniteGradientError", "OnNonfinite", "StepPipeline"]
@@ -93,13 +94,14 @@ class StepPipeline:
         self.log_every = log_every
         self.layer_every = layer_every
         self.top_k = top_k
-        self.dispatcher = Dispatcher([])
+        self.outbox = Outbox()
         self.topology = Topology("single", 1, 0)
         self.summary = RunSummary()
         self.events: deque[Explosion] = deque(maxlen=KEPT_EVENTS)
         self.step = 0
         self.losses = _Losses()
-        self._names_in_order: dict[int, tuple[list[int], list[str]]] = {}
+        self._positions = {key: position for position, key in enumerate(names)}  # id(param) -> layer index
+        self._layouts: dict[object, tuple[list[int], int, list[str]]] = {}
         self._wants_max_abs = bool(getattr(clip_policy, "needs_max_abs", False))
 
     # -- device work --------------------------------------------------------------------------------
@@ -153,30 +155,15 @@ class StepPipeline:
         step = self.step
         self.step += 1
         self.summary.add_amp_overflow()
-        nan = math.nan
-        stats = StepStats(
-            step=step,
-            total_norm=nan,
-            clip_coef=1.0,
-            clipped=False,
-            nonfinite=0,
-            explosion=False,
-            diverged=self.divergence.verdict is not None,
-            skipped=False,
-            layer_p50=nan,
-            layer_p95=nan,
-            layer_max=nan,
-            loss=None,
-            timestamp=time.time(),
-            amp_overflow=True,
-        )
-        self.dispatcher.emit("gradtrack_step", stats=stats)
+        diverged = self.divergence.verdict is not None
+        record = StepRecord(step, time.time(), math.nan, 1.0, False, 0, False, diverged, False, None, True,
+                            True, False, -1, None)  # fmt: skip
+        self.outbox.step(record, None)
 
     def _judge(self, params: Sequence[nn.Parameter], names: _LazyNames, host: HostStats) -> None:
         step, now = self.step, time.time()
         self.step += 1
-        finite_mask = np.isfinite(host.layer_norms)
-        nonfinite = int(host.layer_norms.size - np.count_nonzero(finite_mask))
+        nonfinite = int(host.layer_norms.size - np.count_nonzero(np.isfinite(host.layer_norms)))
         if self.clip_policy is not None:
             self.clip_policy.observe(host.total_norm, host.clip_coef)
         explosion = self._check_explosion(step, now, nonfinite, names, host)
@@ -190,30 +177,19 @@ class StepPipeline:
         clipped = host.clip_coef < 1.0
         self.summary.add_step(step, host.total_norm, clipped, skipped, bool(nonfinite), explosion is not None)
 
-        if explosion is not None or divergence is not None or nonfinite or step % self.log_every == 0:
-            with_layers = self.layer_every is not None and step % self.layer_every == 0
-            finite = np.sort(host.layer_norms[finite_mask])
-            stats = StepStats(
-                step=step,
-                total_norm=host.total_norm,
-                clip_coef=host.clip_coef,
-                clipped=clipped,
-                nonfinite=nonfinite,
-                explosion=explosion is not None,
-                diverged=self.divergence.verdict is not None,
-                skipped=skipped,
-                layer_p50=sorted_quantile(finite, 0.5),
-                layer_p95=sorted_quantile(finite, 0.95),
-                layer_max=math.inf if nonfinite else float(finite[-1]),
-                loss=host.loss,
-                timestamp=now,
-                layer_norms=dict(zip(names.get(), host.layer_norms.tolist(), strict=True)) if with_layers else None,
-            )
-            self.dispatcher.emit("gradtrack_step", stats=stats)
+        reported = explosion is not None or divergence is not None or nonfinite > 0 or step % self.log_every == 0
+        with_layers = reported and self.layer_every is not None and step % self.layer_every == 0
+        layout, layer_names = self._layout(names) if with_layers else (-1, None)
+        record = StepRecord(
+            step, now, host.total_norm, host.clip_coef, clipped, nonfinite, explosion is not None,
+            self.divergence.verdict is not None, skipped, host.loss, False, reported, with_layers, layout,
+            host.layer_norms.tobytes() if reported else None,
+        )  # fmt: skip
+        self.outbox.step(record, layer_names)
         if explosion is not None:
-            self.dispatcher.emit("gradtrack_explosion", event=explosion)
+            self.outbox.explosion(explosion)
         if divergence is not None:
-            self.dispatcher.emit("gradtrack_divergence", event=divergence)
+            self.outbox.divergence(divergence)
         if nonfinite and self.on_nonfinite == "raise":
             bad = [o.name for o in explosion.offenders if o.nonfinite] if explosion else []
             raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")
@@ -232,30 +208,42 @@ class StepPipeline:
         return explosion
 
     def names_for(self, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None) -> list[str]:
-        """Layer names in the order of the norms; cached while the same full parameter list recurs."""
-        cached = self._names_in_order.get(cache_key) if cache_key is not None else None
+        """Layer names in the order of the norms; cached while the same parameter list recurs."""
+        return self._layout_of(params, order, cache_key)[2]
+
+    def _layout(self, names: _LazyNames) -> tuple[int, list[str]]:
+        _, key, layer_names = self._layout_of(*names.args)
+        return key, layer_names
+
+    def _layout_of(
+        self, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None
+    ) -> tuple[list[int], int, list[str]]:
+        """(order, layout key, names); a layout seen for the first time is announced to the reporter."""
+        key: object = cache_key if cache_key is not None else tuple(id(params[i]) for i in order)
+        cached = self._layouts.get(key)
         if cached is not None and cached[0] == order:
-            return cached[1]
-        names = [self.names[id(params[i])] for i in order]
-        if cache_key is not None:
-            self._names_in_order[cache_key] = (order, names)
-        return names
+            return cached
+        ids = [id(params[i]) for i in order]
+        layout = (order, len(self._layouts), [self.names[i] for i in ids])
+        self._layouts[key] = layout
+        self.outbox.layout(layout[1], [self._positions[i] for i in ids])
+        return layout
 
 
 @final
 class _LazyNames:
     """Names are only needed on explosion steps and at the per-layer cadence: build them then."""
 
-    __slots__ = ("_args", "_names", "_pipeline")
+    __slots__ = ("_names", "_pipeline", "args")
 
     def __init__(
         self, pipeline: StepPipeline, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None
     ) -> None:
         self._pipeline = pipeline
-        self._args = (params, order, cache_key)
+        self.args = (params, order, cache_key)
         self._names: list[str] | None = None
 
     def get(self) -> list[str]:
         if self._names is None:
-            self._names = self._pipeline.names_for(*self._args)
+            self._names = self._pipeline.names_for(*self.args)
         return self._names

@@ -23,6 +23,7 @@ __all__ = [
     "UnknownBackendError",
     "available_backends",
     "new_plugin_manager",
+    "requested_names",
     "resolve_backends",
 ]
 
@@ -61,6 +62,12 @@ def _discovery_manager() -> pluggy.PluginManager:
 def available_backends() -> list[str]:
     """Names ``backend=`` accepts here: the built-ins and every installed entry point."""
     return sorted(name for name, _ in _discovery_manager().list_name_plugin() if name)
+
+
+def requested_names(backend: BackendSpec) -> set[str]:
+    """The backends the user named by string (the others were passed as objects)."""
+    requested = list(backend) if isinstance(backend, list | tuple) else [backend]
+    return {item for item in requested if isinstance(item, str)}
 
 
 def resolve_backends(

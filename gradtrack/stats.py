@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["GradBatch", "HostStats", "Reduce", "group_grads", "measure", "sorted_quantile", "transfer"]
+__all__ = ["GradBatch", "HostStats", "Reduce", "group_grads", "measure", "transfer"]
 
 _NARROW = (torch.float16, torch.bfloat16)
 
@@ -207,13 +207,3 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None) -> HostStats:
             loss, position = (loss_sum / observed if observed else None), position + 2
     overflow = batch.overflow is not None and tail[position] > 0
     return HostStats(host[:count], total_norm, coef, loss, overflow)
-
-
-def sorted_quantile(ordered: Sequence[float] | np.ndarray, q: float) -> float:
-    """numpy's default (linear) quantile of already sorted values, without numpy's per-call overhead."""
-    if not len(ordered):
-        return math.nan
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))

@@ -22,11 +22,11 @@ from gradtrack._version import __version__
 from gradtrack.amp import AmpState, ScalerWatch, amp_state, check_scaler
 from gradtrack.clipping import ClipPolicy, make_clip_policy
 from gradtrack.detection import DivergenceDetector, ExplosionDetector
-from gradtrack.dispatch import Dispatcher
 from gradtrack.distributed import topology
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, Summary
+from gradtrack.outbox import Outbox
 from gradtrack.pipeline import NonFiniteGradientError, OnNonfinite, StepPipeline
-from gradtrack.plugins import BackendSpec, resolve_backends
+from gradtrack.plugins import BackendSpec, requested_names, resolve_backends
 
 __all__ = ["GradTracker", "NonFiniteGradientError"]
 
@@ -167,7 +167,7 @@ class GradTracker:
         return self._pipeline.step
 
     def summary(self) -> Summary:
-        return self._pipeline.summary.freeze(self._pipeline.dispatcher.dropped)
+        return self._pipeline.summary.freeze(self._pipeline.outbox.dropped)
 
     def config(self) -> dict[str, Any]:
         """The settings reported to backends at run start."""
@@ -199,8 +199,12 @@ class GradTracker:
             )
         pipeline = self._pipeline
         pipeline.topology = topology(self.model, self._params, list(pipeline.names.values()))
-        backends = resolve_backends(self._backend_spec, self._backend_options) if pipeline.topology.reports else []
-        pipeline.dispatcher = Dispatcher(backends, max_pending=self._max_pending)
+        if pipeline.topology.reports:
+            pipeline.outbox = Outbox.open(
+                resolve_backends(self._backend_spec, self._backend_options),
+                requested_names(self._backend_spec),
+                max_pending=self._max_pending,
+            )
         _tracked_models.add(self.model)
         if self.optimizer is None:
             self._handle = register_optimizer_step_pre_hook(self._on_optimizer_step)
@@ -210,9 +214,8 @@ class GradTracker:
             self._scaler_watch = ScalerWatch(self.scaler, self._on_scaler_update)
             self._scaler_watch.install()
         self._active = True
-        pipeline.dispatcher.emit(
-            "gradtrack_run_start",
-            start=RunStart(
+        pipeline.outbox.start(
+            RunStart(
                 config=self.config(),
                 layer_names=tuple(pipeline.names.values()),
                 num_parameters=sum(p.numel() for p in self._params),
@@ -236,9 +239,9 @@ class GradTracker:
         status: RunStatus = "finished"
         if exc_type is not None:
             status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
-        dispatcher = self._pipeline.dispatcher
-        dispatcher.emit("gradtrack_run_end", end=RunEnd(status, self.summary(), time.time()))
-        late = dispatcher.close(self.close_timeout)
+        outbox = self._pipeline.outbox
+        outbox.end(RunEnd(status, self.summary(), time.time()))
+        late = outbox.close(self.close_timeout)
         if late:
             warnings.warn(
                 f"gradtrack backends {late} did not finish within close_timeout={self.close_timeout}s; "
@@ -249,7 +252,7 @@ class GradTracker:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every backend has handled everything reported so far; True if they did."""
-        return self._pipeline.dispatcher.flush(timeout)
+        return self._pipeline.outbox.flush(timeout)
 
     # -- user calls -------------------------------------------------------------------------------
 

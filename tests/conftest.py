@@ -119,3 +119,31 @@ def wandb_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     if wandb.run is not None:
         wandb.run.finish()
     wandb.teardown()
+
+
+# -------------------------------------------------------------------------
+# A third-party plugin installed through its entry point (tests/probe_plugin.py): runs in the reporter.
+# -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def probe(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Installs ``probe_plugin`` as the ``probe`` backend; yields the path its records go to."""
+    dist_info = tmp_path / "gradtrack_probe-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: gradtrack-probe\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[gradtrack]\nprobe = probe_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path / "probe.jsonl"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One real ``mlflow server`` on loopback for the whole session (it takes seconds to start)."""
+    pytest.importorskip("mlflow")
+    from mlflow_support import MlflowServer
+
+    running = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    running.start()
+    yield running
+    running.stop()

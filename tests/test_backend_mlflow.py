@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ from gradtrack_mlflow.backend import MLflowBackend, SpoolLeftWarning  # noqa: E4
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 VALID_KEY = r"^[/\w.\- :]*$"
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    running = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    running.start()
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="session")
@@ -282,7 +273,8 @@ def test_a_server_slower_than_training_is_caught_up_from_disk(
     # 1,200 per-layer metrics a step: every step makes two log_batch requests, so every cycle spools one
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(600)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}, layer_every=1) as tracker:
+    # passed as an object, the backend runs in this process, where the patched sender can count its spooling
+    with GradTracker(model, backend=MLflowBackend(**opts), layer_every=1) as tracker:
         for _ in range(20):
             model(torch.randn(2, 2)).sum().backward()
             optimizer.step()

@@ -79,7 +79,7 @@ def test_the_backlog_is_bounded_even_when_every_step_explodes() -> None:
         for _ in range(200):
             model(torch.randn(4, 8)).sum().backward()
             tracker.step()
-        backlog = len(tracker._pipeline.dispatcher._workers[0]._pending)  # private: the bound under test
+        backlog = len(tracker._pipeline.outbox.local._workers[0]._pending)  # private: the bound under test
         assert backlog <= 5 * 10 + 1
         model[0].weight.grad.fill_(float("nan"))  # type: ignore[index, union-attr]
         for _ in range(3):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -17,18 +18,21 @@ from gradtrack.events import StepStats
 from gradtrack.plugins import AUTOLOAD_ENV, resolve_backends
 
 PLUGIN_SOURCE = '''
-from gradtrack import hookimpl
+import os
+import sys
 
-RECEIVED = []
+from gradtrack import hookimpl
 
 
 class Collector:
-    def __init__(self, label):
+    def __init__(self, label, path):
         self.label = label
+        self.path = path
 
     @hookimpl
     def gradtrack_step(self, stats):
-        RECEIVED.append((self.label, stats.step))
+        with open(self.path, "a") as file:
+            file.write(f"{self.label} {stats.step} {os.getpid()} {'torch' in sys.modules}\\n")
 
 
 @hookimpl
@@ -55,14 +59,21 @@ def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     sys.modules.pop("gradtrack_collector", None)
 
 
-def test_entry_point_plugin_is_discovered_and_receives_steps(installed_plugin: str) -> None:
+def test_entry_point_plugin_is_discovered_and_receives_steps_in_the_reporter(
+    installed_plugin: str, tmp_path: Path
+) -> None:
     assert {"collector", "console", "mlflow", "wandb"} <= set(available_backends())
     model = mlp()
-    with GradTracker(model, backend="collector", backend_options={"collector": {"label": "x"}}) as tracker:
+    received = tmp_path / "received.txt"
+    options = {"collector": {"label": "x", "path": str(received)}}
+    with GradTracker(model, backend="collector", backend_options=options) as tracker:
         for _ in range(3):
             model(__import__("torch").randn(2, 8)).sum().backward()
             tracker.step()
-    assert sys.modules[installed_plugin].RECEIVED == [("x", 0), ("x", 1), ("x", 2)]
+    lines = [line.split() for line in received.read_text().splitlines()]
+    assert [(label, int(step)) for label, step, _, _ in lines] == [("x", 0), ("x", 1), ("x", 2)]
+    assert {int(pid) for _, _, pid, _ in lines} != {os.getpid()}  # named: run by the reporter process
+    assert {torch for _, _, _, torch in lines} == {"False"}  # which never imports torch
 
 
 def test_autoload_can_be_disabled(installed_plugin: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,120 @@
+"""Length-prefixed frames over a pipe between the training process and its reporter process.
+
+A frame is a 4-byte big-endian length and a pickle of a list of messages (tuples of plain values and
+gradtrack's frozen records). Pickle is safe here: both ends are the same program, the pipe is private
+to a parent and the child it started, and nothing outside them can write to it. (What lands on disk,
+the MLflow spool, is JSON.)
+
+The training side never blocks: ``Outgoing`` writes with ``O_NONBLOCK`` and keeps what the pipe does not
+take yet; ``drain`` is the only waiting call, used by ``flush`` and at exit, with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import select
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any, final
+
+__all__ = ["ChannelClosed", "Incoming", "Outgoing", "encode", "pipe_capacity"]
+
+_HEADER = struct.Struct(">I")
+_PIPE_SIZE = 1 << 20  # ask Linux for a 1 MiB pipe instead of 64 KiB: room for a slow-starting reader
+_F_SETPIPE_SZ = 1031
+
+
+class ChannelClosed(EOFError):
+    """The other end of the pipe is gone."""
+
+
+def encode(messages: list[Any]) -> bytes:
+    payload = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def pipe_capacity(fd: int) -> None:
+    """Grow a pipe's buffer where the platform allows; a smaller pipe only means more buffering here."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+    except (ImportError, OSError):
+        pass
+
+
+@final
+class Outgoing:
+    """Bytes waiting for a non-blocking pipe, in order; ``pending`` says how many."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self._buffer = bytearray()
+        self._start = 0  # bytes of _buffer already written, compacted lazily
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer) - self._start
+
+    def push(self, frame: bytes) -> None:
+        self._buffer += frame
+
+    def pump(self) -> bool:
+        """Write what the pipe takes now; True when nothing is left. Raises ChannelClosed."""
+        while self.pending:
+            try:
+                written = os.write(self.fd, memoryview(self._buffer)[self._start :])
+            except BlockingIOError:
+                return False
+            except (BrokenPipeError, OSError) as exc:
+                raise ChannelClosed(str(exc)) from exc
+            self._start += written
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
+        return True
+
+    def drain(self, deadline: float) -> bool:
+        """Wait (at most until ``deadline``, a ``time.monotonic()``) until everything is written."""
+        while not self.pump():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            select.select([], [self.fd], [], min(remaining, 0.1))
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+@final
+class Incoming:
+    """Reads frames from a pipe; ``read`` waits at most ``timeout`` seconds for the next bytes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = bytearray()
+        self.closed = False
+
+    def read(self, timeout: float | None) -> Iterator[list[Any]]:
+        """The complete frames available within ``timeout``; sets ``closed`` at end of file."""
+        if not self.closed:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if ready:
+                chunk = os.read(self.fd, 1 << 20)
+                if chunk:
+                    self._buffer += chunk
+                else:
+                    self.closed = True
+        while len(self._buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buffer)
+            if len(self._buffer) < _HEADER.size + size:
+                break
+            payload = bytes(self._buffer[_HEADER.size : _HEADER.size + size])
+            del self._buffer[: _HEADER.size + size]
+            yield pickle.loads(payload)
