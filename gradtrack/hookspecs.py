@@ -4,11 +4,23 @@ A backend is any object whose methods are marked with :data:`gradtrack.hookimpl`
 specifications below; it implements only the hooks it needs, and each implementation takes only the
 keyword arguments it needs.
 
-Threading: the lifecycle, step and event hooks of a backend are called on that backend's own worker
+Where hooks run:
+
+* ``gradtrack_make_backend`` runs in the training process, on the thread that enters the tracker, so
+  a factory can read the user's context there (an active MLflow or W&B run, a tracking URI set in
+  code). It must not import a tracker SDK the user has not imported: keep plain values.
+* For a backend the user named by string, the object the factory returned is pickled into the
+  **reporter process** (``gradtrack.reporter_main``), which never imports torch; every other hook runs
+  there. The object must therefore be picklable when the factory returns it; one that is not, or that
+  sets ``gradtrack_in_process = True``, runs in the training process instead (see ``gradtrack.outbox``).
+* A backend object the user passed by instance runs in the training process.
+
+Either way, the lifecycle, step and event hooks of a backend are called on that backend's own worker
 thread, in the order the tracker produced them, never on the training thread. A backend may block
 there (network I/O), but while it does its queue fills; past its bound, routine step records are
 decimated by rule (see ``gradtrack.dispatch``). An exception raised by a hook is reported once as a
-warning and the backend keeps receiving later calls; training never sees it.
+warning (in the training process, wherever the hook ran) and the backend keeps receiving later
+calls; training never sees it.
 """
 
 from __future__ import annotations
@@ -69,10 +81,14 @@ def gradtrack_run_end(end: RunEnd) -> None:
     """The tracker left its context.
 
     :param end: the status (``finished``, ``failed`` when the body raised, ``killed`` on
-        KeyboardInterrupt) and the run's :class:`~gradtrack.events.Summary`.
+        KeyboardInterrupt, or when the training process died without ending the run: then the
+        reporter ends it with the summary of every step it received) and the run's
+        :class:`~gradtrack.events.Summary`.
 
     Called once, last. Flush, store the summary, and close what the backend opened (leave open
-    what the user opened). The tracker waits for this hook for at most its ``close_timeout``.
+    what the user opened). The training process waits for this hook for at most its
+    ``close_timeout``; in the reporter the hook may take longer (bound it yourself, as the MLflow
+    backend does with ``exit_timeout``).
     """
 
 

@@ -134,18 +134,12 @@ def test_backends_passed_as_objects_stay_in_this_process(recorder: RecordingBack
 # -- the run outlives its trainer ---------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_killed_trainer_leaves_a_killed_run_with_every_step_it_reported(
-    signum: int, server: object, tmp_path: Path
-) -> None:
-    from mlflow.tracking import MlflowClient
-
-    uri = server.uri  # type: ignore[attr-defined]
-    experiment = f"killed-{uuid.uuid4().hex[:8]}"
+def _train_until_killed(backend: str, target: str, name: str, signum: int, tmp_path: Path,
+                        **popen: object) -> tuple[int, subprocess.Popen[str]]:  # fmt: skip
+    """Start trainer_script.py, let it finish 40 steps, send ``signum``; the steps it finished."""
     progress = tmp_path / "progress.txt"
-    trainer = subprocess.Popen([sys.executable, str(HERE / "trainer_script.py"), uri, experiment, str(progress)],
-                               cwd=tmp_path)  # fmt: skip
+    trainer = subprocess.Popen([sys.executable, str(HERE / "trainer_script.py"), backend, target, name, str(progress)],
+                               cwd=tmp_path, text=True, **popen)  # type: ignore[call-overload]  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(_lines(progress)) < 40:
         time.sleep(0.05)
@@ -153,6 +147,19 @@ def test_a_killed_trainer_leaves_a_killed_run_with_every_step_it_reported(
     trainer.wait(30)
     finished = int(_lines(progress)[-1])
     assert finished >= 40
+    return finished, trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_trainer_leaves_a_killed_mlflow_run_with_every_step_it_reported(
+    signum: int, server: object, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = server.uri  # type: ignore[attr-defined]
+    experiment = f"killed-{uuid.uuid4().hex[:8]}"
+    finished, _ = _train_until_killed("mlflow", uri, experiment, signum, tmp_path)
     client = MlflowClient(uri)
     run = None
     deadline = time.monotonic() + 60
@@ -171,6 +178,29 @@ def test_a_killed_trainer_leaves_a_killed_run_with_every_step_it_reported(
     assert run.data.metrics["gradtrack.summary.steps"] >= finished
     summary = client.download_artifacts(run.info.run_id, "gradtrack/summary.json", str(tmp_path))
     assert '"steps"' in Path(summary).read_text()
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_leaves_a_killed_wandb_run_and_a_console_line(wandb_dir: Path, tmp_path: Path) -> None:
+    from wandb_support import WandbRun, run_files
+
+    finished, _ = _train_until_killed("wandb", str(wandb_dir), "killed", signal.SIGKILL, tmp_path)
+    deadline = time.monotonic() + 60
+    run = None
+    while time.monotonic() < deadline and run is None:
+        files = run_files(wandb_dir)
+        if files and (candidate := WandbRun.read(files[0])).exit_code is not None:
+            run = candidate
+        time.sleep(0.25)
+    assert run is not None, "the W&B run was never finished"
+    assert run.exit_code == 255 and run.summary["gradtrack"]["status"] == "killed"
+    assert set(range(finished)) <= {row["gradtrack/step"] for row in run.rows_with("gradtrack/step")}
+
+    (tmp_path / "console").mkdir()
+    finished, trainer = _train_until_killed("console", "-", "-", signal.SIGKILL, tmp_path / "console",
+                                            stdout=subprocess.PIPE)  # fmt: skip
+    out, _ = trainer.communicate(timeout=30)  # the reporter shares the trainer's stdout and closes it last
+    assert "[gradtrack] run killed: " in out and f"Step {finished - finished % 10:4d}" in out
 
 
 def _lines(path: Path) -> list[str]:

@@ -1,7 +1,9 @@
-"""A training process for tests that kill it: ``python trainer_script.py URI EXPERIMENT PROGRESS``.
+"""A training process for tests that kill it: ``python trainer_script.py BACKEND TARGET NAME PROGRESS``.
 
-It trains a small MLP with the MLflow backend until it is killed, appending the number of finished
-optimizer steps to PROGRESS after each one, so the test knows what was handed over before the signal.
+It trains a small MLP with one backend (``mlflow``: TARGET is the tracking URI and NAME the experiment;
+``wandb``: TARGET is the offline run directory and NAME the project; ``console``) until it is killed,
+appending the number of finished optimizer steps to PROGRESS after each one, so the test knows what
+was handed over before the signal.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from torch import nn
 from gradtrack import GradTracker
 
 
-def main(uri: str, experiment: str, progress: str) -> None:
+def main(backend: str, target: str, name: str, progress: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    options = {"mlflow": {"tracking_uri": uri, "experiment_name": experiment, "spool_dir": progress + ".spool"}}
-    with GradTracker(model, backend="mlflow", backend_options=options, layer_every=5) as tracker, \
+    options = {
+        "mlflow": {"mlflow": {"tracking_uri": target, "experiment_name": name, "spool_dir": progress + ".spool"}},
+        "wandb": {"wandb": {"dir": target, "project": name, "mode": "offline"}},
+        "console": {"console": {"every": 10}},
+    }[backend]
+    with GradTracker(model, backend=backend, backend_options=options, layer_every=5) as tracker, \
             open(progress, "a", buffering=1) as out:
         for step in range(100_000):
             x = torch.randn(32, 8)
@@ -34,4 +40,4 @@ def main(uri: str, experiment: str, progress: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
