@@ -16,6 +16,7 @@ import torch
 
 from gradtrack.records import sorted_quantile
 from gradtrack.stats import GradBatch
+from gradtrack.validate import count, number
 
 __all__ = [
     "CLIP_POLICIES",
@@ -46,12 +47,6 @@ class ClipPolicy(Protocol):
         ...
 
 
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def _scale_(batch: GradBatch, max_norm: float) -> torch.Tensor:
     # Same ops as torch.nn.utils.clip_grads_with_norm_: no `if coef < 1` so no host sync.
     clip_coef = max_norm / (batch.clip_norm + 1e-6)
@@ -71,7 +66,7 @@ class NormClip:
     name = "norm"
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        self.max_norm = _check_positive("max_norm", max_norm)
+        self.max_norm = number("max_norm", max_norm)
 
     def clip_(self, batch: GradBatch) -> torch.Tensor:
         return _scale_(batch, self.max_norm)
@@ -94,7 +89,7 @@ class ValueClip:
     name = "value"
 
     def __init__(self, clip_value: float = 1.0) -> None:
-        self.clip_value = _check_positive("clip_value", clip_value)
+        self.clip_value = number("clip_value", clip_value)
 
     needs_max_abs = True  # sharded gradients: the reduction brings the global max in its one collective
 
@@ -143,15 +138,13 @@ class AdaptiveClip:
         warmup: int = 20,
         ceiling: float = 100.0,
     ) -> None:
-        self.max_norm = _check_positive("max_norm", max_norm)
-        if not 0 < percentile <= 100:
+        self.max_norm = number("max_norm", max_norm)
+        if number("percentile", percentile) > 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
-        if window < 1 or warmup < 1:
-            raise ValueError(f"window and warmup must be >= 1, got window={window}, warmup={warmup}")
         self.percentile = float(percentile)
-        self.warmup = warmup
-        self.ceiling = _check_positive("ceiling", ceiling)
-        self.window = window
+        self.warmup = count("warmup", warmup)
+        self.ceiling = number("ceiling", ceiling)
+        self.window = count("window", window)
         self._history: deque[float] = deque()
         self._sorted: list[float] = []  # the same values, kept sorted: O(window) memmove, no numpy per step
         self.threshold = self.max_norm

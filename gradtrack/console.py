@@ -8,6 +8,7 @@ from typing import Any, TextIO, final
 
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
 from gradtrack.hookspecs import hookimpl
+from gradtrack.validate import count
 
 __all__ = ["ConsoleBackend"]
 
@@ -22,9 +23,9 @@ class ConsoleBackend:
     """
 
     def __init__(self, every: int = 0, stream: TextIO | None = None) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"console option 'every' must be an int >= 0, got {every!r}")
-        self.every = every
+        self.every = count("console option 'every'", every, minimum=0)
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise ValueError(f"console option 'stream' must have a write() method, got {stream!r}")
         self.stream = stream
         self.gradtrack_in_process = stream is not None  # an object, not a file descriptor: it stays here
 

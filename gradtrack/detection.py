@@ -30,6 +30,7 @@ from typing import Protocol, final
 import numpy as np
 
 from gradtrack.events import Divergence, ExplosionKind, Offender
+from gradtrack.validate import count, number
 
 __all__ = ["DivergenceDetector", "ExplosionDetector", "ExplosionRule", "offenders"]
 
@@ -69,16 +70,10 @@ class ExplosionDetector:
         window: int = 100,
         warmup: int = 10,
     ) -> None:
-        if not (isinstance(explosion_threshold, int | float) and explosion_threshold > 0):
-            raise ValueError(f"explosion_threshold must be a number > 0, got {explosion_threshold!r}")
-        if not (isinstance(spike_factor, int | float) and spike_factor > 1):
-            raise ValueError(f"spike_factor must be a number > 1 (or math.inf to disable), got {spike_factor!r}")
-        if window < 1 or warmup < 1:
-            raise ValueError(f"window and warmup must be >= 1, got window={window}, warmup={warmup}")
-        self.explosion_threshold = float(explosion_threshold)
-        self.spike_factor = float(spike_factor)
-        self.warmup = warmup
-        self._history: deque[float] = deque(maxlen=window)
+        self.explosion_threshold = number("explosion_threshold", explosion_threshold, allow_inf=True)
+        self.spike_factor = number("spike_factor", spike_factor, minimum=1.0, allow_inf=True)
+        self.warmup = count("spike warmup", warmup)
+        self._history: deque[float] = deque(maxlen=count("spike window", window))
 
     def spike_limit(self) -> float:
         if len(self._history) < self.warmup or math.isinf(self.spike_factor):
@@ -124,15 +119,11 @@ class DivergenceDetector:
         loss_patience: int = 5,
         loss_smoothing: float = 0.1,
     ) -> None:
-        if nonfinite_patience < 1 or loss_patience < 1:
-            raise ValueError("nonfinite_patience and loss_patience must be >= 1")
-        if not loss_blowup > 0:
-            raise ValueError(f"loss_blowup must be > 0, got {loss_blowup!r}")
-        if not 0 < loss_smoothing <= 1:
+        self.nonfinite_patience = count("nonfinite_patience", nonfinite_patience)
+        self.loss_blowup = number("loss_blowup", loss_blowup)
+        self.loss_patience = count("loss_patience", loss_patience)
+        if number("loss_smoothing", loss_smoothing) > 1:
             raise ValueError(f"loss_smoothing must be in (0, 1], got {loss_smoothing!r}")
-        self.nonfinite_patience = nonfinite_patience
-        self.loss_blowup = float(loss_blowup)
-        self.loss_patience = loss_patience
         self.loss_smoothing = float(loss_smoothing)
         self._nonfinite_run = 0
         self._loss = _LossState()

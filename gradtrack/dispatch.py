@@ -28,6 +28,8 @@ import pluggy
 
 from gradtrack.plugins import new_plugin_manager
 from gradtrack.records import StepRecord, step_stats
+from gradtrack.secrets import redact
+from gradtrack.validate import join_timeout
 
 __all__ = ["Dispatcher"]
 
@@ -129,11 +131,11 @@ class _Worker:
                 if hook not in self._failed_hooks:
                     self._failed_hooks.add(hook)
                     warnings.warn(
-                        f"gradtrack backend {self.name!r} failed in {hook}: {exc!r}; carrying on",
+                        f"gradtrack backend {self.name!r} failed in {hook}: {redact(repr(exc))}; carrying on",
                         RuntimeWarning,
                         stacklevel=2,
                     )
-                log.debug("backend %s failed in %s", self.name, hook, exc_info=True)
+                log.debug("backend %s failed in %s: %s", self.name, hook, redact(repr(exc)))
 
 
 @final
@@ -179,7 +181,7 @@ class Dispatcher:
         deadline = time.monotonic() + timeout
         late = []
         for worker in self._workers:
-            worker.thread.join(max(0.0, deadline - time.monotonic()))
+            worker.thread.join(join_timeout(deadline - time.monotonic()))
             if worker.thread.is_alive():
                 late.append(worker.name)
         return late

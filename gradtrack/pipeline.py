@@ -55,6 +55,9 @@ class _Losses:
     def clear(self) -> None:
         self._tensors, self._numbers = [], []
 
+    def __bool__(self) -> bool:
+        return bool(self._tensors or self._numbers)
+
     def take(self, device: torch.device) -> torch.Tensor | None:
         """The mean as a 0-dim fp32 tensor on ``device``; numbers enter by ``torch.full``, never a copy."""
         tensors, numbers = self._tensors, self._numbers
@@ -133,6 +136,20 @@ class StepPipeline:
             return
         cache_key = id(params) if len(with_grad) == len(params) else None
         self._judge(with_grad, _LazyNames(self, with_grad, batch.order, cache_key), host)
+
+    def clip_only(self, params: Sequence[nn.Parameter]) -> None:
+        """Clip without measuring for the record: a closure optimizer's later gradient evaluations."""
+        self.losses.clear()
+        with_grad = [p for p in params if p.grad is not None]
+        if self.clip_policy is None or not with_grad:
+            return
+        grads: list[torch.Tensor] = [p.grad for p in with_grad]  # type: ignore[misc]
+        if self.topology.sharded:
+            grads = local_grads(grads)
+        with torch.no_grad():
+            batch = measure(grads, self.norm_type, reduction=self._reduction(with_grad),
+                            want_max_abs=self._wants_max_abs and self.topology.sharded)  # fmt: skip
+            self.clip_policy.clip_(batch)
 
     def _reduction(self, params: list[nn.Parameter]) -> Reduce | None:
         reduction = self.topology.reduction

@@ -22,6 +22,7 @@ __all__ = [
     "BackendUnavailableError",
     "UnknownBackendError",
     "available_backends",
+    "check_backend_spec",
     "new_plugin_manager",
     "requested_names",
     "resolve_backends",
@@ -62,6 +63,29 @@ def _discovery_manager() -> pluggy.PluginManager:
 def available_backends() -> list[str]:
     """Names ``backend=`` accepts here: the built-ins and every installed entry point."""
     return sorted(name for name, _ in _discovery_manager().list_name_plugin() if name)
+
+
+def check_backend_spec(backend: object) -> BackendSpec:
+    """Refuse, when the tracker is created, a ``backend=`` that can never work."""
+    if backend is None:
+        return None
+    requested = list(backend) if isinstance(backend, list | tuple) else [backend]
+    for item in requested:
+        if isinstance(item, str) and item:
+            continue
+        if isinstance(item, type):
+            raise TypeError(f"backend={item.__name__} is a class; pass an instance, e.g. backend={item.__name__}()")
+        if isinstance(item, str | int | float | bool | bytes) or item is None or not _has_hooks(item):
+            raise ValueError(
+                f"backend={item!r} is not a backend: pass a backend name (see `gradtrack backends`), a list of "
+                "names, or an object with @gradtrack.hookimpl methods named after the hooks in gradtrack.hookspecs"
+            )
+    return backend
+
+
+def _has_hooks(item: object) -> bool:
+    return any(hasattr(getattr(item, name, None), f"{PROJECT_NAME}_impl") for name in dir(item)
+               if name.startswith(f"{PROJECT_NAME}_"))  # fmt: skip
 
 
 def requested_names(backend: BackendSpec) -> set[str]:

@@ -28,6 +28,7 @@ from typing import Any, final
 
 from gradtrack.channel import ChannelClosed, Incoming, Outgoing, encode, pipe_capacity
 from gradtrack.dispatch import drops
+from gradtrack.validate import join_timeout
 
 __all__ = ["Reporter", "ReporterStartError"]
 
@@ -125,12 +126,15 @@ class Reporter:
         self._out.close()
 
     def wait(self, deadline: float) -> list[str]:
-        """Wait for the reporter to finish; the backends still busy at ``deadline`` keep going on their own."""
+        """Wait for the reporter to finish; the backends still busy at ``deadline`` keep going on their own
+        (and print their warnings to standard error, since nobody here reads them any more)."""
         closed = self._await(("closed",), deadline)
         self._reissue_warnings()
+        with contextlib.suppress(OSError):
+            os.close(self._acks.fd)
         if closed is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):  # it exits right after saying so
-                self.process.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+                self.process.wait(join_timeout(deadline - time.monotonic() + 1.0))
             return list(closed[1])
         return [] if self._dead is not None else list(self.names)
 

@@ -35,6 +35,7 @@ from gradtrack.channel import Incoming, encode
 from gradtrack.dispatch import Dispatcher
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart
 from gradtrack.records import StepRecord
+from gradtrack.secrets import redact
 from gradtrack.summary import RunSummary
 
 _POLL = 0.5  # seconds between checks that the parent is alive
@@ -49,13 +50,22 @@ class _Acks:
         self.fd = fd
         self._lock = threading.Lock()
 
-    def send(self, *message: Any) -> None:
-        with self._lock, contextlib.suppress(OSError):
-            os.write(self.fd, encode([message]))
+    def send(self, *message: Any) -> bool:
+        """True when the message reached the pipe (the training process may be gone, or done listening)."""
+        with self._lock:
+            try:
+                os.write(self.fd, encode([message]))
+            except OSError:
+                return False
+            return True
 
     def forward_warnings(self) -> None:
+        """Warnings go to the training process (to stderr once it stops listening), credentials masked."""
+
         def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-            self.send("warning", category.__module__, category.__qualname__, str(message))
+            text = redact(str(message))
+            if not self.send("warning", category.__module__, category.__qualname__, text):
+                print(f"{category.__name__}: {text}", file=sys.stderr, flush=True)
 
         warnings.showwarning = show
 

@@ -9,7 +9,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, final
 
@@ -26,7 +26,8 @@ from gradtrack.distributed import topology
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, Summary
 from gradtrack.outbox import Outbox
 from gradtrack.pipeline import NonFiniteGradientError, OnNonfinite, StepPipeline
-from gradtrack.plugins import BackendSpec, requested_names, resolve_backends
+from gradtrack.plugins import BackendSpec, check_backend_spec, requested_names, resolve_backends
+from gradtrack.validate import count, mapping, optional_count, seconds
 
 __all__ = ["GradTracker", "NonFiniteGradientError"]
 
@@ -61,12 +62,6 @@ def _norm_type(value: float | str) -> float:
     return norm_type
 
 
-def _positive_int(name: str, value: int | None) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be an int >= 1 (or None to disable), got {value!r}")
-    return value
-
-
 @final
 class GradTracker:
     """Measures, clips and reports the gradients of ``model`` once per training iteration.
@@ -95,7 +90,7 @@ class GradTracker:
         layer_every: int | None = 10,
         top_k: int = 5,
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
-        close_timeout: float = 60.0,
+        close_timeout: float = 10.0,
         max_pending: int = 1000,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -108,12 +103,10 @@ class GradTracker:
         on_nonfinite = on_nonfinite or ("continue" if clip is None else "skip")
         if on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {list(_ON_NONFINITE)}, got {on_nonfinite!r}")
-        if not (isinstance(close_timeout, int | float) and close_timeout >= 0):
-            raise ValueError(f"close_timeout must be a number of seconds >= 0, got {close_timeout!r}")
         self.model = model
         self.optimizer = optimizer
         self.scaler = check_scaler(scaler)
-        self.close_timeout = float(close_timeout)
+        self.close_timeout = seconds("close_timeout", close_timeout, allow_inf=True)
         self._pipeline = StepPipeline(
             names={id(p): name for name, p in named},
             norm_type=_norm_type(norm_type),
@@ -121,13 +114,16 @@ class GradTracker:
             on_nonfinite=on_nonfinite,
             detector=ExplosionDetector(explosion_threshold, spike_factor),
             divergence=DivergenceDetector(nonfinite_patience, loss_blowup, loss_patience),
-            log_every=_positive_int("log_every", log_every) or 1,
-            layer_every=_positive_int("layer_every", layer_every),
-            top_k=_positive_int("top_k", top_k) or 1,
+            log_every=count("log_every", log_every),
+            layer_every=optional_count("layer_every", layer_every),
+            top_k=count("top_k", top_k),
         )
-        self._backend_spec = backend
-        self._backend_options = backend_options
-        self._max_pending = max_pending
+        self._backend_spec = check_backend_spec(backend)
+        self._backend_options = {
+            name: mapping(f"backend_options[{name!r}]", options)
+            for name, options in mapping("backend_options", backend_options).items()
+        }
+        self._max_pending = count("max_pending", max_pending)
         self._params = [p for _, p in named]
         self._iteration = _Iteration(self._pipeline.names)
         self._handle: RemovableHandle | None = None
@@ -205,37 +201,35 @@ class GradTracker:
                 requested_names(self._backend_spec),
                 max_pending=self._max_pending,
             )
-        _tracked_models.add(self.model)
-        if self.optimizer is None:
-            self._handle = register_optimizer_step_pre_hook(self._on_optimizer_step)
-        else:
-            self._handle = self.optimizer.register_step_pre_hook(self._on_optimizer_step)
-        if self.scaler is not None:
-            self._scaler_watch = ScalerWatch(self.scaler, self._on_scaler_update)
-            self._scaler_watch.install()
-        self._active = True
-        pipeline.outbox.start(
-            RunStart(
-                config=self.config(),
-                layer_names=tuple(pipeline.names.values()),
-                num_parameters=sum(p.numel() for p in self._params),
-                model_class=type(self.model).__name__,
-                timestamp=time.time(),
-            ),
-        )
+        try:
+            _tracked_models.add(self.model)
+            if self.optimizer is None:
+                self._handle = register_optimizer_step_pre_hook(self._on_optimizer_step)
+            else:
+                self._handle = self.optimizer.register_step_pre_hook(self._on_optimizer_step)
+            if self.scaler is not None:
+                self._scaler_watch = ScalerWatch(self.scaler, self._on_scaler_update)
+                self._scaler_watch.install()
+            self._active = True
+            pipeline.outbox.start(
+                RunStart(
+                    config=self.config(),
+                    layer_names=tuple(pipeline.names.values()),
+                    num_parameters=sum(p.numel() for p in self._params),
+                    model_class=type(self.model).__name__,
+                    timestamp=time.time(),
+                ),
+            )
+        except BaseException:  # leave nothing behind: no hook, no reporter, the model free to track again
+            self._release()
+            pipeline.outbox.close(0.0)
+            raise
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._active = False
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        if self._scaler_watch is not None:
-            self._scaler_watch.remove()
-            self._scaler_watch = None
-        _tracked_models.discard(self.model)
+        self._release()
         status: RunStatus = "finished"
         if exc_type is not None:
             status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
@@ -249,6 +243,17 @@ class GradTracker:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _release(self) -> None:
+        """Undo what ``__enter__`` registered."""
+        self._active = False
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._scaler_watch is not None:
+            self._scaler_watch.remove()
+            self._scaler_watch = None
+        _tracked_models.discard(self.model)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every backend has handled everything reported so far; True if they did."""
@@ -273,12 +278,48 @@ class GradTracker:
 
     # -- hooks ------------------------------------------------------------------------------------
 
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if not self._active:
-            return
+            return None
         params = self._iteration.params_of(optimizer)
-        if params and self._iteration.starts(optimizer, params):
-            self._measure(self._params if self.optimizer is None else params, optimizer, amp_state(optimizer, kwargs))
+        if not params:
+            return None
+        measured = self._params if self.optimizer is None else params
+        closure = kwargs.get("closure", args[0] if args else None)
+        if callable(closure):  # the gradients do not exist yet: measure them where the closure makes them
+            return self._with_measuring_closure(closure, measured, optimizer, args, kwargs)
+        if self._iteration.starts(optimizer, params):
+            self._measure(measured, optimizer, amp_state(optimizer, kwargs))
+        return None
+
+    def _with_measuring_closure(
+        self,
+        closure: Callable[[], Any],
+        params: Sequence[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Closure optimizers (LBFGS) evaluate the gradients inside ``step``, maybe several times: the first
+        evaluation is this step's (measured, clipped, judged, reported, its loss observed if you did not);
+        later ones, at trial points, are clipped alike on the device and their observed losses dropped."""
+        first = True
+
+        def measuring_closure() -> Any:
+            nonlocal first
+            loss = closure()
+            if first:
+                first = False
+                if not self._pipeline.losses and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                    self._pipeline.losses.add(loss)
+                self._measure(params, optimizer, None)
+            else:
+                self._pipeline.clip_only(params)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": measuring_closure}
+        return (measuring_closure, *args[1:]), kwargs
 
     def _measure(
         self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None, amp: AmpState | None

@@ -7,7 +7,8 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from gradtrack_mlflow.spool import Spool
+from gradtrack.secrets import redact
+from gradtrack_mlflow.spool import NotASpoolError, Spool
 from gradtrack_mlflow.transport import Sink, is_permanent
 
 __all__ = ["main", "replay"]
@@ -16,18 +17,21 @@ __all__ = ["main", "replay"]
 def replay(spool: Spool, tracking_uri: str | None = None, request_timeout: float = 30.0) -> tuple[int, int]:
     """Send every pending operation in order; return (sent, rejected). Raises on a transient failure,
     leaving the offset at the first unsent operation so the command can simply be run again."""
+    spool.check()
     sink: Sink | None = None
     sent = rejected = 0
     for index, op in spool.pending():
         if sink is None:
             sink = Sink(tracking_uri or op["tracking_uri"], request_timeout)
         try:
+            if op["op"] == "create_run":
+                op["attempted"] = True  # whatever happened before, look for the run before creating one
             sink.execute(op)
             sent += 1
         except Exception as exc:
             if not is_permanent(exc):
                 raise
-            spool.reject(op, exc)
+            spool.reject(op, exc, sink.tracking_uri)
             rejected += 1
         spool.set_offset(index + 1)
     spool.clear()
@@ -48,8 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         sent, rejected = replay(spool, args.tracking_uri, args.request_timeout)
+    except NotASpoolError as exc:
+        print(f"refusing to replay: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
-        print(f"replay stopped at operation {spool.offset + 1}: {exc}; run the command again", file=sys.stderr)
+        detail = redact(str(exc), [args.tracking_uri or ""])
+        print(f"replay stopped at operation {spool.offset}: {detail}; run the command again", file=sys.stderr)
         return 1
     if rejected:
         print(f"sent {sent} operations; MLflow refused {rejected}, kept in {spool.rejected_path}")

@@ -22,8 +22,10 @@ from gradtrack import hookimpl
 from gradtrack._version import __version__
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats, Summary
 from gradtrack.naming import sanitize_names
+from gradtrack.secrets import strip_userinfo
+from gradtrack.validate import mapping, seconds, text
 from gradtrack_mlflow.sender import Sender
-from gradtrack_mlflow.spool import Spool
+from gradtrack_mlflow.spool import Spool, private_directory, private_open
 from gradtrack_mlflow.transport import Sink, encode_value
 
 __all__ = ["MLflowBackend", "SpoolLeftWarning"]
@@ -41,16 +43,8 @@ class SpoolLeftWarning(RuntimeWarning):
     """Some records could not reach MLflow before the exit deadline; they wait in a spool file."""
 
 
-def _seconds(name: str, value: object, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
-        raise ValueError(f"mlflow option {name!r} must be a number of seconds >= {minimum}, got {value!r}")
-    return float(value)
-
-
-def _text(name: str, value: object) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"mlflow option {name!r} must be a non-empty string or None, got {value!r}")
-    return value
+def _option(name: str) -> str:
+    return f"mlflow option {name!r}"
 
 
 def replay_command(spool: Spool) -> str:
@@ -90,20 +84,16 @@ class MLflowBackend:
         spool_dir: str | os.PathLike[str] | None = None,
         tag_interval_s: float = 5.0,
     ) -> None:
-        self.tracking_uri = _text("tracking_uri", tracking_uri)
-        self.experiment_name = _text("experiment_name", experiment_name)
-        self.run_name = _text("run_name", run_name)
-        self.run_id = _text("run_id", run_id)
-        if tags is not None and not (
-            isinstance(tags, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items())
-        ):
-            raise ValueError(f"mlflow option 'tags' must be a dict of str to str, got {tags!r}")
-        self.tags = dict(tags or {})
-        self.flush_every_s = _seconds("flush_every_s", flush_every_s)
-        self.request_timeout = _seconds("request_timeout", request_timeout, 0.1)
-        self.exit_timeout = _seconds("exit_timeout", exit_timeout)
-        self.tag_interval_s = _seconds("tag_interval_s", tag_interval_s)
-        if spool_dir is not None and not isinstance(spool_dir, str | os.PathLike):
+        self.tracking_uri = text(_option("tracking_uri"), tracking_uri)
+        self.experiment_name = text(_option("experiment_name"), experiment_name)
+        self.run_name = text(_option("run_name"), run_name)
+        self.run_id = text(_option("run_id"), run_id)
+        self.tags = mapping(_option("tags"), tags, values=str)
+        self.flush_every_s = seconds(_option("flush_every_s"), flush_every_s)
+        self.request_timeout = seconds(_option("request_timeout"), request_timeout, minimum=0.1)
+        self.exit_timeout = seconds(_option("exit_timeout"), exit_timeout, allow_inf=True)
+        self.tag_interval_s = seconds(_option("tag_interval_s"), tag_interval_s)
+        if spool_dir is not None and not (isinstance(spool_dir, str | os.PathLike) and os.fspath(spool_dir)):
             raise ValueError(f"mlflow option 'spool_dir' must be a path, got {spool_dir!r}")
         self.owns_run = self.run_id is None
         # MLflow keeps the active run and a set_tracking_uri per thread or process of the caller: read
@@ -122,6 +112,7 @@ class MLflowBackend:
         self._explosions = 0
         self._tags_sent_at = -math.inf
         self._explosion_tag_due = False
+        self._unwritable: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -155,8 +146,7 @@ class MLflowBackend:
             "gradtrack.num_parameters": str(start.num_parameters),
         })
         self.sender.put({"op": "fragment", "params": params, "tags": start_tags}, urgent=True)
-        self.spool.directory.mkdir(parents=True, exist_ok=True)
-        (self.spool.directory / "events.jsonl").touch()
+        self._write("events.jsonl", "")
 
     @hookimpl
     def gradtrack_step(self, stats: StepStats) -> None:
@@ -174,8 +164,7 @@ class MLflowBackend:
 
     @hookimpl
     def gradtrack_explosion(self, event: Explosion) -> None:
-        with (self.spool.directory / "events.jsonl").open("a", encoding="utf-8") as file:
-            file.write(json.dumps(event.to_dict()) + "\n")
+        self._write("events.jsonl", json.dumps(event.to_dict()) + "\n")
         self._explosions += 1
         tags = {}
         if self._explosions == 1:
@@ -200,17 +189,14 @@ class MLflowBackend:
     def gradtrack_run_end(self, end: RunEnd) -> None:
         assert self.sender is not None
         ms = int(end.timestamp * 1000)
-        summary_path = self.spool.directory / "summary.json"
-        summary_path.write_text(json.dumps(end.summary.to_dict(), indent=2))
         self.sender.put(
-            {"op": "fragment", "metrics": _summary_metrics(end.summary, ms), "tags": _summary_tags(end.summary)},
-            {"op": "log_artifact", "local_path": str(summary_path), "artifact_path": "gradtrack"},
-            {
-                "op": "log_artifact",
-                "local_path": str(self.spool.directory / "events.jsonl"),
-                "artifact_path": "gradtrack",
-            },
+            {"op": "fragment", "metrics": _summary_metrics(end.summary, ms), "tags": _summary_tags(end.summary)}
         )
+        self._write("summary.json", json.dumps(end.summary.to_dict(), indent=2), append=False)
+        for name in ("summary.json", "events.jsonl"):
+            if name not in self._unwritable:  # an artifact that could not be written is not promised
+                path = str(self.spool.directory / name)
+                self.sender.put({"op": "log_artifact", "local_path": path, "artifact_path": "gradtrack"})
         if self.owns_run:
             self.sender.put({"op": "terminate", "status": _STATUS[end.status], "end_time": ms})
         if self.sender.close(self.exit_timeout):
@@ -219,8 +205,18 @@ class MLflowBackend:
                 if self._default_spool_dir:
                     _remove_empty_parents(self.spool.directory.parent, levels=2)
             return
+        where = strip_userinfo(self.tracking_uri or "")
+        if self.sender.held:
+            warnings.warn(
+                f"gradtrack could not send {self.sender.held} operations to MLflow at {where} nor write them to "
+                f"its spool ({self.sender.spool_error!r}); they are lost",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if not self.spool.has_pending():
+                return
         warnings.warn(
-            f"gradtrack could not send everything to MLflow at {self.tracking_uri} within "
+            f"gradtrack could not send everything to MLflow at {where} within "
             f"exit_timeout={self.exit_timeout:g}s; the rest is kept in {self.spool.path}. "
             f"Replay it with: {replay_command(self.spool)}",
             SpoolLeftWarning,
@@ -236,6 +232,23 @@ class MLflowBackend:
     @hookimpl
     def gradtrack_flush(self, timeout: float) -> None:
         self.flush(timeout)
+
+    def _write(self, name: str, text: str, append: bool = True) -> None:
+        """A file beside the spool (events, summary); a full or read-only disk costs a warning, not the run."""
+        if name in self._unwritable:
+            return
+        try:
+            private_directory(self.spool.directory)
+            with private_open(self.spool.directory / name, "a" if append else "w") as file:
+                file.write(text)
+        except OSError as exc:
+            self._unwritable.add(name)
+            warnings.warn(
+                f"gradtrack cannot write {name} in {self.spool.directory} ({exc!r}); the run goes on without "
+                "that artifact",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _send(self, fragment: dict[str, Any], urgent: bool = False) -> None:
         if self.sender is not None:

@@ -9,6 +9,14 @@ sender goes back to sending live once it is empty. A server that answers, but mo
 training produces records, is treated the same way: no cycle sends for longer than ``SLICE_S``;
 what it could not send by then goes to the spool and is caught up from disk, slice by slice, so
 at most a few seconds of records wait in memory and nothing is lost.
+
+Nothing here ends the thread: a spool that cannot be written (a full disk, a read-only directory)
+keeps the operations in memory instead, in order and with one warning, up to ``MAX_HELD_VALUES``
+metric values (past it, batches of routine metrics are dropped and counted; runs, tags, artifacts and
+the run's end are always kept); ``close`` then says what could be neither sent nor written. An
+exception that is neither MLflow's refusal nor a network or store error (an MLflow internal whose
+signature changed, say) is warned about once and retried ``UNEXPECTED_RETRIES`` times, then the
+operation is set aside in ``rejected.jsonl`` like a refused one.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, final
 
+from gradtrack.secrets import redact, strip_userinfo
+from gradtrack.validate import join_timeout
 from gradtrack_mlflow.spool import Spool
-from gradtrack_mlflow.transport import Sink, is_permanent
+from gradtrack_mlflow.transport import Sink, failure_kind
 
 __all__ = ["MAX_ENTITIES", "MAX_PARAMS_OR_TAGS", "Sender", "coalesce"]
 
@@ -31,6 +41,8 @@ MAX_ENTITIES = 1000  # MLflow's log_batch limit: metrics + params + tags
 MAX_PARAMS_OR_TAGS = 100  # ... and at most 100 params and 100 tags
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
 SLICE_S = 2.0  # the longest a cycle sends before taking the inbox again: bounds memory by time
+MAX_HELD_VALUES = 500_000  # metric values kept in memory while the spool cannot be written
+UNEXPECTED_RETRIES = 3
 
 
 def coalesce(items: Sequence[Op], run_key: str, run_id: str | None, tracking_uri: str) -> list[Op]:
@@ -102,6 +114,12 @@ class Sender:
         self._backoff = _BACKOFF_FIRST
         self._next_retry = 0.0
         self._last_cycle = time.monotonic()
+        self._held: list[Op] = []  # operations the spool could not take, in order, behind the spool's
+        self._held_values = 0
+        self.lost_values = 0
+        self.spool_error: OSError | None = None
+        self._unexpected = 0
+        self._warned_unexpected = False
         self.thread = threading.Thread(target=self._run, name=f"gradtrack-mlflow-{run_key[:8]}", daemon=True)
         self.thread.start()
 
@@ -135,8 +153,13 @@ class Sender:
         with self._cond:
             self._give_up_at = time.monotonic() + timeout
             self._cond.notify_all()
-        self.thread.join(timeout + 1.0)
-        return not self.thread.is_alive() and not self._offline
+        self.thread.join(join_timeout(timeout + 1.0))
+        return not self.thread.is_alive() and not self._offline and not self._held
+
+    @property
+    def held(self) -> int:
+        """Operations that could be neither sent nor written to the spool (kept in memory)."""
+        return len(self._held)
 
     # -- the sender thread --------------------------------------------------------------------------
 
@@ -161,7 +184,7 @@ class Sender:
             self._last_cycle = time.monotonic()
             if self._offline and time.monotonic() >= self._next_retry:
                 self._replay(None if closing else SLICE_S)
-            self._deliver(coalesce(items, self.run_key, self.run_id, self.sink.tracking_uri))
+            self._deliver(coalesce(items, self.run_key, self.run_id, strip_userinfo(self.sink.tracking_uri)))
             with self._cond:
                 self._handled = target
                 self._cond.notify_all()
@@ -196,41 +219,73 @@ class Sender:
                 self._to_spool(ops[index:])  # slower than training: catch up from disk, not memory
                 self._next_retry = time.monotonic()
                 return
-            try:
-                self.sink.execute(op)
-            except Exception as exc:
-                if not self._handle_failure(op, exc):
-                    self._to_spool(ops[index:])
-                    return
+            if not self._execute(op):
+                self._to_spool(ops[index:])
+                return
+
+    def _execute(self, op: Op) -> bool:
+        """Send one operation; True when it is settled (sent, or set aside for good)."""
+        if op["op"] == "create_run":
+            op["attempted"] = True  # a retry, live or from the spool, first looks for the run it may have made
+        try:
+            self.sink.execute(op)
+        except Exception as exc:
+            return self._handle_failure(op, exc)
+        self._unexpected = 0
+        return True
 
     def _replay(self, slice_s: float | None = None) -> None:
-        """Send the spool in order; with ``slice_s``, return after that long to take the inbox again."""
+        """Send the spool, then what the spool could not take, in order; with ``slice_s``, return after
+        that long to take the inbox again."""
         stop_at = math.inf if slice_s is None else time.monotonic() + slice_s
         start = self.spool.offset
-        for index, op in self.spool.pending():
-            if not self._may_send():
-                return
-            if time.monotonic() >= stop_at and index > start:
-                self._next_retry = time.monotonic()  # more to replay: go on after this cycle
-                return
-            try:
-                self.sink.execute(op)
-            except Exception as exc:
-                if not self._handle_failure(op, exc):
+        try:
+            for index, op in self.spool.pending():
+                if not self._may_send():
                     return
-            self.spool.set_offset(index + 1)
-        self.spool.clear()
+                if time.monotonic() >= stop_at and index > start:
+                    self._next_retry = time.monotonic()  # more to replay: go on after this cycle
+                    return
+                if not self._execute(op):
+                    return
+                self.spool.set_offset(index + 1)
+            self.spool.clear()
+        except OSError as exc:  # the spool cannot be read or its offset written: retry later
+            self._spool_failed(exc)
+            return
+        while self._held:
+            if not self._may_send() or not self._execute(self._held[0]):
+                return
+            self._held_values -= len(self._held.pop(0).get("metrics", ()))
         self._offline = False
         self._backoff = _BACKOFF_FIRST
 
     def _handle_failure(self, op: Op, exc: Exception) -> bool:
-        """True when the op is settled (rejected for good); False when it must be retried later."""
-        if is_permanent(exc):
+        """True when the op is settled (set aside for good); False when it must be retried later."""
+        kind = failure_kind(exc)
+        if kind == "unexpected":
+            self._unexpected += 1
+            if not self._warned_unexpected:
+                self._warned_unexpected = True
+                warnings.warn(
+                    f"gradtrack's MLflow backend met an unexpected error sending a {op['op']}: "
+                    f"{redact(repr(exc), [self.sink.tracking_uri])}; it retries {UNEXPECTED_RETRIES} times, "
+                    "then sets the operation aside in rejected.jsonl",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            kind = "permanent" if self._unexpected > UNEXPECTED_RETRIES else "transient"
+        if kind == "permanent":
+            self._unexpected = 0
             self.rejected += 1
-            self.spool.reject(op, exc)
+            try:
+                self.spool.reject(op, exc, self.sink.tracking_uri)
+            except OSError as error:
+                self._spool_failed(error)
             if self.rejected == 1:
                 warnings.warn(
-                    f"MLflow refused a gradtrack {op['op']} for good ({exc}); kept in {self.spool.rejected_path}",
+                    f"MLflow refused a gradtrack {op['op']} for good "
+                    f"({redact(str(exc), [self.sink.tracking_uri])}); kept in {self.spool.rejected_path}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -244,7 +299,34 @@ class Sender:
         for op in ops:  # a run created live is named by its id, so a later replay needs no map
             if op.get("run_id") is None and op["run_key"] in self.sink.run_ids:
                 op["run_id"] = self.sink.run_ids[op["run_key"]]
-        self.spool.append(ops)
         if ops and not self._offline:
             self._offline = True
             self._next_retry = time.monotonic() + self._backoff
+        if not self._held:
+            try:
+                self.spool.append(ops)
+                return
+            except OSError as exc:
+                self._spool_failed(exc)
+        self._hold(ops)  # behind what is already held, so order is kept
+
+    def _hold(self, ops: list[Op]) -> None:
+        for op in ops:
+            values = len(op.get("metrics", ()))
+            routine = op["op"] == "log_batch" and not op.get("params") and not op.get("tags")
+            if routine and self._held_values + values > MAX_HELD_VALUES:
+                self.lost_values += values
+                continue
+            self._held.append(op)
+            self._held_values += values
+
+    def _spool_failed(self, exc: OSError) -> None:
+        if self.spool_error is None:
+            warnings.warn(
+                f"gradtrack cannot write its MLflow spool in {self.spool.directory} ({exc!r}); what the server "
+                f"does not take now is kept in memory (up to {MAX_HELD_VALUES:,} metric values) and is lost if "
+                "this process ends first. Training goes on.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.spool_error = exc

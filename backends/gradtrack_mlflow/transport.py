@@ -16,11 +16,12 @@ import math
 from collections.abc import Mapping
 from typing import Any, final
 
-__all__ = ["PermanentError", "Sink", "encode_value", "is_permanent"]
+__all__ = ["RUN_KEY_TAG", "PermanentError", "Sink", "encode_value", "failure_kind", "is_permanent"]
 
 Op = dict[str, Any]
 
 _API = "/api/2.0/mlflow"
+RUN_KEY_TAG = "gradtrack.run_key"  # on every run gradtrack creates: a retried create_run finds it instead
 
 
 class PermanentError(RuntimeError):
@@ -36,16 +37,25 @@ def encode_value(value: float) -> float | str:
     return value
 
 
-def is_permanent(exc: BaseException) -> bool:
-    """A 4xx answer (other than 429) will not change on retry; everything else may."""
+def failure_kind(exc: BaseException) -> str:
+    """``permanent`` (a 4xx answer other than 429: it will not change on retry), ``transient`` (the
+    network, the server, the store: retry), or ``unexpected`` (anything else: most likely a bug)."""
     if isinstance(exc, PermanentError):
-        return True
+        return "permanent"
     from mlflow.exceptions import MlflowException
 
-    if not isinstance(exc, MlflowException):
-        return False
-    status = exc.get_http_status_code()
-    return 400 <= status < 500 and status != 429
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return "permanent" if 400 <= status < 500 and status != 429 else "transient"
+    if isinstance(exc, OSError):  # connections, timeouts (requests' errors are OSErrors too), files
+        return "transient"
+    if type(exc).__module__.startswith("sqlalchemy"):  # a busy or locked local store
+        return "transient"
+    return "unexpected"
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return failure_kind(exc) == "permanent"
 
 
 @final
@@ -91,12 +101,16 @@ class Sink:
     # -- operations -------------------------------------------------------------------------------
 
     def _create_run(self, op: Op) -> str:
-        tags: Mapping[str, str] = op["tags"]
+        tags: Mapping[str, str] = {**op["tags"], RUN_KEY_TAG: op["run_key"]}
         if not self.is_http:
             experiment_id = op.get("experiment_id") or self._local_experiment(op.get("experiment_name"))
+            if op.get("attempted") and (found := self._local_run_with_key(experiment_id, op["run_key"])):
+                return found
             run = self.client.create_run(experiment_id, op["start_time"], dict(tags), op.get("run_name"))
             return str(run.info.run_id)
         experiment_id = op.get("experiment_id") or self._rest_experiment(op.get("experiment_name"))
+        if op.get("attempted") and (found := self._rest_run_with_key(experiment_id, op["run_key"])):
+            return found
         body = {
             "experiment_id": experiment_id,
             "start_time": op["start_time"],
@@ -105,6 +119,19 @@ class Sink:
         if op.get("run_name"):
             body["run_name"] = op["run_name"]
         return str(self._rest("POST", "runs/create", body)["run"]["info"]["run_id"])
+
+    def _local_run_with_key(self, experiment_id: str, run_key: str) -> str | None:
+        """The run an earlier attempt of this create_run made, if the store got it before the answer was lost."""
+        from mlflow.entities import ViewType
+
+        runs = self.client.search_runs([experiment_id], _key_filter(run_key), ViewType.ALL, max_results=1)
+        return str(runs[0].info.run_id) if runs else None
+
+    def _rest_run_with_key(self, experiment_id: str, run_key: str) -> str | None:
+        body = {"experiment_ids": [experiment_id], "filter": _key_filter(run_key), "max_results": 1,
+                "run_view_type": "ALL"}  # fmt: skip
+        runs = self._rest("POST", "runs/search", body).get("runs", [])
+        return str(runs[0]["info"]["run_id"]) if runs else None
 
     def _local_experiment(self, name: str | None) -> str:
         if name is None:
@@ -184,3 +211,7 @@ class Sink:
         )
         verify_rest_response(response, path)
         return response.json() if api else None
+
+
+def _key_filter(run_key: str) -> str:
+    return f"tags.`{RUN_KEY_TAG}` = '{run_key}'"  # run keys are hex: nothing to escape

@@ -11,6 +11,7 @@ working, interleaved, without "step less than current step" warnings.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import os
 import sys
@@ -21,6 +22,7 @@ from typing import Any, Literal, NoReturn, final
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats, format_norm
 from gradtrack.hookspecs import hookimpl
 from gradtrack.naming import sanitize_names
+from gradtrack.validate import count, mapping, seconds, text, texts
 
 __all__ = [
     "DIVERGED_TAG",
@@ -31,6 +33,8 @@ __all__ = [
     "WANDB_INVALID",
     "WandbBackend",
 ]
+
+log = logging.getLogger(__name__)
 
 STEP_KEY = "gradtrack/step"
 HISTOGRAM_KEY = "grad/layer_log10_norm"
@@ -49,6 +53,7 @@ _EXIT_CODES = {"finished": 0, "failed": 1, "killed": 255}
 _INIT_OPTIONS = ("project", "entity", "name", "group", "job_type", "notes", "mode", "dir")
 
 Mode = Literal["online", "offline", "disabled", "shared"]
+_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
 @final
@@ -91,26 +96,33 @@ class WandbBackend:
         alert_every: float = 600.0,
         loss_key: str | None = "auto",
     ) -> None:
-        if layer_scalars != "all" and (
-            isinstance(layer_scalars, bool) or not isinstance(layer_scalars, int) or layer_scalars < 0
-        ):
-            _invalid("layer_scalars", "an int >= 0 or 'all'", layer_scalars)
-        if isinstance(tags, str):
-            _invalid("tags", "a list of strings, not one string", tags)
-        if not (isinstance(alert_every, int | float) and alert_every >= 0):
-            _invalid("alert_every", "a number of seconds >= 0", alert_every)
-        if loss_key is not None and (not loss_key or loss_key.startswith(("grad/", "grad_norm/"))):
+        if layer_scalars != "all":
+            try:
+                count(_option("layer_scalars"), layer_scalars, minimum=0)
+            except ValueError:
+                _invalid("layer_scalars", "an int >= 0 or 'all'", layer_scalars)
+        for option, flag in (("histogram", histogram), ("alerts", alerts)):
+            if not isinstance(flag, bool):
+                _invalid(option, "True or False", flag)
+        if mode is not None and mode not in _MODES:
+            _invalid("mode", f"one of {list(_MODES)} or None", mode)
+        if loss_key is not None and (not isinstance(loss_key, str) or not loss_key
+                                     or loss_key.startswith(("grad/", "grad_norm/"))):  # fmt: skip
             _invalid("loss_key", "None or a non-empty key outside grad/ and grad_norm/", loss_key)
+        if dir is not None and not (isinstance(dir, str | os.PathLike) and os.fspath(dir)):
+            _invalid("dir", "a path", dir)
         directory = None if dir is None else os.fspath(dir)
         values = (project, entity, name, group, job_type, notes, mode, directory)
+        for option, setting in zip(_INIT_OPTIONS, values, strict=True):
+            text(_option(option), setting)
         self._init_options = {key: value for key, value in zip(_INIT_OPTIONS, values, strict=True) if value}
-        self.tags = tuple(tags)
-        self.extra_config = dict(config or {})
-        self.init_kwargs = dict(init_kwargs or {})
+        self.tags = texts(_option("tags"), tags)
+        self.extra_config = mapping(_option("config"), config)
+        self.init_kwargs = mapping(_option("init_kwargs"), init_kwargs)
         self.layer_scalars = layer_scalars
         self.histogram = histogram
         self.alerts = alerts
-        self.alert_every = float(alert_every)
+        self.alert_every = seconds(_option("alert_every"), alert_every)
         # The factory runs on the training thread, where the user's run is visible as wandb.run.
         self._user_run = _active_run()
         if loss_key == "auto":
@@ -162,6 +174,18 @@ class WandbBackend:
         if self._owned:
             run.finish(exit_code=_EXIT_CODES[end.status])
         self._run = None
+
+    @hookimpl
+    def gradtrack_flush(self, timeout: float) -> None:
+        """Wait until wandb-core has taken everything logged so far: one round trip through its queue,
+        which it answers after the records before it (wandb has no public flush)."""
+        run = self._run
+        if run is None:
+            return
+        try:
+            run._backend.interface.deliver_get_summary().wait_or(timeout=timeout)
+        except Exception as exc:  # a private API of wandb's: if it moved, flushing is all that is lost
+            log.debug("wandb flush round trip failed: %r", exc)
 
     # -- per step ---------------------------------------------------------------------------------
 
@@ -252,8 +276,12 @@ class WandbBackend:
         self._run.summary[SUMMARY_KEY] = dict(self._state)
 
 
+def _option(name: str) -> str:
+    return f"wandb option {name!r}"
+
+
 def _invalid(option: str, expected: str, value: object) -> NoReturn:
-    raise ValueError(f"wandb option {option!r} must be {expected}, got {value!r}")
+    raise ValueError(f"{_option(option)} must be {expected}, got {value!r}")
 
 
 def _nan_first(item: tuple[str, float]) -> float:
