@@ -1,7 +1,8 @@
 """Keeping credentials out of everything gradtrack writes: files, warnings, messages.
 
 The credentials a run may carry: the user and password in a tracking URI
-(``https://user:password@host``), and the values of ``SECRET_VARIABLES`` in the environment. Every text
+(``https://user:password@host``), and the values of ``SECRET_VARIABLES`` in the environment. (A user
+name alone, ``MLFLOW_TRACKING_USERNAME``, is no secret: MLflow itself records it as ``mlflow.user``.) Every text
 gradtrack writes where a person or another program may read it (a spool line, ``rejected.jsonl``, a
 warning, a message from the reporter) goes through ``redact`` first; a URI kept for later use goes
 through ``strip_userinfo``, and the credentials come back from the environment or the command line.
@@ -20,7 +21,6 @@ MASK = "***"
 SECRET_VARIABLES = (
     "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_USERNAME",
     "WANDB_API_KEY",
     "DATABRICKS_TOKEN",
 )

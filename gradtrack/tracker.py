@@ -285,7 +285,7 @@ class GradTracker:
         if not params:
             return None
         measured = self._params if self.optimizer is None else params
-        closure = kwargs.get("closure", args[0] if args else None)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
         if callable(closure):  # the gradients do not exist yet: measure them where the closure makes them
             return self._with_measuring_closure(closure, measured, optimizer, args, kwargs)
         if self._iteration.starts(optimizer, params):
@@ -319,7 +319,7 @@ class GradTracker:
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": measuring_closure}
-        return (measuring_closure, *args[1:]), kwargs
+        return (args[0], measuring_closure, *args[2:]), kwargs
 
     def _measure(
         self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None, amp: AmpState | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -420,3 +421,36 @@ def test_an_optimizer_that_steps_every_other_iteration_still_makes_one_step_each
                 sometimes.step()  # first in this iteration: its gradients changed since the last measurement
             every.step()
     assert tracker.steps == 6
+
+
+def test_closure_optimizers_are_measured_on_the_gradients_the_closure_makes(recorder: RecordingBackend) -> None:
+    ours, theirs = mlp(seed=9), mlp(seed=9)
+    x, y = regression_batches(1, seed=9)[0]
+
+    def make_closure(model: nn.Module, optimizer: torch.optim.Optimizer, clip: bool) -> Any:
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x).squeeze(-1), y) * 10
+            loss.backward()
+            if clip:  # the reference: what a user would write by hand inside the closure
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True).item())
+            return loss
+        return closure
+
+    norms: list[float] = []
+    reference = torch.optim.LBFGS(theirs.parameters(), lr=0.5, max_iter=4)
+    firsts = []
+    for _ in range(3):
+        before = len(norms)
+        reference.step(make_closure(theirs, reference, clip=True))
+        firsts.append(norms[before])  # the gradient at the point each step starts from
+    optimizer = torch.optim.LBFGS(ours.parameters(), lr=0.5, max_iter=4)
+    with GradTracker(ours, backend=recorder) as tracker:
+        for _ in range(3):
+            optimizer.step(make_closure(ours, optimizer, clip=False))
+    steps = recorder.of("step")
+    assert tracker.steps == 3 and len(steps) == 3  # one gradtrack step per optimizer step, not per evaluation
+    assert [s.total_norm for s in steps] == pytest.approx(firsts, rel=1e-6)  # fresh gradients, never stale
+    assert all(s.loss is not None for s in steps)  # the closure's loss, observed for you
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # every evaluation clipped as by hand

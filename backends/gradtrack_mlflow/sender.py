@@ -225,11 +225,11 @@ class Sender:
 
     def _execute(self, op: Op) -> bool:
         """Send one operation; True when it is settled (sent, or set aside for good)."""
-        if op["op"] == "create_run":
-            op["attempted"] = True  # a retry, live or from the spool, first looks for the run it may have made
         try:
             self.sink.execute(op)
         except Exception as exc:
+            if op["op"] == "create_run":  # the store may have made the run before the answer was lost:
+                op["attempted"] = True  # a retry, live or from the spool, first looks for it
             return self._handle_failure(op, exc)
         self._unexpected = 0
         return True
@@ -238,18 +238,19 @@ class Sender:
         """Send the spool, then what the spool could not take, in order; with ``slice_s``, return after
         that long to take the inbox again."""
         stop_at = math.inf if slice_s is None else time.monotonic() + slice_s
-        start = self.spool.offset
         try:
-            for index, op in self.spool.pending():
-                if not self._may_send():
-                    return
-                if time.monotonic() >= stop_at and index > start:
-                    self._next_retry = time.monotonic()  # more to replay: go on after this cycle
-                    return
-                if not self._execute(op):
-                    return
-                self.spool.set_offset(index + 1)
-            self.spool.clear()
+            if self.spool.path.exists():
+                start = self.spool.offset
+                for index, op in self.spool.pending():
+                    if not self._may_send():
+                        return
+                    if time.monotonic() >= stop_at and index > start:
+                        self._next_retry = time.monotonic()  # more to replay: go on after this cycle
+                        return
+                    if not self._execute(op):
+                        return
+                    self.spool.set_offset(index + 1)
+                self.spool.clear()
         except OSError as exc:  # the spool cannot be read or its offset written: retry later
             self._spool_failed(exc)
             return

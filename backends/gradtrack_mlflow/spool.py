@@ -57,7 +57,11 @@ class Spool:
     def at(cls, path: str | os.PathLike[str]) -> Spool:
         """The spool of a directory or of its ``spool.jsonl`` file (what the replay command takes)."""
         target = Path(path)
-        return cls(target.parent if target.suffix == ".jsonl" else target)
+        if target.is_dir() or target.suffix != ".jsonl":
+            return cls(target)
+        spool = cls(target.parent)
+        spool.path = target  # whatever its name: replay reads the file it was given, and checks it
+        return spool
 
     def append(self, ops: Sequence[dict[str, Any]]) -> None:
         """Write ``ops`` durably (fsync) before returning; raises OSError when the disk refuses."""
