@@ -10,6 +10,7 @@ demo: $(STAMP)
 	$(PY) examples/rnn_explosion_demo.py
 
 test: $(STAMP)
+	bash scripts/system-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra

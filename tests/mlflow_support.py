@@ -26,8 +26,10 @@ def free_port() -> int:
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a sqlite store in ``root``; can be stopped and restarted."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, store: str | None = None, workers: int = 1) -> None:
         self.root = root
+        self.store = store or f"sqlite:///{root / 'mlflow.db'}"
+        self.workers = workers
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -36,8 +38,8 @@ class MlflowServer:
     def start(self, timeout: float = 90.0) -> None:
         mlflow = Path(sys.executable).with_name("mlflow")
         command = [
-            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
+            "--backend-store-uri", self.store,
             "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
         ]  # fmt: skip
         log = self.log_path.open("ab")
