@@ -1,4 +1,4 @@
-"""Step time and queue bounds when the MLflow tracking server is slow or silent (issue 5).
+"""Step time and backlog bounds when the MLflow tracking server is slow or silent (issue 5).
 
 Issue 5's target: "A tracking server 500 ms slow per request (a loopback proxy that delays), or not
 answering at all: step time stays within 1.05x of no backend; the queue stays bounded."
@@ -9,24 +9,36 @@ a silent server accepts connections and never answers. Four configurations, each
 own copy of the model and its own optimizer, all open at once:
 
 * (a) gradtrack, ``backend=None``;
-* (b) gradtrack + MLflow straight to the server;
-* (c) gradtrack + MLflow through the delaying proxy;
-* (d) gradtrack + MLflow to the silent server.
+* (b) gradtrack + ``backend="mlflow"`` straight to the server;
+* (c) gradtrack + ``backend="mlflow"`` through the delaying proxy;
+* (d) gradtrack + ``backend="mlflow"`` to the silent server.
+
+The backend is named by string, as users name it, so it runs where users get it: in gradtrack's
+reporter process (``python -m gradtrack.reporter_main``, niced to 19, one per tracker), which the
+training process feeds one pickled message per record through a non-blocking pipe.
 
 Three phases per ``layer_every``:
 
 1. **timing**: the configurations take turns block by block (A B C D, B C D A, ...), warm-up dropped,
-   medians compared with (a). Every backend's threads run throughout, as in a real run, so the table
-   also gives the CPU time each configuration's background threads (gradtrack's worker and the MLflow
-   sender) spent per step: on a small machine that time is taken from training.
+   medians compared with (a). Every reporter process runs throughout, as in a real run, so the table
+   also gives the CPU time each configuration's reporter process (and its children) spent per step,
+   and that of the training process's pump thread (which writes what the pipe did not take at once):
+   on a small machine with no idle core that time is taken from training, niced or not.
 2. **soak**: (b), (c), (d) each train alone for ``--soak-s`` seconds, the way a real run feeds its
    backend without pauses; the backlog is sampled to see whether it levels off or keeps growing.
 3. **exit and delivery**: each ``with`` block is left and timed (bound: ``exit_timeout`` + 2 s); a spool
-   left behind is replayed with ``python -m gradtrack_mlflow replay <spool> --tracking-uri <server>``,
-   and the run's ``grad/total_norm`` values on the server are counted against the steps taken.
+   left behind (found as ``<spool_dir>/*/spool.jsonl``, or named by the ``SpoolLeftWarning`` the
+   reporter raises and the training process raises again) is replayed with
+   ``python -m gradtrack_mlflow replay <spool> --tracking-uri <server>``, and the run's
+   ``grad/total_norm`` values on the server are counted against the steps taken.
 
-Queues are read through private attributes (the tracker's ``_dispatcher``, its workers' ``_pending``
-deques, the MLflow sender's ``_inbox`` list): fine for a benchmark, which must see inside to measure them.
+The backlog measured is the one that can grow in the training process: records waiting as records
+(``Reporter._messages``, decimated past ``max_pending`` by gradtrack's back-pressure rule) and pickled
+bytes waiting for the pipe (``Reporter._out.pending``): private attributes, fine for a benchmark, which
+must see inside to measure them. The MLflow sender's inbox now lives in the reporter process, out of
+reach; it is bounded there by the sender's own rule (no cycle sends for longer than its ``SLICE_S``;
+the rest goes to the spool on disk and is caught up from there), and the reporter's RSS, sampled with
+psutil, shows whether it holds: both processes' RSS are in the tables.
 
     .venv/bin/python benchmarks/slow_server.py --quick     # < 2 minutes
     .venv/bin/python benchmarks/slow_server.py             # more steps, 20 s soak (< 5 minutes)
@@ -39,7 +51,9 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -63,7 +77,11 @@ from overhead import machine
 
 EXPERIMENT = "gradtrack-slow-server"
 LABELS = {"none": "a", "direct": "b", "slow": "c", "silent": "d"}
-EXIT_MARGIN_S = 2.0  # the sender's join allows exit_timeout + 1 s; one more for the dispatcher
+EXIT_MARGIN_S = 2.0  # the sender's close allows exit_timeout + 1 s; one more for the reporter to drain and exit
+PIPE_BYTES = 1 << 20  # the pipe gradtrack asks Linux for: what the reporter may not have read yet
+BYTES_BOUND = 32 << 20  # gradtrack's reporter keeps 16 MiB of frames before records wait as records, plus one frame
+REPORTER_RSS_GROWTH_MB = 64.0  # soak: the reporter's RSS in the last third at most this above the first third
+SPOOL_IN_WARNING = re.compile(r"kept in (\S+spool\.jsonl)")  # SpoolLeftWarning's text names the spool
 MAX_OPEN = 64  # connections each loopback server keeps open at most
 
 
@@ -212,14 +230,54 @@ def request_ms(url: str, timeout: float) -> float:
 
 
 @dataclass
+class Point:
+    """One sample of a configuration, taken while ``Peaks.series`` is on (during its soak)."""
+
+    time: float
+    records: int  # records waiting as records in the training process
+    pending_bytes: int  # pickled bytes waiting for the pipe in the training process
+    rss_mb: float  # the training process
+    reporter_rss_mb: float  # the reporter process and its children
+
+
+@dataclass
 class Peaks:
     """Largest values seen by the sampler, plus a time series while ``series`` is on."""
 
-    backlog: int = 0  # records waiting in gradtrack's dispatcher for this backend
-    inbox: int = 0  # fragments (one per step record) waiting in the MLflow sender's inbox
-    inbox_metrics: int = 0  # metric values in that inbox
-    spool: int = 0  # bytes in the spool file
-    series: list[tuple[float, int, int, float]] | None = None  # (time, inbox, backlog, rss MB)
+    records: int = 0  # records waiting as records in the training process (Reporter._messages)
+    pending_bytes: int = 0  # pickled bytes waiting for the pipe there (Reporter._out.pending)
+    spool: int = 0  # bytes in the spool file the reporter's MLflow backend writes
+    reporter_rss_mb: float = 0.0  # the reporter process and its children
+    series: list[Point] | None = None
+
+
+def _tree(process: psutil.Process) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return [process, *process.children(recursive=True)]
+    return []
+
+
+def tree_cpu_s(process: psutil.Process | None) -> float:
+    """User + system CPU seconds of ``process`` and its children (live, and reaped ones); 0 once it is gone."""
+    if process is None:
+        return 0.0
+    total = 0.0
+    for member in _tree(process):
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def tree_rss_mb(process: psutil.Process | None) -> float:
+    """Resident set size of ``process`` and its children, MB; 0 once it is gone."""
+    if process is None:
+        return 0.0
+    total = 0
+    for member in _tree(process):
+        with contextlib.suppress(psutil.Error):
+            total += member.memory_info().rss
+    return total / 2**20
 
 
 class Case(Tracked):
@@ -231,12 +289,14 @@ class Case(Tracked):
     ) -> None:  # fmt: skip
         super().__init__(model, x, y, workdir)
         self.key, self.uri, self.title, self.layer_every, self.args = key, uri, title, layer_every, args
-        self.backend = "mlflow" if uri else None
+        self.backend = "mlflow" if uri else None  # by name: the backend runs in the reporter process
         self.run_name = f"{key}-layer_every-{layer_every}-{os.getpid()}"
         self.peaks = Peaks()
         self.exit_s: float | None = None
-        self.spool_path: Path | None = None
-        self.mlflow: Any = None
+        self.reporter: Any = None  # the tracker's gradtrack.reporter.Reporter (None for backend=None)
+        self.process: psutil.Process | None = None  # the reporter process
+        self.warned_spool: Path | None = None  # the spool a SpoolLeftWarning named
+        self.dropped = 0  # records dropped in the training process, read at exit
 
     def backend_options(self) -> dict[str, dict[str, Any]] | None:
         if not self.uri:
@@ -244,47 +304,59 @@ class Case(Tracked):
         return {
             "mlflow": {
                 "tracking_uri": self.uri, "experiment_name": EXPERIMENT, "run_name": self.run_name,
-                "spool_dir": str(self.workdir / "spool"), "exit_timeout": self.args.exit_timeout,
+                "spool_dir": str(self.spool_dir), "exit_timeout": self.args.exit_timeout,
                 "request_timeout": self.args.request_timeout,
             }
         }  # fmt: skip
 
+    @property
+    def spool_dir(self) -> Path:
+        return self.workdir / "spool"
+
+    def spool_path(self) -> Path | None:
+        """The spool the MLflow backend writes in the reporter: ``<spool_dir>/<run_key>/spool.jsonl``."""
+        found = sorted(self.spool_dir.glob("*/spool.jsonl"))
+        return found[0] if found else None
+
     def open(self) -> None:
         super().open()
-        self.tracker.flush(30.0)  # run_start handled: the MLflow backend has its sender now
-        workers = self.tracker._pipeline.dispatcher._workers
-        self.mlflow = workers[0].manager.get_plugin("mlflow") if workers else None
-        if self.mlflow is not None:
-            self.spool_path = self.mlflow.spool.path
+        self.tracker.flush(30.0)  # the reporter is up and run_start handled: the MLflow backend has its sender
+        self.reporter = self.tracker._pipeline.outbox.reporter
+        if self.reporter is not None:
+            self.process = psutil.Process(self.reporter.process.pid)
 
-    def threads(self) -> list[threading.Thread]:
-        """gradtrack's worker thread and the MLflow sender thread of this configuration."""
-        found = [w.thread for w in self.tracker._pipeline.dispatcher._workers]
-        sender = getattr(self.mlflow, "sender", None)
-        return found + ([sender.thread] if sender is not None else [])
+    def reporter_cpu_s(self) -> float:
+        """CPU seconds of this configuration's reporter process (and its children) so far."""
+        return tree_cpu_s(self.process)
+
+    def pump_cpu_s(self) -> float:
+        """CPU seconds of the reporter's pump thread in the training process so far."""
+        return cpu_seconds([self.reporter._pump]) if self.reporter is not None else 0.0
 
     def sample(self) -> None:
-        """Read the queues (private attributes, see the module docstring) into ``peaks``."""
-        if not getattr(self, "tracker", None) or not self.tracker._active:
+        """Read the training-side backlog (private attributes, see the module docstring) into ``peaks``."""
+        if not getattr(self, "tracker", None) or not self.tracker._active or self.reporter is None:
             return
         peaks = self.peaks
-        backlog = sum(len(w._pending) for w in self.tracker._pipeline.dispatcher._workers)
-        sender = getattr(self.mlflow, "sender", None)
-        inbox = list(sender._inbox) if sender is not None else []
-        metrics = sum(len(item.get("metrics", ())) for item in inbox)
-        spool = self.spool_path.stat().st_size if self.spool_path and self.spool_path.exists() else 0
-        peaks.backlog = max(peaks.backlog, backlog)
-        peaks.inbox = max(peaks.inbox, len(inbox))
-        peaks.inbox_metrics = max(peaks.inbox_metrics, metrics)
+        with self.reporter._lock:  # between two sends, as the training thread leaves it
+            records, pending = len(self.reporter._messages), self.reporter._out.pending
+        spool = 0
+        with contextlib.suppress(OSError):  # the backend may remove it under our feet
+            spool = path.stat().st_size if (path := self.spool_path()) is not None else 0
+        reporter_rss = tree_rss_mb(self.process)
+        peaks.records = max(peaks.records, records)
+        peaks.pending_bytes = max(peaks.pending_bytes, pending)
         peaks.spool = max(peaks.spool, spool)
+        peaks.reporter_rss_mb = max(peaks.reporter_rss_mb, reporter_rss)
         if peaks.series is not None:
             rss = psutil.Process().memory_info().rss / 2**20
-            peaks.series.append((time.monotonic(), len(inbox), backlog, rss))
+            peaks.series.append(Point(time.monotonic(), records, pending, rss, reporter_rss))
 
     def close(self) -> None:
         began = time.monotonic()
         super().close()
         self.exit_s = time.monotonic() - began
+        self.dropped = self.tracker._pipeline.outbox.dropped
 
 
 def cpu_seconds(threads: Sequence[threading.Thread]) -> float:
@@ -299,12 +371,12 @@ def cpu_seconds(threads: Sequence[threading.Thread]) -> float:
 
 
 class Sampler:
-    """Samples every case's queues every ``period`` seconds on its own thread."""
+    """Samples every case's backlog every ``period`` seconds on its own thread."""
 
     def __init__(self, cases: Sequence[Case], period: float = 0.05) -> None:
         self.cases, self.period = cases, period
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="queue-sampler", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="backlog-sampler", daemon=True)
 
     def __enter__(self) -> Sampler:
         self.thread.start()
@@ -329,21 +401,30 @@ class Soak:
     seconds: float
     steps: int
     step_ms: float
-    inbox_first: int  # largest inbox in the first third of the soak
-    inbox_last: int  # ... and in the last third
-    backlog_max: int
-    rss_growth_mb: float
+    reporter_cpu_ms: float  # the reporter process's CPU per step during the soak
+    records_first: int  # largest training-side record backlog in the first third of the soak
+    records_last: int  # ... and in the last third
+    bytes_first: int  # largest training-side byte backlog in the first third
+    bytes_last: int  # ... and in the last third
+    rss_growth_mb: float  # the training process, first sample to last
+    reporter_rss_first_mb: float  # largest reporter RSS in the first third
+    reporter_rss_last_mb: float  # ... and in the last third
 
     @property
     def bounded(self) -> bool:
-        return self.inbox_last <= 1.5 * self.inbox_first + 100
+        return (
+            self.records_last <= 1.5 * self.records_first + 100
+            and self.bytes_last <= 1.5 * self.bytes_first + PIPE_BYTES
+            and self.reporter_rss_last_mb <= self.reporter_rss_first_mb + REPORTER_RSS_GROWTH_MB
+        )
 
 
 @dataclass
 class Delivery:
     steps: int
-    dropped: int
-    spool_left: bool
+    dropped: int  # in the training process
+    dropped_total: int | None  # gradtrack.summary.dropped_records on the server: both processes
+    spool: Path | None
     replay_s: float | None
     replay_note: str
     on_server: int | None
@@ -354,7 +435,8 @@ class Round:
     layer_every: int
     cases: dict[str, Case]
     samples: dict[str, Samples]
-    bg_cpu_ms: dict[str, float]
+    reporter_cpu_ms: dict[str, float]
+    pump_cpu_ms: dict[str, float]
     soaks: dict[str, Soak] = field(default_factory=dict)
     deliveries: dict[str, Delivery] = field(default_factory=dict)
     warnings: Counter[str] = field(default_factory=Counter)
@@ -364,47 +446,72 @@ class Round:
 
 
 def soak(case: Case, seconds: float) -> Soak:
-    """Train ``case`` alone for ``seconds`` while the sampler records its inbox and the process RSS."""
+    """Train ``case`` alone for ``seconds`` while the sampler records its backlog and both processes' RSS."""
     case.peaks.series = []
+    cpu_before = case.reporter_cpu_s()
     began, times = time.monotonic(), []
     while time.monotonic() - began < seconds:
         start = time.perf_counter()
         case.train_step()
         times.append(time.perf_counter() - start)
+    cpu = case.reporter_cpu_s() - cpu_before
     case.sample()
     series, case.peaks.series = case.peaks.series, None
     third = (time.monotonic() - began) / 3
-
-    def largest(part: list[tuple[float, int, int, float]]) -> int:
-        return max((inbox for _, inbox, _, _ in part), default=0)
-
+    first = [p for p in series if p.time < began + third]
+    last = [p for p in series if p.time >= began + 2 * third]
     return Soak(
         seconds=time.monotonic() - began,
         steps=len(times),
         step_ms=statistics.median(times) * 1e3,
-        inbox_first=largest([s for s in series if s[0] < began + third]),
-        inbox_last=largest([s for s in series if s[0] >= began + 2 * third]),
-        backlog_max=max((backlog for _, _, backlog, _ in series), default=0),
-        rss_growth_mb=(series[-1][3] - series[0][3]) if len(series) > 1 else 0.0,
+        reporter_cpu_ms=cpu * 1e3 / max(1, len(times)),
+        records_first=max((p.records for p in first), default=0),
+        records_last=max((p.records for p in last), default=0),
+        bytes_first=max((p.pending_bytes for p in first), default=0),
+        bytes_last=max((p.pending_bytes for p in last), default=0),
+        rss_growth_mb=(series[-1].rss_mb - series[0].rss_mb) if len(series) > 1 else 0.0,
+        reporter_rss_first_mb=max((p.reporter_rss_mb for p in first), default=0.0),
+        reporter_rss_last_mb=max((p.reporter_rss_mb for p in last), default=0.0),
     )
+
+
+def spools_warned(records: Sequence[warnings.WarningMessage], cases: Sequence[Case]) -> None:
+    """Give each case the spool a ``SpoolLeftWarning`` (raised again here from the reporter) names."""
+    for record in records:
+        if record.category.__name__ != "SpoolLeftWarning":
+            continue
+        match = SPOOL_IN_WARNING.search(str(record.message))
+        if match is None:
+            continue
+        path = Path(match.group(1))
+        for case in cases:
+            if case.spool_dir.resolve() in path.resolve().parents:
+                case.warned_spool = path
 
 
 def replay_and_count(case: Case, server: str) -> Delivery:
     """Replay the spool ``case`` left (if any) to ``server``; count its run's ``grad/total_norm`` there."""
     from mlflow.tracking import MlflowClient
 
-    steps, dropped = case.tracker.steps, case.tracker._pipeline.dispatcher.dropped
-    left = case.spool_path is not None and case.spool_path.exists()
-    replay_s, note = None, ""
-    if left:
+    found = case.spool_path()
+    spool = found or (case.warned_spool if case.warned_spool and case.warned_spool.exists() else None)
+    notes = []
+    if found is not None and case.warned_spool is None:
+        notes.append("spool left without a SpoolLeftWarning")
+    elif case.warned_spool is not None and found != case.warned_spool:
+        notes.append(f"SpoolLeftWarning names {case.warned_spool}, found {found}")
+    replay_s = None
+    if spool is not None:
         began = time.monotonic()
-        command = [sys.executable, "-m", "gradtrack_mlflow", "replay", str(case.spool_path), "--tracking-uri", server]
+        command = [sys.executable, "-m", "gradtrack_mlflow", "replay", str(spool), "--tracking-uri", server]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
         replay_s = time.monotonic() - began
         lines = (done.stdout + done.stderr).strip().splitlines()
-        note = lines[-1] if lines else ""
-        if done.returncode:
-            note = f"replay exit {done.returncode}: {note}"
+        notes.insert(0, f"replay exit {done.returncode}: " if done.returncode else "")
+        notes[0] += lines[-1] if lines else ""
+        with contextlib.suppress(OSError, ValueError, IndexError):  # the temporary directory goes: say why here
+            refused = json.loads((spool.parent / "rejected.jsonl").read_text().splitlines()[0])
+            notes.append(f"first refused: {refused['op'].get('op')} {str(refused.get('error'))[:200]}")
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = (
@@ -413,9 +520,11 @@ def replay_and_count(case: Case, server: str) -> Delivery:
         else []
     )
     on_server = len(client.get_metric_history(runs[0].info.run_id, "grad/total_norm")) if runs else None
+    total = runs[0].data.metrics.get("gradtrack.summary.dropped_records") if runs else None
     if len(runs) > 1:
-        note += f" ({len(runs)} runs named {case.run_name}!)"
-    return Delivery(steps, dropped, left, replay_s, note, on_server)
+        notes.append(f"{len(runs)} runs named {case.run_name}!")
+    dropped_total = None if total is None else int(total)
+    return Delivery(case.tracker.steps, case.dropped, dropped_total, spool, replay_s, "; ".join(notes), on_server)
 
 
 def run_round(layer_every: int, uris: dict[str, str], server: str, args: argparse.Namespace, workdir: Path) -> Round:
@@ -442,14 +551,15 @@ def run_round(layer_every: int, uris: dict[str, str], server: str, args: argpars
                 case.open()
                 opened.append(case)
             with Sampler(list(cases.values())):
-                cpu_before = {k: cpu_seconds(c.threads()) for k, c in cases.items()}
+                before = {k: (c.reporter_cpu_s(), c.pump_cpu_s()) for k, c in cases.items()}
                 samples = interleave(
                     {k: c.train_step for k, c in cases.items()}, Clock(device), args.steps, args.warmup, args.block,
                     settle={k: c.settle for k, c in cases.items()},
                 )  # fmt: skip
                 calls = args.steps + args.warmup
-                bg_cpu = {k: (cpu_seconds(c.threads()) - cpu_before[k]) * 1e3 / calls for k, c in cases.items()}
-                result = Round(layer_every, cases, samples, bg_cpu)
+                reporter_cpu = {k: (c.reporter_cpu_s() - before[k][0]) * 1e3 / calls for k, c in cases.items()}
+                pump_cpu = {k: (c.pump_cpu_s() - before[k][1]) * 1e3 / calls for k, c in cases.items()}
+                result = Round(layer_every, cases, samples, reporter_cpu, pump_cpu)
                 for key in ("direct", "slow", "silent"):
                     result.soaks[key] = soak(cases[key], args.soak_s)
                 for case in reversed(opened):
@@ -458,6 +568,7 @@ def run_round(layer_every: int, uris: dict[str, str], server: str, args: argpars
         finally:
             for case in opened:
                 case.close()
+        spools_warned(records, list(cases.values()))
         for record in records:
             caught[f"{record.category.__name__}: {str(record.message)[:160]}"] += 1
     result.warnings = caught
@@ -476,55 +587,68 @@ def _kb(value: int) -> str:
 def round_tables(r: Round, args: argparse.Namespace) -> str:
     rows = []
     for key, case in r.cases.items():
-        spool = r.deliveries.get(key)
+        delivery, has = r.deliveries.get(key), case.reporter is not None
         rows.append(
             [
                 f"({LABELS[key]}) {case.title}",
                 f"{r.samples[key].median_ms:.2f}",
                 f"{r.ratio(key):.3f}x",
-                f"{r.bg_cpu_ms[key]:.2f}",
-                f"{case.peaks.backlog:,}",
-                f"{case.peaks.inbox:,}" if case.mlflow else "-",
-                f"{case.peaks.inbox_metrics:,}" if case.mlflow else "-",
-                _kb(case.peaks.spool) if case.mlflow else "-",
+                f"{r.reporter_cpu_ms[key]:.2f}" if has else "-",
+                f"{r.pump_cpu_ms[key]:.3f}" if has else "-",
+                f"{case.peaks.records:,}" if has else "-",
+                _kb(case.peaks.pending_bytes) if has else "-",
+                f"{case.peaks.reporter_rss_mb:,.0f}" if has else "-",
+                _kb(case.peaks.spool) if has else "-",
                 "-" if case.exit_s is None else f"{case.exit_s:.2f}",
-                "-" if spool is None else ("yes" if spool.spool_left else "no"),
+                "-" if delivery is None else ("yes" if delivery.spool else "no"),
             ]
         )
     out = [table(
-        ["configuration", "step ms", "vs (a)", "bg CPU ms/step", "dispatcher max", "inbox max", "inbox metrics max",
-         "spool max KB", "exit s", "spool left"],
+        ["configuration", "step ms", "vs (a)", "reporter CPU ms/step", "pump CPU ms/step", "records max",
+         "bytes max KB", "reporter RSS max MB", "spool max KB", "exit s", "spool left"],
         rows, args.markdown,
     )]  # fmt: skip
+    out.append(
+        "\nrecords / bytes: the backlog in the training process (records waiting as records, pickled bytes waiting\n"
+        "for the pipe); reporter CPU: the reporter process and its children; pump: its thread in the training process\n"
+    )
     rows = [
         [
             f"({LABELS[key]}) {r.cases[key].title}", f"{s.seconds:.1f}", f"{s.steps:,}", f"{s.step_ms:.2f}",
-            f"{s.inbox_first:,}", f"{s.inbox_last:,}", f"{s.backlog_max:,}", f"{s.rss_growth_mb:+.1f}",
+            f"{s.reporter_cpu_ms:.2f}", f"{s.records_first:,} -> {s.records_last:,}",
+            f"{_kb(s.bytes_first)} -> {_kb(s.bytes_last)}", f"{s.rss_growth_mb:+.1f}",
+            f"{s.reporter_rss_first_mb:,.0f} -> {s.reporter_rss_last_mb:,.0f}",
         ]
         for key, s in r.soaks.items()
     ]  # fmt: skip
     out.append(
-        f"\nsoak: each configuration trains alone for {args.soak_s:g} s; inbox = records waiting in the sender\n"
+        f"soak: each configuration trains alone for {args.soak_s:g} s; backlog and reporter RSS: largest in the\n"
+        "first third -> largest in the last third\n"
     )
     out.append(table(
-        ["configuration", "s", "steps", "step ms", "inbox max, 1st third", "inbox max, last third",
-         "dispatcher max", "RSS growth MB"], rows, args.markdown,
+        ["configuration", "s", "steps", "step ms", "reporter CPU ms/step", "records max", "bytes max KB",
+         "RSS growth MB", "reporter RSS MB"], rows, args.markdown,
     ))  # fmt: skip
     rows = [
         [
-            f"({LABELS[key]}) {r.cases[key].title}", f"{d.steps:,}", f"{d.dropped:,}", "yes" if d.spool_left else "no",
+            f"({LABELS[key]}) {r.cases[key].title}", f"{d.steps:,}", f"{d.dropped:,}",
+            "-" if d.dropped_total is None else f"{d.dropped_total:,}", "yes" if d.spool else "no",
             "-" if d.replay_s is None else f"{d.replay_s:.1f}", "-" if d.on_server is None else f"{d.on_server:,}",
             "yes" if d.on_server == d.steps else "NO",
         ]
         for key, d in r.deliveries.items()
     ]  # fmt: skip
-    out.append("\ndelivery: steps taken vs grad/total_norm values on the real server (after replaying any spool)\n")
+    out.append(
+        "\ndelivery: steps taken vs grad/total_norm values on the real server (after replaying any spool); dropped\n"
+        "here: in the training process; dropped_records: the run's summary on the server (both processes)\n"
+    )
     out.append(table(
-        ["configuration", "steps", "dropped", "spool left", "replay s", "on server", "all there"], rows, args.markdown
+        ["configuration", "steps", "dropped here", "dropped_records", "spool left", "replay s", "on server",
+         "all there"], rows, args.markdown,
     ))  # fmt: skip
     for key, d in r.deliveries.items():
         if d.replay_note:
-            out.append(f"  ({LABELS[key]}) replay: {d.replay_note}")
+            out.append(f"  ({LABELS[key]}) {d.replay_note}")
     for message, count in r.warnings.items():
         out.append(f"  warning x{count}: {message}")
     return "\n".join(out)
@@ -544,12 +668,19 @@ def targets(rounds: Sequence[Round], args: argparse.Namespace) -> list[str]:
             line(ratio <= 1.05, f"{tag}: step ({LABELS[key]}) / step (a) = {ratio:.3f}x; target <= 1.05x")
         for key in ("direct", "slow", "silent"):
             case, s = r.cases[key], r.soaks[key]
-            backlog = max(case.peaks.backlog, s.backlog_max)
-            line(backlog <= bound, f"{tag}: ({LABELS[key]}) dispatcher backlog max {backlog:,}; bound {bound:,}")
+            records = max(case.peaks.records, s.records_first, s.records_last)
+            pending = max(case.peaks.pending_bytes, s.bytes_first, s.bytes_last)
             line(
-                case.peaks.inbox <= bound and s.bounded,
-                f"{tag}: ({LABELS[key]}) sender inbox max {case.peaks.inbox:,} records (bound {bound:,}); "
-                f"soak {s.inbox_first:,} -> {s.inbox_last:,} (bounded: last third <= 1.5x first third + 100)",
+                records <= bound and pending <= BYTES_BOUND,
+                f"{tag}: ({LABELS[key]}) training-side backlog max {records:,} records (bound {bound:,}), "
+                f"{_kb(pending)} KB waiting for the pipe (bound {_kb(BYTES_BOUND)} KB)",
+            )
+            line(
+                s.bounded,
+                f"{tag}: ({LABELS[key]}) soak records {s.records_first:,} -> {s.records_last:,}, "
+                f"bytes {_kb(s.bytes_first)} -> {_kb(s.bytes_last)} KB, reporter RSS "
+                f"{s.reporter_rss_first_mb:,.0f} -> {s.reporter_rss_last_mb:,.0f} MB (bounded: last third <= 1.5x "
+                f"first third + 100 records / + {_kb(PIPE_BYTES)} KB; reporter RSS + {REPORTER_RSS_GROWTH_MB:g} MB)",
             )
         for key in ("none", "direct", "slow", "silent"):
             exit_s = r.cases[key].exit_s or 0.0
@@ -559,7 +690,8 @@ def targets(rounds: Sequence[Round], args: argparse.Namespace) -> list[str]:
             line(
                 d.on_server == d.steps,
                 f"{tag}: ({LABELS[key]}) grad/total_norm on server {d.on_server} = steps {d.steps} "
-                f"(dropped {d.dropped}, spool {'replayed' if d.spool_left else 'none'})",
+                f"(dropped here {d.dropped}, dropped_records {d.dropped_total}, "
+                f"spool {'replayed' if d.spool else 'none'})",
             )
     return lines
 
