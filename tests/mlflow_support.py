@@ -130,6 +130,7 @@ class FaultProxy:
         self.requests: dict[str, int] = {}
         self._drops: dict[str, int] = {}
         self._refusals: dict[str, int] = {}
+        self.errors: list[str] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -142,6 +143,8 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):  # (an empty file is sent chunked)
+                    body = self._read_chunks()
                 mode = proxy.mode
                 if mode == "silent":
                     while proxy.mode == "silent" and not proxy.closed:
@@ -166,11 +169,19 @@ class FaultProxy:
                 if mode == "delay":
                     time.sleep(proxy.delay_s)
                 connection = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                connection.request(self.command, self.path, body=body, headers=headers)
-                response = connection.getresponse()
-                data = response.read()
-                connection.close()
+                dropped = ("host", "connection", "transfer-encoding", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                headers["Content-Length"] = str(len(body or b""))
+                try:
+                    connection.request(self.command, self.path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    data = response.read()
+                except OSError as exc:  # the upstream hung up: so does the proxy, as a real one would
+                    proxy.errors.append(f"{self.command} {self.path} {dict(headers)}: {exc!r}")
+                    self.close_connection = True
+                    return
+                finally:
+                    connection.close()
                 path = self.path.split("?")[0]
                 with proxy._lock:
                     proxy.requests[path] = proxy.requests.get(path, 0) + 1
@@ -187,6 +198,16 @@ class FaultProxy:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _read_chunks(self) -> bytes:
+                body = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()  # the blank line after the last chunk
+                        return body
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 

@@ -199,7 +199,10 @@ class MLflowBackend:
                 self.sender.put({"op": "log_artifact", "local_path": path, "artifact_path": "gradtrack"})
         if self.owns_run:
             self.sender.put({"op": "terminate", "status": _STATUS[end.status], "end_time": ms})
-        if self.sender.close(self.exit_timeout):
+        done = self.sender.close(self.exit_timeout)
+        if not done and not self.sender.held and not self.sender.thread.is_alive() and not self.spool.has_pending():
+            done = True  # offline at the deadline, but nothing was left to send
+        if done:
             if not self.spool.rejected_path.exists():
                 shutil.rmtree(self.spool.directory, ignore_errors=True)
                 if self._default_spool_dir:

@@ -1,0 +1,164 @@
+"""Step time, exit time and steps lost under each fault between gradtrack and a real MLflow server (issue 10).
+
+Every case trains the fast loop (a small MLP, every step logged, per-layer norms every 10 steps) for
+``--steps`` steps through the reporter process, with its fault during the middle third, and is compared
+with the same loop and no backend, measured in the same run. After the run the server is asked for
+every step's ``grad/total_norm`` (after a replay of the spool where one was left) and for the number of
+runs. The MLflow server and the fault proxy run on this machine's cores too: what they cost is in the
+ratios, as it would not be with a remote server.
+
+    .venv/bin/python benchmarks/faults.py            # ~4 minutes
+    .venv/bin/python benchmarks/faults.py --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from mlflow_support import FaultProxy, MlflowServer  # noqa: E402
+
+from gradtrack import GradTracker  # noqa: E402
+
+Fault = Callable[[int], None]
+
+
+def train(steps: int, backend: Any, options: dict[str, Any] | None, fault: Fault | None) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+    spent = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker = GradTracker(model, backend=backend, backend_options=options, close_timeout=10.0)
+        with tracker:
+            tracker.flush(60.0)  # the reporter is up and the run exists: the faults hit live traffic
+            for step in range(steps):
+                if fault is not None:
+                    fault(step)
+                began = time.perf_counter()
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                tracker.observe(loss)
+                optimizer.step()
+                spent.append(time.perf_counter() - began)
+            leaving = time.monotonic()
+        exit_s = time.monotonic() - leaving
+    warm = spent[steps // 10 :]
+    return {"step_ms": 1e3 * sum(warm) / len(warm), "exit_s": exit_s}
+
+
+def delivered(uri: str, experiment: str, spool_dir: Path) -> tuple[int, int, bool]:
+    """(steps on the server, runs in the experiment, whether a spool had to be replayed)."""
+    from mlflow.tracking import MlflowClient
+
+    replayed = False
+    for spool in spool_dir.glob("*/spool.jsonl"):
+        replayed = True
+        subprocess.run([sys.executable, "-m", "gradtrack_mlflow", "replay", str(spool), "--tracking-uri", uri],
+                       capture_output=True, timeout=600, check=False)  # fmt: skip
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    if not runs:
+        return 0, 0, replayed
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "grad/total_norm")}
+    return len(steps), len(runs), replayed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1500)
+    args = parser.parse_args()
+    steps = args.steps
+    third = range(steps // 3, 2 * steps // 3)
+    torch.set_num_threads(1)
+    workdir = Path(tempfile.mkdtemp(prefix="gradtrack-faults-"))
+    server = MlflowServer(workdir / "server")
+    (workdir / "server").mkdir()
+    server.start()
+    proxy = FaultProxy(server.uri)
+    probe_dir = workdir / "plugins"
+    dist_info = probe_dir / "gradtrack_probe-1.0.dist-info"  # tests/probe_plugin.py, installed as a plugin
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: gradtrack-probe\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[gradtrack]\nprobe = probe_plugin\n")
+    sys.path.insert(0, str(probe_dir))
+
+    def during(start: Callable[[], None], stop: Callable[[], None]) -> Fault:
+        def fault(step: int) -> None:
+            if step == third.start:
+                start()
+            elif step == third.stop:
+                stop()
+
+        return fault
+
+    def mode(name: str) -> Callable[[], None]:
+        return lambda: setattr(proxy, "mode", name)
+
+    blocked = workdir / "a-file"
+    blocked.write_text("not a directory")
+    cases: dict[str, tuple[str, Fault | None, dict[str, Any]]] = {
+        "healthy server": (proxy.uri, None, {}),
+        "HTTP 503 for a third of the run": (proxy.uri, during(mode("status"), mode("pass")), {}),
+        "silent for a third of the run": (proxy.uri, during(mode("silent"), mode("pass")), {}),
+        "every request 500 ms late": (proxy.uri, during(mode("delay"), mode("pass")), {}),
+        "server killed, restarted a third later": (server.uri, during(server.stop, server.start), {}),
+        "gone for the last third (spool, replay)": (proxy.uri, lambda s: mode("silent")() if s == third.stop else None,
+                                                    {"exit_timeout": 3.0}),
+        "unwritable spool directory, 503 a third": (proxy.uri, during(mode("status"), mode("pass")),
+                                                    {"spool_dir": str(blocked / "spool")}),
+        "a plugin raising in every hook": (proxy.uri, None, {}),
+    }
+    baseline = [train(steps, None, None, None)["step_ms"]]
+    rows = []
+    for name, (uri, fault, extra) in cases.items():
+        proxy.mode = "pass"
+        experiment = f"faults-{uuid.uuid4().hex[:8]}"
+        spool_dir = workdir / f"spool-{experiment}"
+        mlflow = {"tracking_uri": uri, "experiment_name": experiment, "spool_dir": str(spool_dir)}
+        options: dict[str, Any] = {"mlflow": {**mlflow, "request_timeout": 1.0, **extra}}
+        backend: Any = "mlflow"
+        if name.startswith("a plugin"):
+            backend = ["mlflow", "probe"]
+            options["probe"] = {"path": str(workdir / "probe.jsonl"), "fail_in": "*"}
+        result = train(steps, backend, options, fault)
+        baseline.append(train(steps, None, None, None)["step_ms"])  # interleaved: the machine drifts
+        proxy.mode = "pass"
+        time.sleep(1.0)
+        on_server, runs, replayed = delivered(server.uri, experiment, Path(options["mlflow"]["spool_dir"]))
+        rows.append((name, result, on_server, runs, replayed))
+    proxy.close()
+    server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+    base = sorted(baseline)[len(baseline) // 2]
+    print(f"faults on {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} (1 thread), "
+          f"{steps} steps a run, fault during steps {third.start}-{third.stop}; no backend: {base:.3f} ms/step")
+    print(f"\n{'fault':<42} {'step ms':>8} {'vs none':>8} {'exit s':>7} {'steps lost':>11} {'runs':>5} {'replay':>7}")
+    for name, result, on_server, runs, replayed in rows:
+        print(f"{name:<42} {result['step_ms']:8.3f} {result['step_ms'] / base:7.2f}x {result['exit_s']:7.2f} "
+              f"{steps - on_server:11d} {runs:5d} {'yes' if replayed else 'no':>7}")
+
+
+if __name__ == "__main__":
+    main()
