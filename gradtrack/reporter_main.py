@@ -41,6 +41,7 @@ from gradtrack.summary import RunSummary
 _POLL = 0.5  # seconds between checks that the parent is alive
 _TERM_GRACE = 5.0  # after SIGTERM, seconds to wait for the trainer to end the run before ending it killed
 LINGER_S = 600.0  # how long backends may take to finish the run, whoever is waiting for them
+BACKLOG_FACTOR = 20  # times the tracker's max_pending: each backend's queue bound in the reporter
 
 
 class _Acks:
@@ -137,7 +138,10 @@ def _start(incoming: Incoming, acks: _Acks) -> Dispatcher:
                 except Exception as exc:
                     acks.send("failed", f"gradtrack's reporter could not create backend {name!r}: {exc!r}")
                     raise SystemExit(2) from exc
-            dispatcher = Dispatcher(backends, max_pending=init["max_pending"])
+            # Here, off the training process, falling behind costs memory, not training time: a backend
+            # may fall much further behind before routine steps are decimated (a niced reporter on a busy
+            # machine catches up later).
+            dispatcher = Dispatcher(backends, max_pending=init["max_pending"] * BACKLOG_FACTOR)
             acks.send("ready")
             return dispatcher
     raise SystemExit(0)
