@@ -2,7 +2,7 @@
 
 The reporter is a separate Python process (``python -m gradtrack.reporter_main``), started with
 ``subprocess`` (fork and exec at once: never a bare fork of a process with torch threads or CUDA),
-in a session of its own so that a Ctrl-C meant for training does not reach it. It runs the backends;
+in a process group of its own so that a Ctrl-C meant for training does not reach it. It runs the backends;
 this side pickles each message and writes it at once to a non-blocking pipe (a few microseconds), so
 that what was handed over survives a SIGKILL of the training process. Nothing here waits, except
 ``flush`` and ``close``, which the user asks for.
@@ -260,6 +260,10 @@ def _spawn(data_read: int, ack_write: int) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "gradtrack.reporter_main", str(data_read), str(ack_write), str(os.getpid())],
         pass_fds=(data_read, ack_write),
         stdin=subprocess.DEVNULL,
-        start_new_session=True,
+        # A process group of its own: a Ctrl-C meant for training (SIGINT to the terminal's foreground
+        # group) does not reach it. Not a session of its own: where the kernel groups CPU shares by
+        # session (autogroup), the reporter's nice 19 would only rank it within its own session, and
+        # a busy reporter would take a full share from the trainers.
+        process_group=0,
         env=env,
     )
