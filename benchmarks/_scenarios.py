@@ -1,0 +1,354 @@
+"""The training scenarios of ``benchmarks/detection.py`` (issue 11): small models, synthetic data, CPU-sized.
+
+Each scenario builds, for one seed, a model, its optimizer, a batch for every step, the loss, a fixed
+evaluation set and (optionally) a learning-rate schedule. ``twin=True`` builds the *healthy twin* of a
+diverging scenario: the same model, data and seed with the one thing that makes it diverge removed (a safe
+learning rate, no poisoned batch, no learning-rate ramp). Everything is drawn from generators seeded by the
+seed, so every configuration of one seed sees the same initial weights and the same batches.
+
+Diverging scenarios (the unclipped, untracked run really blows up):
+
+* ``rnn``: a vanilla tanh RNN whose recurrent matrix has spectral radius 2, SGD at 0.2, 20 time steps;
+* ``deep-mlp``: a 16-layer plain ReLU MLP (no residuals, He init), SGD with momentum at a learning rate of 1.0;
+* ``transformer``: a 1-layer, width-32 pre-LN transformer, Adam at a learning rate of 1.0, no warm-up;
+* ``poison``: a healthy MLP run with one batch whose inputs are scaled by 1e6 (step 150);
+* ``lr-ramp``: an MLP whose learning rate grows exponentially (x1.04 per step);
+* ``lsq-edge``: full-batch least squares with a learning rate 1% above the stability limit 2/lambda_max:
+  the error along the top eigenvector grows by 1.02x a step, smoothly, without a single spike.
+
+Stable but noisy scenarios (must never be called diverged):
+
+* ``tiny-noisy``: batches of 4 with 30% of the labels replaced by random ones;
+* ``heavy-tail``: Student-t inputs with 1.5 degrees of freedom (infinite variance), Adam;
+* ``lr-switch``: the learning rate is multiplied by 3 and the batch size divided by 4 at step 150;
+* ``data-switch``: at step 150 the inputs move to another distribution (shifted, 3x wider, new labels).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["SCENARIOS", "Scenario", "Setup"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Setup:
+    """One run's ingredients; ``batch(step)`` must be called once per step, in order."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: Callable[[int], Batch]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    eval_set: Batch  # held out, from the distribution of the last steps: the final loss
+    lr_at: Callable[[int], float] | None = None
+    initial_set: Batch | None = None  # held out, from the first steps' distribution (None: eval_set): L0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    diverging: bool
+    steps: int
+    make: Callable[[int, bool], Setup]  # (seed, twin) -> Setup
+    twin: str = ""  # what the healthy twin changes ("" for stable scenarios: no twin)
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """``depth`` linear layers of ``width`` with ReLU in between, no residuals, He (Kaiming-normal) init."""
+
+    def __init__(self, inputs: int, width: int, depth: int, outputs: int) -> None:
+        super().__init__()
+        sizes = [inputs] + [width] * (depth - 1) + [outputs]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        for layer in self.layers:  # the signal keeps its scale through every layer: the deep net trains at all
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class TanhRNN(nn.Module):
+    """``h_t = tanh(W_h h_{t-1} + W_x x_t)``, W_h rescaled to spectral radius ``radius``; linear read-out."""
+
+    def __init__(self, inputs: int, hidden: int, radius: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.W_x = nn.Linear(inputs, hidden)
+        self.W_h = nn.Linear(hidden, hidden, bias=False)
+        self.readout = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            weight = torch.randn(hidden, hidden, generator=generator)
+            self.W_h.weight.copy_(weight * radius / torch.linalg.eigvals(weight).abs().max())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], self.W_h.in_features)
+        inputs = self.W_x(x)  # all time steps at once: only the recurrence stays in the loop
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.W_h(h) + inputs[:, t])
+        return self.readout(h).squeeze(-1)
+
+
+class Block(nn.Module):
+    """A pre-LN transformer block: causal multi-head self-attention, then a 2x MLP, each residual."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, length, width = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.out(attended.transpose(1, 2).reshape(batch, length, width))
+        return h + self.mlp(self.norm2(h))
+
+
+class TinyTransformer(nn.Module):
+    """A causal next-token model: embeddings, ``layers`` pre-LN blocks of width ``width``, a linear head.
+
+    No final LayerNorm (as in some small models), so nothing bounds the residual stream the head reads.
+    """
+
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(context, width) * 0.02)
+        self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(layers)))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(tokens) + self.position[: tokens.shape[1]]))
+
+
+# -- data -----------------------------------------------------------------------------------------------
+
+
+def _generator(seed: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1_000_003 * seed + salt)
+
+
+class Teacher:
+    """Labels from a fixed random two-layer network: a learnable classification task."""
+
+    def __init__(self, inputs: int, classes: int, generator: torch.Generator) -> None:
+        self.w1 = torch.randn(inputs, 64, generator=generator) / math.sqrt(inputs)
+        self.w2 = torch.randn(64, classes, generator=generator) / 8.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(x @ self.w1) @ self.w2).argmax(-1)
+
+
+def _noisy(labels: torch.Tensor, rate: float, classes: int, generator: torch.Generator) -> torch.Tensor:
+    if rate <= 0:
+        return labels
+    flip = torch.rand(labels.shape, generator=generator) < rate
+    return torch.where(flip, torch.randint(0, classes, labels.shape, generator=generator), labels)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(prediction.reshape(target.shape), target)
+
+
+INPUTS, CLASSES = 16, 8
+
+
+def _classification(
+    seed: int,
+    *,
+    depth: int,
+    width: int,
+    lr: float | Callable[[int], float],
+    batch: int | Callable[[int], int] = 32,
+    optimizer: str = "sgd",
+    label_noise: float = 0.0,
+    inputs: Callable[[int, int, torch.Generator], torch.Tensor] | None = None,
+    teacher_at: Callable[[int], int] | None = None,
+    poison_step: int | None = None,
+) -> Setup:
+    """An MLP classifier on teacher labels; every knob a scenario turns is an argument."""
+    data = _generator(seed, 11)
+    teachers = [Teacher(INPUTS, CLASSES, data), Teacher(INPUTS, CLASSES, data)]
+    draw = inputs or (lambda step, n, g: torch.randn(n, INPUTS, generator=g))
+    teacher_at = teacher_at or (lambda step: 0)
+    batch_at = batch if callable(batch) else (lambda step: batch)
+    torch.manual_seed(seed)
+    model = MLP(INPUTS, width, depth, CLASSES)
+    first_lr = lr(0) if callable(lr) else lr
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=first_lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=first_lr, momentum=0.9)
+
+    def make_batch(step: int) -> Batch:
+        x = draw(step, batch_at(step), data)
+        y = _noisy(teachers[teacher_at(step)](x), label_noise, CLASSES, data)
+        if step == poison_step:
+            x = x * 1e6
+        return x, y
+
+    def held_out(step: int) -> Batch:
+        generator = _generator(seed, 97)
+        x = draw(step, 512, generator)
+        return x, _noisy(teachers[teacher_at(step)](x), label_noise, CLASSES, generator)
+
+    schedule = lr if callable(lr) else None
+    return Setup(model, opt, make_batch, _cross_entropy, held_out(10**9), schedule, held_out(0))
+
+
+# -- diverging scenarios ------------------------------------------------------------------------------------
+
+
+RNN_HIDDEN, RNN_STEPS, RNN_INPUTS = 32, 20, 4
+
+
+def _rnn(seed: int, twin: bool) -> Setup:
+    weights = _generator(seed, 1)
+    torch.manual_seed(seed)
+    model = TanhRNN(RNN_INPUTS, RNN_HIDDEN, radius=2.0, generator=weights)
+    opt = torch.optim.SGD(model.parameters(), lr=0.03 if twin else 0.2)
+    data = _generator(seed, 2)
+
+    def make_batch(step: int, generator: torch.Generator = data, n: int = 16) -> Batch:
+        x = torch.randn(n, RNN_STEPS, RNN_INPUTS, generator=generator)
+        return x, x[:, -1, 0] + 0.5 * x[:, -2, 1]
+
+    return Setup(model, opt, make_batch, _mse, make_batch(0, _generator(seed, 3), 256))
+
+
+def _deep_mlp(seed: int, twin: bool) -> Setup:
+    return _classification(seed, depth=16, width=32, lr=0.02 if twin else 1.0)
+
+
+VOCAB, CONTEXT = 16, 16
+
+
+def _transformer(seed: int, twin: bool) -> Setup:
+    data = _generator(seed, 4)
+    # A sparse random Markov chain: each token has two likely successors, so the task is learnable.
+    logits = torch.full((VOCAB, VOCAB), -4.0)
+    successors = torch.randint(0, VOCAB, (VOCAB, 2), generator=data)
+    logits.scatter_(1, successors, 2.0)
+    transition = logits.softmax(-1)
+    torch.manual_seed(seed)
+    model = TinyTransformer(VOCAB, width=32, layers=1, heads=4, context=CONTEXT)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if twin else 1.0)
+
+    def sequences(n: int, generator: torch.Generator) -> Batch:
+        tokens = [torch.randint(0, VOCAB, (n,), generator=generator)]
+        for _ in range(CONTEXT):
+            tokens.append(torch.multinomial(transition[tokens[-1]], 1, generator=generator).squeeze(-1))
+        seq = torch.stack(tokens, 1)
+        return seq[:, :-1], seq[:, 1:]
+
+    return Setup(model, opt, lambda step: sequences(16, data), _cross_entropy, sequences(256, _generator(seed, 5)))
+
+
+def _poison(seed: int, twin: bool) -> Setup:
+    return _classification(seed, depth=3, width=64, lr=0.02, poison_step=None if twin else 150)
+
+
+def _lr_ramp(seed: int, twin: bool) -> Setup:
+    base = 0.005
+    return _classification(
+        seed, depth=4, width=64, lr=(lambda step: base) if twin else (lambda step: base * 1.04**step)
+    )
+
+
+LSQ_FEATURES, LSQ_SAMPLES = 16, 128
+
+
+def _lsq_edge(seed: int, twin: bool) -> Setup:
+    data = _generator(seed, 6)
+    scales = torch.logspace(0, 0.7, LSQ_FEATURES)  # feature scales 1 to 5: a spread spectrum
+
+    def draw(n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, LSQ_FEATURES, generator=generator) * scales
+
+    w_true = torch.randn(LSQ_FEATURES, generator=data)
+    x = draw(LSQ_SAMPLES, data)
+    y = x @ w_true + 0.1 * torch.randn(LSQ_SAMPLES, generator=data)
+    lambda_max = torch.linalg.eigvalsh(2.0 * x.T @ x / LSQ_SAMPLES).max().item()  # Hessian of the mean squared error
+    torch.manual_seed(seed)
+    model = nn.Linear(LSQ_FEATURES, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=(1.0 if twin else 2.02) / lambda_max)
+    held_out = _generator(seed, 7)
+    x_eval = draw(512, held_out)
+    y_eval = x_eval @ w_true + 0.1 * torch.randn(512, generator=held_out)
+    return Setup(model, opt, lambda step: (x, y), _mse, (x_eval, y_eval))
+
+
+# -- stable scenarios -----------------------------------------------------------------------------------------
+
+
+def _tiny_noisy(seed: int, twin: bool) -> Setup:
+    return _classification(seed, depth=3, width=64, lr=0.02, batch=4, label_noise=0.3)
+
+
+def _heavy_tail(seed: int, twin: bool) -> Setup:
+    student = torch.distributions.StudentT(torch.tensor(1.5))
+
+    def draw(step: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        # StudentT.sample takes no generator: build it from a normal and a chi-square drawn from ours.
+        normal = torch.randn(n, INPUTS, generator=generator)
+        gamma = torch._standard_gamma(torch.full((n, INPUTS), student.df.item() / 2), generator=generator)
+        return normal / torch.sqrt(gamma * 2 / student.df)
+
+    return _classification(seed, depth=3, width=64, lr=1e-3, optimizer="adam", inputs=draw)
+
+
+def _lr_switch(seed: int, twin: bool) -> Setup:
+    return _classification(
+        seed,
+        depth=3,
+        width=64,
+        lr=lambda step: 0.01 if step < 150 else 0.03,
+        batch=lambda step: 32 if step < 150 else 8,
+    )
+
+
+def _data_switch(seed: int, twin: bool) -> Setup:
+    def draw(step: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        x = torch.randn(n, INPUTS, generator=generator)
+        return x if step < 150 else 3.0 * x + 1.0
+
+    return _classification(seed, depth=3, width=64, lr=0.01, inputs=draw, teacher_at=lambda step: int(step >= 150))
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.key: s
+    for s in (
+        Scenario("rnn", "vanilla tanh RNN, spectral radius 2, SGD", True, 200, _rnn, "lr 0.2 -> 0.03"),
+        Scenario("deep-mlp", "16-layer plain ReLU MLP, SGD lr 1.0", True, 200, _deep_mlp, "lr 1.0 -> 0.02"),
+        Scenario("transformer", "1-layer transformer, Adam lr 1.0", True, 200, _transformer, "lr 1.0 -> 1e-3"),
+        Scenario("poison", "one batch x1e6 at step 150 (MLP, SGD)", True, 250, _poison, "no poisoned batch"),
+        Scenario("lr-ramp", "learning rate x1.04 per step (MLP, SGD)", True, 250, _lr_ramp, "constant lr"),
+        Scenario("lsq-edge", "least squares, lr = 1.01 x 2/lambda_max", True, 250, _lsq_edge, "lr = 1/lambda_max"),
+        Scenario("tiny-noisy", "batch 4, 30% label noise (MLP, SGD)", False, 300, _tiny_noisy),
+        Scenario("heavy-tail", "Student-t(1.5) inputs (MLP, Adam)", False, 300, _heavy_tail),
+        Scenario("lr-switch", "lr x3 and batch /4 at step 150", False, 300, _lr_switch),
+        Scenario("data-switch", "input shift, 3x scale, new labels at 150", False, 300, _data_switch),
+    )
+}
