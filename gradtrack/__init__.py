@@ -16,14 +16,20 @@ from gradtrack.naming import sanitize_names
 from gradtrack.plugins import BackendUnavailableError, UnknownBackendError, available_backends
 
 if TYPE_CHECKING:
-    from gradtrack.clipping import AdaptiveClip, ClipPolicy, NormClip, ValueClip
-    from gradtrack.tracker import GradTracker, NonFiniteGradientError
+    from gradtrack.calibration import Calibration, calibrate
+    from gradtrack.clipping import AGC, AdaGC, AdaptiveClip, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip
+    from gradtrack.tracker import DivergenceError, GradTracker, NonFiniteGradientError
 
 __all__ = [
+    "AGC",
+    "AdaGC",
     "AdaptiveClip",
+    "AutoClip",
+    "Calibration",
     "BackendUnavailableError",
     "ClipPolicy",
     "Divergence",
+    "DivergenceError",
     "Explosion",
     "GradTracker",
     "NonFiniteGradientError",
@@ -35,19 +41,28 @@ __all__ = [
     "Summary",
     "UnknownBackendError",
     "ValueClip",
+    "ZClip",
     "__version__",
     "available_backends",
+    "calibrate",
     "hookimpl",
     "hookspec",
     "sanitize_names",
 ]
 
 _WITH_TORCH = {
+    "AGC": "gradtrack.clipping",
+    "AdaGC": "gradtrack.clipping",
+    "AutoClip": "gradtrack.clipping",
+    "ZClip": "gradtrack.clipping",
     "AdaptiveClip": "gradtrack.clipping",
     "ClipPolicy": "gradtrack.clipping",
     "NormClip": "gradtrack.clipping",
     "ValueClip": "gradtrack.clipping",
     "GradTracker": "gradtrack.tracker",
+    "Calibration": "gradtrack.calibration",
+    "calibrate": "gradtrack.calibration",
+    "DivergenceError": "gradtrack.tracker",
     "NonFiniteGradientError": "gradtrack.tracker",
 }
 

@@ -4,14 +4,24 @@ Explosion, checked at every step in this order:
 
 * ``nonfinite``: the total norm is NaN or Inf.
 * ``threshold``: the total norm exceeds ``explosion_threshold`` (an absolute floor, default 1e3).
-* ``spike``: after ``warmup`` healthy steps, the total norm exceeds ``spike_factor`` (default 10)
-  times the median of the last ``window`` healthy norms. Spiking norms enter the history capped at
-  that limit, so a legitimate shift of scale is learnt within half a window instead of alarming forever.
+* ``spike``: after ``warmup`` healthy steps, the total norm exceeds ``spike_factor`` (default 10) times
+  the median of the last ``window`` healthy norms (the *baseline*). Spiking norms enter the history capped
+  at that limit, so a legitimate shift of scale is learnt within half a window instead of alarming forever.
+* ``growth``: a smooth geometric blow-up that never spikes. Over the last ``growth_window`` steps
+  (default 10) the norm rose at ``growth_share`` of the steps (default 80%) and now stands at least
+  ``growth_factor`` (default 4) times the baseline. Raised once per episode; the episode ends when the
+  norm stops rising.
 
 Divergence, judged once per run and never undone:
 
 * the observed loss is NaN or Inf;
-* gradients are non-finite on ``nonfinite_patience`` consecutive steps (default 3);
+* gradients are non-finite on ``nonfinite_patience`` consecutive steps (default 3), or non-finite right
+  after an explosion episode (explosions on 2 of the last 5 steps): the end of a blow-up;
+* from the gradients alone, when the loss is not observed or has not told yet: explosions on
+  ``explosion_share`` of the last ``explosion_window`` steps (default 80% of 10) while the norm's median
+  over the last 5 steps is ``norm_blowup`` (default 100) times the baseline, explosions that clipping
+  does not absorb. A clipped run whose raw norms spike but which trains (spikes on a minority of steps,
+  norms back at their scale in between) never meets it;
 * the smoothed loss (EMA, ``loss_smoothing``) stays above ``min + loss_blowup * scale`` for
   ``loss_patience`` consecutive steps, where ``min`` is its running minimum and ``scale`` is
   ``max(|min|, |first smoothed loss|)``: the loss must climb back far above where training started,
@@ -20,6 +30,7 @@ Divergence, judged once per run and never undone:
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -32,7 +43,7 @@ import numpy as np
 from gradtrack.events import Divergence, ExplosionKind, Offender
 from gradtrack.validate import count, number
 
-__all__ = ["DivergenceDetector", "ExplosionDetector", "ExplosionRule", "offenders"]
+__all__ = ["DivergenceDetector", "ExplosionDetector", "ExplosionRule", "SpikeSkip", "offenders"]
 
 
 def offenders(
@@ -61,7 +72,7 @@ class ExplosionRule(Protocol):
 
 @final
 class ExplosionDetector:
-    """The default rule: non-finite, absolute floor, then a spike against recent healthy history."""
+    """The default rule: non-finite, absolute floor, a spike against recent healthy history, growth."""
 
     def __init__(
         self,
@@ -69,27 +80,62 @@ class ExplosionDetector:
         spike_factor: float = 10.0,
         window: int = 100,
         warmup: int = 10,
+        growth_window: int = 10,
+        growth_share: float = 0.8,
+        growth_factor: float = 4.0,
     ) -> None:
         self.explosion_threshold = number("explosion_threshold", explosion_threshold, allow_inf=True)
         self.spike_factor = number("spike_factor", spike_factor, minimum=1.0, allow_inf=True)
         self.warmup = count("spike warmup", warmup)
         self._history: deque[float] = deque(maxlen=count("spike window", window))
+        self.growth_window = count("growth_window", growth_window, minimum=3)
+        self.growth_share = number("growth_share", growth_share)
+        if self.growth_share > 1:
+            raise ValueError(f"growth_share must be in (0, 1], got {growth_share!r}")
+        self.growth_factor = number("growth_factor", growth_factor, minimum=1.0, allow_inf=True)
+        self._recent: deque[float] = deque(maxlen=self.growth_window)
+        self._growing = False
+        self._baseline = math.nan
+
+    @property
+    def baseline(self) -> float:
+        """The median of the recent healthy norms (NaN during warm-up)."""
+        return self._baseline
 
     def spike_limit(self) -> float:
         if len(self._history) < self.warmup or math.isinf(self.spike_factor):
             return math.inf
-        return self.spike_factor * statistics.median(self._history)
+        return self.spike_factor * self._baseline
 
     def check(self, total_norm: float) -> tuple[ExplosionKind, float] | None:
         if not math.isfinite(total_norm):
+            self._recent.clear()
             return "nonfinite", self.explosion_threshold
+        self._baseline = statistics.median(self._history) if len(self._history) >= self.warmup else math.nan
         limit = self.spike_limit()
         self._history.append(min(total_norm, limit))
+        self._recent.append(total_norm)
         if total_norm > self.explosion_threshold:
             return "threshold", self.explosion_threshold
         if total_norm > limit:
             return "spike", limit
-        return None
+        return self._growth(total_norm)
+
+    def _growth(self, total_norm: float) -> tuple[ExplosionKind, float] | None:
+        recent = self._recent
+        if len(recent) < self.growth_window or not self._baseline > 0:
+            return None
+        values = list(recent)
+        rises = sum(1 for before, after in itertools.pairwise(values) if after > before)
+        rising = rises >= self.growth_share * (len(recent) - 1)
+        if not rising:
+            self._growing = False
+            return None
+        floor = self.growth_factor * self._baseline
+        if self._growing or total_norm < floor:
+            return None
+        self._growing = True
+        return "growth", floor
 
     def config(self) -> dict[str, float]:
         return {
@@ -97,7 +143,39 @@ class ExplosionDetector:
             "spike_factor": self.spike_factor,
             "spike_window": float(self._history.maxlen or 0),
             "spike_warmup": float(self.warmup),
+            "growth_window": float(self.growth_window),
+            "growth_share": self.growth_share,
+            "growth_factor": self.growth_factor,
         }
+
+
+@final
+class SpikeSkip:
+    """``on_spike="skip"``: drop the update of a step whose norm is a spike (OLMo-core's rule).
+
+    A step is skipped when, after ``min_steps`` steps, its total norm lies more than ``sigmas`` standard
+    deviations above the mean of the last ``window`` norms that were not skipped. Decided on the host
+    from the step's one transfer, like the skip of non-finite gradients.
+    """
+
+    def __init__(self, sigmas: float = 6.0, window: int = 128, min_steps: int = 20) -> None:
+        self.sigmas = number("spike sigmas", sigmas)
+        self.min_steps = count("spike min_steps", min_steps)
+        self._window: deque[float] = deque(maxlen=count("spike window", window))
+
+    def skips(self, total_norm: float) -> bool:
+        if not math.isfinite(total_norm):
+            return False  # the non-finite rule decides these
+        window = self._window
+        if len(window) >= self.min_steps:
+            mean = statistics.fmean(window)
+            if total_norm > mean + self.sigmas * statistics.pstdev(window, mean):
+                return True
+        window.append(total_norm)
+        return False
+
+    def config(self) -> dict[str, float]:
+        return {"on_spike_sigmas": self.sigmas, "on_spike_window": float(self._window.maxlen or 0)}
 
 
 @dataclass(slots=True)
@@ -118,6 +196,9 @@ class DivergenceDetector:
         loss_blowup: float = 10.0,
         loss_patience: int = 5,
         loss_smoothing: float = 0.1,
+        explosion_window: int = 10,
+        explosion_share: float = 0.8,
+        norm_blowup: float = 100.0,
     ) -> None:
         self.nonfinite_patience = count("nonfinite_patience", nonfinite_patience)
         self.loss_blowup = number("loss_blowup", loss_blowup)
@@ -125,24 +206,67 @@ class DivergenceDetector:
         if number("loss_smoothing", loss_smoothing) > 1:
             raise ValueError(f"loss_smoothing must be in (0, 1], got {loss_smoothing!r}")
         self.loss_smoothing = float(loss_smoothing)
+        self.explosion_window = count("explosion_window", explosion_window, minimum=2)
+        self.explosion_share = number("explosion_share", explosion_share)
+        if self.explosion_share > 1:
+            raise ValueError(f"explosion_share must be in (0, 1], got {explosion_share!r}")
+        self.norm_blowup = number("norm_blowup", norm_blowup, minimum=1.0, allow_inf=True)
         self._nonfinite_run = 0
+        self._exploded: deque[bool] = deque(maxlen=self.explosion_window)
+        self._norms: deque[float] = deque(maxlen=5)
         self._loss = _LossState()
         self.verdict: Divergence | None = None
 
-    def update(self, step: int, nonfinite: int, loss: float | None, timestamp: float) -> Divergence | None:
-        """Feed one step; returns the Divergence the first time the run is judged diverged."""
+    def update(
+        self,
+        step: int,
+        nonfinite: int,
+        loss: float | None,
+        timestamp: float,
+        exploded: bool = False,
+        total_norm: float = math.nan,
+        baseline: float = math.nan,
+    ) -> Divergence | None:
+        """Feed one step; returns the Divergence the first time the run is judged diverged.
+
+        ``exploded``: this step raised an explosion event; ``baseline``: the explosion detector's median
+        of recent healthy norms.
+        """
         if self.verdict is not None:
             return None
-        reason = self._nonfinite_reason(nonfinite) or self._loss_reason(loss)
+        recent_explosions = sum(list(self._exploded)[-4:])  # before this step
+        self._exploded.append(exploded)
+        if math.isfinite(total_norm):
+            self._norms.append(total_norm)
+        reason = (
+            self._nonfinite_reason(nonfinite, recent_explosions)
+            or self._loss_reason(loss)
+            or self._gradient_reason(baseline)
+        )
         if reason is None:
             return None
         self.verdict = Divergence(step=step, reason=reason, timestamp=timestamp)
         return self.verdict
 
-    def _nonfinite_reason(self, nonfinite: int) -> str | None:
+    def _nonfinite_reason(self, nonfinite: int, recent_explosions: int) -> str | None:
         self._nonfinite_run = self._nonfinite_run + 1 if nonfinite else 0
         if self._nonfinite_run >= self.nonfinite_patience:
             return f"non-finite gradients on {self._nonfinite_run} consecutive steps"
+        if nonfinite and recent_explosions >= 2:
+            return f"non-finite gradients after explosions on {recent_explosions} of the 4 steps before"
+        return None
+
+    def _gradient_reason(self, baseline: float) -> str | None:
+        window = self._exploded
+        if len(window) < self.explosion_window or not baseline > 0 or not self._norms:
+            return None
+        share = sum(window) / len(window)
+        level = statistics.median(self._norms)
+        if share >= self.explosion_share and level >= self.norm_blowup * baseline:
+            return (
+                f"explosions on {sum(window)} of the last {len(window)} steps, gradient norm "
+                f"{level:.4g} = {level / baseline:.3g}x its healthy median {baseline:.4g}"
+            )
         return None
 
     def _loss_reason(self, loss: float | None) -> str | None:
@@ -171,4 +295,7 @@ class DivergenceDetector:
             "loss_blowup": self.loss_blowup,
             "loss_patience": float(self.loss_patience),
             "loss_smoothing": self.loss_smoothing,
+            "explosion_window": float(self.explosion_window),
+            "explosion_share": self.explosion_share,
+            "norm_blowup": self.norm_blowup,
         }

@@ -25,7 +25,7 @@ __all__ = [
     "format_norm",
 ]
 
-ExplosionKind = Literal["nonfinite", "threshold", "spike"]
+ExplosionKind = Literal["nonfinite", "threshold", "spike", "growth"]
 RunStatus = Literal["finished", "failed", "killed"]
 
 
@@ -54,8 +54,10 @@ class StepStats:
     """Everything measured at one optimizer step.
 
     ``layer_norms`` is filled only at the per-layer cadence (``layer_every``); it maps the cleaned
-    parameter name to its gradient norm before clipping. On a step the AMP ``GradScaler`` skipped for
-    overflow (``amp_overflow``) nothing was measured: the norms are NaN and ``metrics()`` leaves them out.
+    parameter name to its gradient norm before clipping. ``weight_norms`` (the same names to the
+    parameters' own norms) and ``param_norm`` (their total) come at the same cadence, when measured.
+    On a step the AMP ``GradScaler`` skipped for overflow (``amp_overflow``) nothing was measured: the
+    norms are NaN and ``metrics()`` leaves them out.
     """
 
     step: int
@@ -73,6 +75,8 @@ class StepStats:
     timestamp: float
     layer_norms: Mapping[str, float] | None = None
     amp_overflow: bool = False
+    weight_norms: Mapping[str, float] | None = None
+    param_norm: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """The contract metrics of PRODUCT.md for this step (without per-layer norms)."""
@@ -98,6 +102,8 @@ class StepStats:
         }
         if self.loss is not None:
             metrics["loss"] = self.loss
+        if self.param_norm is not None:
+            metrics["grad/param_norm"] = self.param_norm
         return metrics
 
     @property
@@ -108,7 +114,12 @@ class StepStats:
 
 @dataclass(frozen=True, slots=True)
 class Explosion:
-    """A step whose gradient norm was non-finite, above the threshold, or a spike against history."""
+    """A step whose gradient norm was non-finite, above the threshold, a spike, or a smooth blow-up.
+
+    ``origin``: the layer whose norm jumped most against its own recent history (where the blow-up
+    starts), ``origin_jump`` that factor; ``depth_growth``: the factor by which layer norms grow per
+    layer from the output towards the input (above 1: gradients grow as they flow back).
+    """
 
     step: int
     kind: ExplosionKind
@@ -116,6 +127,9 @@ class Explosion:
     threshold: float
     offenders: tuple[Offender, ...]
     timestamp: float
+    origin: str | None = None
+    origin_jump: float = math.nan
+    depth_growth: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -123,10 +137,13 @@ class Explosion:
     def describe(self, top: int | None = 3) -> str:
         """One human line for consoles and alerts; ``top`` offenders named (None: all of them)."""
         names = ", ".join(f"{o.name} ({format_norm(o.norm)})" for o in self.offenders[:top])
-        return (
+        text = (
             f"step {self.step}: {self.kind} explosion, total_norm={format_norm(self.total_norm)} "
             f"(threshold {format_norm(self.threshold)}); offenders: {names or 'none'}"
         )
+        if self.origin is not None:
+            text += f"; starts at {self.origin} (x{format_norm(self.origin_jump)} its recent norm)"
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +160,12 @@ class Divergence:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """The run at a glance: what ``tracker.summary()`` returns and backends store at the end."""
+    """The run at a glance: what ``tracker.summary()`` returns and backends store at the end.
+
+    ``spike_score`` / ``loss_spike_score``: OLMo 2's spike score, the share of steps whose total norm /
+    loss lies 7 standard deviations or more from the mean of the previous 1,000. ``diagnosis``: what was
+    measured on the device around the first explosion (see README, Diagnostics).
+    """
 
     steps: int
     clipped_steps: int
@@ -163,6 +185,9 @@ class Summary:
     top_offenders: tuple[tuple[str, int], ...] = field(default=())
     dropped_records: int = 0
     amp_overflow_steps: int = 0
+    spike_score: float | None = None
+    loss_spike_score: float | None = None
+    diagnosis: Mapping[str, Any] | None = None
 
     @property
     def clip_rate(self) -> float:

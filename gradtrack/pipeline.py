@@ -19,23 +19,33 @@ import torch
 from torch import nn
 
 from gradtrack.amp import AmpState
-from gradtrack.clipping import ClipPolicy
-from gradtrack.detection import DivergenceDetector, ExplosionDetector, offenders
+from gradtrack.detection import DivergenceDetector, ExplosionDetector, SpikeSkip, offenders
+from gradtrack.diagnosis import DeviceDiagnosis, LayerHistory, depth_growth
 from gradtrack.distributed import Topology, local_grads
 from gradtrack.events import Explosion
 from gradtrack.outbox import Outbox
+from gradtrack.policy import ClipPolicy
 from gradtrack.records import StepRecord
 from gradtrack.stats import HostStats, Reduce, measure, transfer
 from gradtrack.summary import RunSummary
 
-__all__ = ["NonFiniteGradientError", "OnNonfinite", "StepPipeline"]
+__all__ = ["DivergenceError", "NonFiniteGradientError", "OnDivergence", "OnNonfinite", "StepPipeline"]
 
 OnNonfinite = Literal["skip", "raise", "continue"]
+OnDivergence = Literal["continue", "raise"]
 KEPT_EVENTS = 256
 
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``on_nonfinite="raise"``; names the layers whose gradients hold NaN/Inf."""
+
+
+class DivergenceError(RuntimeError):
+    """Raised by ``on_divergence="raise"`` at the step the run is judged diverged, to stop paying for it.
+
+    It leaves the ``with`` block like any exception: the run is closed there, ``diverged=true`` and
+    status FAILED, with its summary, before the exception reaches you.
+    """
 
 
 @final
@@ -87,6 +97,9 @@ class StepPipeline:
         log_every: int,
         layer_every: int | None,
         top_k: int,
+        on_spike: SpikeSkip | None = None,
+        on_divergence: OnDivergence = "continue",
+        weight_norms: bool = True,
     ) -> None:
         self.names = names
         self.norm_type = norm_type
@@ -97,6 +110,9 @@ class StepPipeline:
         self.log_every = log_every
         self.layer_every = layer_every
         self.top_k = top_k
+        self.on_spike = on_spike
+        self.on_divergence: OnDivergence = on_divergence
+        self.weight_norms = weight_norms
         self.outbox = Outbox()
         self.topology = Topology("single", 1, 0)
         self.summary = RunSummary()
@@ -106,6 +122,9 @@ class StepPipeline:
         self._positions = {key: position for position, key in enumerate(names)}  # id(param) -> layer index
         self._layouts: dict[object, tuple[list[int], int, list[str]]] = {}
         self._wants_max_abs = bool(getattr(clip_policy, "needs_max_abs", False))
+        self._wants_weights = bool(getattr(clip_policy, "needs_weights", False))
+        self._history = LayerHistory()
+        self.diagnosis = DeviceDiagnosis()
 
     # -- device work --------------------------------------------------------------------------------
 
@@ -118,6 +137,8 @@ class StepPipeline:
         topology = self.topology
         if topology.sharded:
             grads = local_grads(grads)
+        layer_step = self.layer_every is not None and self.step % self.layer_every == 0
+        weight_norms = self.weight_norms and layer_step and not topology.sharded  # sharded: would need a collective
         with torch.no_grad():
             batch = measure(
                 grads,
@@ -127,15 +148,27 @@ class StepPipeline:
                 overflow=amp.found_inf if amp is not None else None,
                 reduction=self._reduction(with_grad),
                 want_max_abs=self._wants_max_abs and topology.sharded,
+                weights=self._weights(with_grad, weight_norms),
+                weight_norms=weight_norms,
             )
             clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
-            host = transfer(batch, clip_coef)
+            host = transfer(batch, clip_coef, self.diagnosis.extras())
         # From here on only host numbers: nothing below touches the device.
+        if host.extras is not None:
+            self.diagnosis.finish(host.extras)
+            self.summary.diagnosis = self.diagnosis.summary()
         if host.overflow or (amp is not None and amp.found_inf is None and not math.isfinite(host.total_norm)):
             self.amp_skipped()  # the optimizer skips its own update; the gradients are no evidence
             return
         cache_key = id(params) if len(with_grad) == len(params) else None
         self._judge(with_grad, _LazyNames(self, with_grad, batch.order, cache_key), host)
+
+    def finish_diagnosis(self) -> None:
+        """At the end of the run: a diagnosis still waiting for the next step finishes now (one sync, at exit)."""
+        extras = self.diagnosis.extras()
+        if extras is not None:
+            self.diagnosis.finish(extras.numpy(force=True).astype(np.float64))
+            self.summary.diagnosis = self.diagnosis.summary()
 
     def clip_only(self, params: Sequence[nn.Parameter]) -> None:
         """Clip without measuring for the record: a closure optimizer's later gradient evaluations."""
@@ -148,8 +181,16 @@ class StepPipeline:
             grads = local_grads(grads)
         with torch.no_grad():
             batch = measure(grads, self.norm_type, reduction=self._reduction(with_grad),
-                            want_max_abs=self._wants_max_abs and self.topology.sharded)  # fmt: skip
+                            want_max_abs=self._wants_max_abs and self.topology.sharded,
+                            weights=self._weights(with_grad, False))  # fmt: skip
             self.clip_policy.clip_(batch)
+
+    def _weights(self, params: list[nn.Parameter], for_norms: bool) -> list[torch.Tensor] | None:
+        """The parameters themselves, for their norms or a policy that clips against them (AGC)."""
+        if not self._wants_weights and not for_norms:
+            return None
+        weights = [p.detach() for p in params]
+        return local_grads(weights) if self.topology.sharded else weights
 
     def _reduction(self, params: list[nn.Parameter]) -> Reduce | None:
         reduction = self.topology.reduction
@@ -183,43 +224,62 @@ class StepPipeline:
         nonfinite = int(host.layer_norms.size - np.count_nonzero(np.isfinite(host.layer_norms)))
         if self.clip_policy is not None:
             self.clip_policy.observe(host.total_norm, host.clip_coef)
-        explosion = self._check_explosion(step, now, nonfinite, names, host)
-        divergence = self.divergence.update(step, nonfinite, host.loss, now)
+        jumps = self._history.jumps(names.args[2], host.layer_norms)
+        explosion = self._check_explosion(step, now, nonfinite, names, host, jumps)
+        divergence = self.divergence.update(
+            step, nonfinite, host.loss, now, explosion is not None, host.total_norm, self.detector.baseline
+        )
         if divergence is not None:
             self.summary.divergence = divergence
         skipped = bool(nonfinite) and self.on_nonfinite == "skip"
+        skipped = skipped or (self.on_spike is not None and self.on_spike.skips(host.total_norm))
         if skipped:
             for p in params:  # optimizers skip parameters without a gradient: the update is skipped
                 p.grad = None
         clipped = host.clip_coef < 1.0
         self.summary.add_step(step, host.total_norm, clipped, skipped, bool(nonfinite), explosion is not None)
+        self.summary.add_loss(host.loss)
 
         reported = explosion is not None or divergence is not None or nonfinite > 0 or step % self.log_every == 0
         with_layers = reported and self.layer_every is not None and step % self.layer_every == 0
         layout, layer_names = self._layout(names) if with_layers else (-1, None)
+        weights = host.weight_norms.tobytes() if host.weight_norms is not None and reported else None
         record = StepRecord(
             step, now, host.total_norm, host.clip_coef, clipped, nonfinite, explosion is not None,
             self.divergence.verdict is not None, skipped, host.loss, False, reported, with_layers, layout,
-            host.layer_norms.tobytes() if reported else None,
+            host.layer_norms.tobytes() if reported else None, weights,
         )  # fmt: skip
         self.outbox.step(record, layer_names)
         if explosion is not None:
             self.outbox.explosion(explosion)
+            if self.diagnosis.due(step) and not self.topology.sharded:
+                by_name = {self.names[id(p)]: p for p in params}
+                self.diagnosis.start(step, [(o.name, by_name[o.name]) for o in explosion.offenders][: self.top_k])
         if divergence is not None:
             self.outbox.divergence(divergence)
         if nonfinite and self.on_nonfinite == "raise":
             bad = [o.name for o in explosion.offenders if o.nonfinite] if explosion else []
             raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")
+        if divergence is not None and self.on_divergence == "raise":
+            raise DivergenceError(f"gradtrack: the run diverged at step {step}: {divergence.reason}")
 
     def _check_explosion(
-        self, step: int, now: float, nonfinite: int, names: _LazyNames, host: HostStats
+        self, step: int, now: float, nonfinite: int, names: _LazyNames, host: HostStats, jumps: np.ndarray | None
     ) -> Explosion | None:
         verdict = self.detector.check(host.total_norm)
         if verdict is None and not nonfinite:
             return None
         kind, threshold = verdict or ("nonfinite", self.detector.explosion_threshold)
-        picked = offenders(host.layer_norms, names.get(), threshold, self.top_k)
-        explosion = Explosion(step, "nonfinite" if nonfinite else kind, host.total_norm, threshold, picked, now)
+        layer_names = names.get()
+        picked = offenders(host.layer_norms, layer_names, threshold, self.top_k)
+        origin, jump = None, math.nan
+        if jumps is not None and jumps.size:
+            index = int(np.argmax(jumps))
+            origin, jump = layer_names[index], float(np.exp(min(jumps[index], 700.0)))
+        params, order, _ = names.args
+        growth = depth_growth(host.layer_norms, [self._positions[id(params[i])] for i in order])
+        explosion = Explosion(step, "nonfinite" if nonfinite else kind, host.total_norm, threshold, picked, now,
+                              origin, jump, growth)  # fmt: skip
         self.events.append(explosion)
         self.summary.add_explosion(explosion)
         return explosion

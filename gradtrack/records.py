@@ -29,6 +29,7 @@ class StepRecord(NamedTuple):
     handed over, so that a reporter left alone by a killed trainer can finish the run's summary).
     ``with_layers``: at the ``layer_every`` cadence, so backends get the per-layer norms by name.
     ``layer_norms``: float64 norms in the order of ``layout`` (reported steps only).
+    ``weight_norms``: the parameters' own norms, in the same order, when measured (per-layer steps).
     """
 
     step: int
@@ -46,6 +47,7 @@ class StepRecord(NamedTuple):
     with_layers: bool
     layout: int
     layer_norms: bytes | None
+    weight_norms: bytes | None = None  # the parameters' own norms, same order, at the per-layer cadence
 
     @property
     def flagged(self) -> bool:
@@ -70,9 +72,14 @@ def step_stats(record: StepRecord, names: Sequence[str] | None) -> StepStats:
         finite = np.sort(norms[np.isfinite(norms)])
         p50, p95 = sorted_quantile(finite, 0.5), sorted_quantile(finite, 0.95)
         layer_max = math.inf if record.nonfinite else (float(finite[-1]) if finite.size else math.nan)
-    layer_norms = None
+    layer_norms = weight_norms = param_norm = None
     if record.with_layers and norms is not None and names is not None:
         layer_norms = dict(zip(names, norms.tolist(), strict=True))
+    if record.weight_norms is not None:
+        weights = np.frombuffer(record.weight_norms, dtype=np.float64)
+        param_norm = float(np.sqrt(np.square(weights).sum()))
+        if names is not None and record.with_layers:
+            weight_norms = dict(zip(names, weights.tolist(), strict=True))
     return StepStats(
         step=record.step,
         total_norm=record.total_norm,
@@ -89,4 +96,6 @@ def step_stats(record: StepRecord, names: Sequence[str] | None) -> StepStats:
         timestamp=record.timestamp,
         layer_norms=layer_norms,
         amp_overflow=record.amp_overflow,
+        weight_norms=weight_norms,
+        param_norm=param_norm,
     )

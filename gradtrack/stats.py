@@ -69,6 +69,8 @@ class GradBatch:
     overflow: torch.Tensor | None = None
     grad_scale: torch.Tensor | None = None
     max_abs: torch.Tensor | None = None
+    weights: list[list[torch.Tensor]] | None = None  # the parameters, grouped like ``groups`` (if asked for)
+    weight_norms: torch.Tensor | None = None  # their norms, in the order of ``layer_norms`` (if asked for)
 
     @property
     def device(self) -> torch.device:
@@ -85,16 +87,25 @@ class HostStats:
     clip_coef: float
     loss: float | None
     overflow: bool
+    weight_norms: np.ndarray | None = None  # float64, in GradBatch.order
+    extras: np.ndarray | None = None  # the values the caller asked to ride along (diagnosis)
 
 
-def group_grads(grads: Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[int]]:
-    grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
+def group_grads(
+    grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None = None
+) -> tuple[list[list[torch.Tensor]], list[int], list[list[torch.Tensor]] | None]:
+    """Gradients grouped by device and dtype, their original positions, and ``weights`` grouped alike."""
+    lists = [list(grads)] if weights is None else [list(grads), list(weights)]
+    grouped = _group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
     groups: list[list[torch.Tensor]] = []
+    weight_groups: list[list[torch.Tensor]] = []
     order: list[int] = []
-    for [tensors], indices in grouped.values():
-        groups.append(tensors)  # type: ignore[arg-type]
+    for tensor_lists, indices in grouped.values():
+        groups.append(tensor_lists[0])  # type: ignore[arg-type]
+        if weights is not None:
+            weight_groups.append(tensor_lists[1])  # type: ignore[arg-type]
         order.extend(indices)
-    return groups, order
+    return groups, order, weight_groups if weights is not None else None
 
 
 def measure(
@@ -106,13 +117,15 @@ def measure(
     overflow: torch.Tensor | None = None,
     reduction: Reduce | None = None,
     want_max_abs: bool = False,
+    weights: Sequence[torch.Tensor] | None = None,
+    weight_norms: bool = False,
 ) -> GradBatch:
     """Per-tensor and total norms of ``grads`` with no host synchronisation.
 
     ``grads`` are plain tensors (DTensors already replaced by their local shards when ``reduction``
     is given); ``loss`` is this rank's mean observed loss, on the device.
     """
-    groups, order = group_grads(grads)
+    groups, order, weight_groups = group_grads(grads, weights)
     first_device = grads[0].device
     wide: list[torch.Tensor] = []  # fp32 or wider: what is reported
     native: list[torch.Tensor] = []  # in each gradient's dtype: what torch would clip with
@@ -150,7 +163,18 @@ def measure(
         clip_norm = total_norm if unscaled_clip is None else unscaled_clip
         if max_abs is not None:
             max_abs = max_abs / scale
-    return GradBatch(groups, order, norm_type, layer_norms, total_norm, clip_norm, loss, overflow, grad_scale, max_abs)
+    weight_norm = None
+    if weight_norms and weight_groups is not None:  # the parameters' own norms, in fp32 or wider
+        measured = [n for group in weight_groups for n in _foreach_norm(group, 2.0, _wide(group[0].dtype))]
+        weight_norm = torch.stack([n.to(first_device) for n in measured])
+    return GradBatch(
+        groups, order, norm_type, layer_norms, total_norm, clip_norm, loss, overflow, grad_scale, max_abs,
+        weight_groups, weight_norm,
+    )  # fmt: skip
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype | None:
+    return torch.float32 if dtype in _NARROW else None
 
 
 def _foreach_norm(
@@ -176,7 +200,7 @@ def _max_abs(groups: list[list[torch.Tensor]], norm_type: float, layer_norms: to
     return torch.stack(per_tensor).max().to(layer_norms.dtype)
 
 
-def transfer(batch: GradBatch, clip_coef: torch.Tensor | None) -> HostStats:
+def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, extras: torch.Tensor | None = None) -> HostStats:
     """Pack everything into one vector and bring it to the host in one copy.
 
     ``torch.cat`` promotes to the widest dtype among the parts (fp32 at least, since the norms are),
@@ -191,9 +215,22 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None) -> HostStats:
         parts.append(batch.loss.detach().reshape(-1).to(device))  # a mean, or [sum, count] across ranks
     if batch.overflow is not None:
         parts.append(batch.overflow.reshape(1).to(device, parts[0].dtype))
-    host = torch.cat(parts).numpy(force=True).astype(np.float64)  # the one device-to-host transfer
     count = len(batch.order)
-    tail = host[count:].tolist()
+    if batch.weight_norms is not None:
+        parts.append(batch.weight_norms.to(device))
+    if extras is not None:
+        parts.append(extras.reshape(-1).to(device))
+    host = torch.cat(parts).numpy(force=True).astype(np.float64)  # the one device-to-host transfer
+    end = host.size
+    extra_values = None
+    if extras is not None:
+        end -= extras.numel()
+        extra_values = host[end:]
+    weight_values = None
+    if batch.weight_norms is not None:
+        weight_values = host[end - count : end]
+        end -= count
+    tail = host[count:end].tolist()
     total_norm, position = tail[0], 1
     coef = 1.0
     if clip_coef is not None:
@@ -206,4 +243,4 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None) -> HostStats:
             loss_sum, observed = tail[position : position + 2]
             loss, position = (loss_sum / observed if observed else None), position + 2
     overflow = batch.overflow is not None and tail[position] > 0
-    return HostStats(host[:count], total_norm, coef, loss, overflow)
+    return HostStats(host[:count], total_norm, coef, loss, overflow, weight_values, extra_values)

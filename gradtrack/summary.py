@@ -8,15 +8,15 @@ time is kept as ``HISTORY_BUCKETS`` max-pooled buckets that double their width w
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
-from typing import final
+from typing import Any, final
 
 import numpy as np
 
 from gradtrack.events import Divergence, Explosion, Summary
 
-__all__ = ["BINS_PER_DECADE", "HISTORY_BUCKETS", "NormHistogram", "NormHistory", "RunSummary"]
+__all__ = ["BINS_PER_DECADE", "HISTORY_BUCKETS", "NormHistogram", "NormHistory", "RunSummary", "SpikeScore"]
 
 BINS_PER_DECADE = 200
 _LOW, _HIGH = -12, 12
@@ -89,6 +89,41 @@ def _nanmax(values: Iterable[float]) -> float:
 
 
 @final
+class SpikeScore:
+    """OLMo 2's spike score: the share of values lying ``sigmas`` standard deviations or more from the
+    mean of the previous ``window`` values (O(1) a value: running sums over the window)."""
+
+    def __init__(self, window: int = 1000, sigmas: float = 7.0, min_values: int = 20) -> None:
+        self.sigmas = sigmas
+        self.min_values = min_values
+        self._window: deque[float] = deque(maxlen=window)
+        self._sum = self._squares = 0.0
+        self.values = 0
+        self.spikes = 0
+
+    def add(self, value: float | None) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        window = self._window
+        if len(window) >= self.min_values:
+            mean = self._sum / len(window)
+            std = math.sqrt(max(self._squares / len(window) - mean * mean, 0.0))
+            self.values += 1
+            self.spikes += abs(value - mean) >= self.sigmas * std and std > 0
+        if len(window) == window.maxlen:
+            old = window[0]
+            self._sum -= old
+            self._squares -= old * old
+        window.append(value)
+        self._sum += value
+        self._squares += value * value
+
+    @property
+    def score(self) -> float | None:
+        return self.spikes / self.values if self.values else None
+
+
+@final
 class RunSummary:
     """Accumulates what ``Summary`` reports; everything is O(1) or O(layers) in memory."""
 
@@ -105,6 +140,9 @@ class RunSummary:
         self.healthy_norms = NormHistogram()
         self.history = NormHistory()
         self.offender_counts: Counter[str] = Counter()
+        self.norm_spikes = SpikeScore()
+        self.loss_spikes = SpikeScore()
+        self.diagnosis: dict[str, Any] | None = None
 
     def add_step(
         self, step: int, total_norm: float, clipped: bool, skipped: bool, nonfinite: bool, exploded: bool
@@ -117,6 +155,10 @@ class RunSummary:
         if not exploded:
             self.healthy_norms.add(total_norm)
         self.history.add(step, total_norm)
+        self.norm_spikes.add(total_norm)
+
+    def add_loss(self, loss: float | None) -> None:
+        self.loss_spikes.add(loss)
 
     def add_amp_overflow(self) -> None:
         """A step the AMP scaler skipped: counted, but no norm enters the statistics."""
@@ -150,4 +192,7 @@ class RunSummary:
             top_offenders=tuple(self.offender_counts.most_common(top)),
             dropped_records=dropped_records,
             amp_overflow_steps=self.amp_overflow_steps,
+            spike_score=self.norm_spikes.score,
+            loss_spike_score=self.loss_spikes.score,
+            diagnosis=self.diagnosis,
         )

@@ -11,7 +11,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, final
+from typing import Any, Literal, final
 
 import torch
 from torch import nn
@@ -21,15 +21,15 @@ from torch.utils.hooks import RemovableHandle
 from gradtrack._version import __version__
 from gradtrack.amp import AmpState, ScalerWatch, amp_state, check_scaler
 from gradtrack.clipping import ClipPolicy, make_clip_policy
-from gradtrack.detection import DivergenceDetector, ExplosionDetector
+from gradtrack.detection import DivergenceDetector, ExplosionDetector, SpikeSkip
 from gradtrack.distributed import topology
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, Summary
 from gradtrack.outbox import Outbox
-from gradtrack.pipeline import NonFiniteGradientError, OnNonfinite, StepPipeline
+from gradtrack.pipeline import DivergenceError, NonFiniteGradientError, OnDivergence, OnNonfinite, StepPipeline
 from gradtrack.plugins import BackendSpec, check_backend_spec, requested_names, resolve_backends
 from gradtrack.validate import count, mapping, optional_count, seconds
 
-__all__ = ["GradTracker", "NonFiniteGradientError"]
+__all__ = ["DivergenceError", "GradTracker", "NonFiniteGradientError"]
 
 _ON_NONFINITE = ("skip", "raise", "continue")
 _NORM_TYPES = (1.0, 2.0, math.inf)
@@ -77,10 +77,12 @@ class GradTracker:
         optimizer: torch.optim.Optimizer | None = None,
         scaler: torch.amp.GradScaler | None = None,
         clip: str | ClipPolicy | None = "norm",
-        max_norm: float = 1.0,
+        max_norm: float | None = None,
         norm_type: float | str = 2.0,
         clip_value: float | None = None,
         on_nonfinite: OnNonfinite | None = None,
+        on_spike: Literal["skip"] | None = None,
+        on_divergence: OnDivergence = "continue",
         explosion_threshold: float = 1e3,
         spike_factor: float = 10.0,
         nonfinite_patience: int = 3,
@@ -89,6 +91,7 @@ class GradTracker:
         log_every: int = 1,
         layer_every: int | None = 10,
         top_k: int = 5,
+        weight_norms: bool = True,
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
         close_timeout: float = 10.0,
         max_pending: int = 1000,
@@ -103,6 +106,12 @@ class GradTracker:
         on_nonfinite = on_nonfinite or ("continue" if clip is None else "skip")
         if on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {list(_ON_NONFINITE)}, got {on_nonfinite!r}")
+        if on_spike not in (None, "skip"):
+            raise ValueError(f"on_spike must be None or 'skip', got {on_spike!r}")
+        if on_divergence not in ("continue", "raise"):
+            raise ValueError(f"on_divergence must be 'continue' or 'raise', got {on_divergence!r}")
+        if not isinstance(weight_norms, bool):
+            raise ValueError(f"weight_norms must be True or False, got {weight_norms!r}")
         self.model = model
         self.optimizer = optimizer
         self.scaler = check_scaler(scaler)
@@ -117,6 +126,9 @@ class GradTracker:
             log_every=count("log_every", log_every),
             layer_every=optional_count("layer_every", layer_every),
             top_k=count("top_k", top_k),
+            on_spike=SpikeSkip() if on_spike == "skip" else None,
+            on_divergence=on_divergence,
+            weight_norms=weight_norms,
         )
         self._backend_spec = check_backend_spec(backend)
         self._backend_options = {
@@ -180,6 +192,9 @@ class GradTracker:
         )
         config.update(pipeline.detector.config())
         config.update(pipeline.divergence.config())
+        config.update(on_spike="skip" if pipeline.on_spike else "none", on_divergence=pipeline.on_divergence)
+        if pipeline.on_spike is not None:
+            config.update(pipeline.on_spike.config())
         config.update(strategy=pipeline.topology.strategy, world_size=pipeline.topology.world_size)
         return config
 
@@ -233,6 +248,7 @@ class GradTracker:
         status: RunStatus = "finished"
         if exc_type is not None:
             status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+        self._pipeline.finish_diagnosis()
         outbox = self._pipeline.outbox
         outbox.end(RunEnd(status, self.summary(), time.time()))
         late = outbox.close(self.close_timeout)

@@ -274,7 +274,7 @@ def test_a_server_slower_than_training_is_caught_up_from_disk(
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(600)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     # passed as an object, the backend runs in this process, where the patched sender can count its spooling
-    with GradTracker(model, backend=MLflowBackend(**opts), layer_every=1) as tracker:
+    with GradTracker(model, backend=MLflowBackend(**opts), layer_every=1, close_timeout=120.0) as tracker:
         for _ in range(20):
             model(torch.randn(2, 2)).sum().backward()
             optimizer.step()

@@ -68,7 +68,7 @@ def test_registry_and_bad_input() -> None:
     assert isinstance(make_clip_policy("norm", 5.0), NormClip)
     assert isinstance(make_clip_policy("adaptive"), AdaptiveClip)
     assert isinstance(make_clip_policy("value", clip_value=0.1), ValueClip)
-    with pytest.raises(ValueError, match=r"clip='nrom'.*accepted.*'adaptive', 'norm', 'value'"):
+    with pytest.raises(ValueError, match=r"clip='nrom'.*accepted.*'adaptive', 'agc', 'auto', 'norm', 'value'"):
         make_clip_policy("nrom")
     with pytest.raises(ValueError, match="clip='value' needs clip_value"):
         make_clip_policy("value")

@@ -73,3 +73,52 @@ def test_noisy_but_stable_losses_never_diverge(seed: int) -> None:
     base = np.concatenate([np.linspace(3.0, 1e-4, 500), np.full(2000, 1e-4)])
     noisy = base * rng.lognormal(0.0, 1.0, base.size)  # factor-of-e noise around the trend
     assert all(detector.update(i, 0, float(v), 0.0) is None for i, v in enumerate(noisy))
+
+
+def test_a_smooth_geometric_blowup_is_a_growth_explosion_once_per_episode() -> None:
+    detector = ExplosionDetector(explosion_threshold=1e9, warmup=5, growth_window=6, growth_factor=4.0)
+    rng = np.random.default_rng(0)
+    for value in 1.0 + 0.1 * rng.standard_normal(30):  # healthy, noisy
+        assert detector.check(float(value)) is None
+    kinds = [detector.check(1.3**step) for step in range(1, 20)]  # x1.3 a step
+    fired = [(step, kind[0]) for step, kind in enumerate(kinds, 1) if kind is not None]
+    assert fired[0][1] == "growth" and 4.0 <= 1.3 ** fired[0][0] < 10.0  # at 4x its baseline, before any spike
+    assert [kind for _, kind in fired].count("growth") == 1  # once per episode (later steps spike as well)
+    for value in (0.5, 0.6, 0.4, 0.5, 0.45, 0.5, 0.4):  # the episode ends when the norm stops rising
+        detector.check(value)
+    kinds = [detector.check(0.5 * 1.5**step) for step in range(1, 12)]
+    assert [kind[0] for kind in kinds if kind is not None][:1] == ["growth"]  # a second episode fires again
+
+
+def test_noisy_stable_norms_never_count_as_growth() -> None:
+    for seed in range(5):
+        detector = ExplosionDetector(warmup=10)
+        rng = np.random.default_rng(seed)
+        norms = np.concatenate([np.full(200, 1.0), np.full(300, 3.0)]) * rng.lognormal(0.0, 0.5, 500)
+        kinds = [detector.check(value) for value in norms.tolist()]  # a 3x change of scale, and noise
+        assert all(kind is None or kind[0] != "growth" for kind in kinds)
+
+
+def test_nonfinite_gradients_right_after_explosions_diverge_at_once() -> None:
+    detector = DivergenceDetector(nonfinite_patience=3)
+    for step, exploded in enumerate([False] * 10 + [True, True]):
+        assert detector.update(step, 0, None, 0.0, exploded=exploded, total_norm=1.0, baseline=1.0) is None
+    verdict = detector.update(12, 4, None, 0.0, exploded=True, baseline=1.0)
+    assert verdict is not None and "after explosions" in verdict.reason
+    isolated = DivergenceDetector(nonfinite_patience=3)  # a single bad batch in a healthy run: patience
+    for step in range(10):
+        isolated.update(step, 0, None, 0.0, total_norm=1.0, baseline=1.0)
+    assert isolated.update(10, 2, None, 0.0, exploded=True, baseline=1.0) is None
+
+
+def test_divergence_from_gradients_alone_needs_dense_explosions_far_above_the_baseline() -> None:
+    blowing_up = DivergenceDetector()
+    verdicts = [blowing_up.update(step, 0, None, 0.0, exploded=step >= 5, total_norm=10.0 ** max(0, step - 4),
+                                  baseline=1.0) for step in range(20)]  # fmt: skip
+    first = next(v for v in verdicts if v is not None)
+    assert "explosions on" in first.reason and first.step <= 15
+    clipped_but_training = DivergenceDetector()  # a third of the steps spike 100x, the rest stay healthy
+    for step in range(300):
+        spike = step % 3 == 0
+        assert clipped_but_training.update(step, 0, None, 0.0, exploded=spike, total_norm=100.0 if spike else 1.0,
+                                           baseline=1.0) is None  # fmt: skip

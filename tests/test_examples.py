@@ -24,6 +24,17 @@ def test_transformer_adaptive_clip(capfd: pytest.CaptureFixture[str]) -> None:
     assert "clip=adaptive (1.0)" in out and "run finished: 8 steps" in out and "next time try max_norm=" in out
 
 
+def test_lstm_clipped_at_one(capfd: pytest.CaptureFixture[str]) -> None:
+    path = EXAMPLES / "lstm_clip.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(steps=6)
+    out = capfd.readouterr().out
+    assert "clip=norm (1.0)" in out and "run finished: 6 steps" in out and "steps at max_norm=1.0" in out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_torchrun_example(strategy: str, tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def rnn_run(radius: float, steps: int, recorder: RecordingBackend, clip: str | N
     model = VanillaRNN(radius=radius, seed=seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    with GradTracker(model, backend=recorder, clip=clip, max_norm=5.0) as tracker:
+    with GradTracker(model, backend=recorder, clip=clip, max_norm=5.0 if clip else None) as tracker:
         for _ in range(steps):
             x = torch.randn(16, 100, 4, generator=generator)
             y = x[:, :10, 0].sum(1)

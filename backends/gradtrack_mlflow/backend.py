@@ -157,6 +157,10 @@ class MLflowBackend:
             if not set(stats.layer_norms) <= keys.keys():
                 keys = self._layer_keys = sanitize_names([*keys, *stats.layer_norms], prefix="grad_norm/")
             metrics.extend([keys[n], encode_value(v), timestamp, stats.step] for n, v in stats.layer_norms.items())
+        if stats.weight_norms:  # the same keys under weight_norm/: grad_norm/ is 10 characters, weight_norm/ 12
+            for name, value in stats.weight_norms.items():
+                key = "weight_norm/" + self._layer_keys[name].removeprefix("grad_norm/")
+                metrics.append([key[:250], encode_value(value), timestamp, stats.step])
         fragment: dict[str, Any] = {"op": "fragment", "metrics": metrics}
         if self._explosion_tag_due and time.monotonic() - self._tags_sent_at >= self.tag_interval_s:
             fragment["tags"] = self._explosion_tags()

@@ -158,7 +158,7 @@ class WandbBackend:
             self._owned = True
         self._keys = _wandb_keys(start.layer_names)
         run.define_metric(STEP_KEY, hidden=True)
-        for pattern in ("grad/*", "grad_norm/*", *([self.loss_key] if self.loss_key else [])):
+        for pattern in ("grad/*", "grad_norm/*", "weight_norm/*", *([self.loss_key] if self.loss_key else [])):
             run.define_metric(pattern, step_metric=STEP_KEY)
         run.define_metric("grad/total_norm", step_metric=STEP_KEY, summary="max")
         self._run = run
@@ -200,12 +200,12 @@ class WandbBackend:
             row[self.loss_key] = loss
         row[STEP_KEY] = stats.step
         if stats.layer_norms is not None:
-            row.update(self._layer_rows(stats.layer_norms))
+            row.update(self._layer_rows(stats.layer_norms, stats.weight_norms or {}))
         self._last_norm = stats.total_norm
         run.log(row)
 
-    def _layer_rows(self, layer_norms: Mapping[str, float]) -> dict[str, Any]:
-        """The histogram and the per-layer scalars of one per-layer step."""
+    def _layer_rows(self, layer_norms: Mapping[str, float], weight_norms: Mapping[str, float]) -> dict[str, Any]:
+        """The histogram, the per-layer scalars and those layers' weight norms, at one per-layer step."""
         import wandb
 
         row: dict[str, Any] = {}
@@ -221,7 +221,10 @@ class WandbBackend:
             # NaN sorts as the largest: a layer with non-finite gradients is the first to show.
             chosen = heapq.nlargest(self.layer_scalars, layer_norms.items(), key=_nan_first)
         for name, norm in chosen:
-            row[self._key(name)] = norm
+            key = self._key(name)
+            row[key] = norm
+            if name in weight_norms:
+                row["weight_norm/" + key.removeprefix("grad_norm/")] = weight_norms[name]
         return row
 
     def _key(self, name: str) -> str:

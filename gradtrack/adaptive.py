@@ -1,0 +1,273 @@
+"""Clip policies that learn their bound from the run itself.
+
+* ``adaptive`` (AutoClip, Seetharaman et al. 2020): clip at a percentile of the recent healthy norms.
+* ``zscore`` (ZClip, Kumar et al. 2025): EMA mean and variance of the total norm; a step whose z-score
+  exceeds ``z_thresh`` is clipped, by "adaptive scaling", to ``mean + z_thresh**2 * std / z``.
+* ``adagc`` (AdaGC, 2025): each tensor against an EMA of its own past clipped norms.
+* ``agc`` (Adaptive Gradient Clipping, Brock et al. 2021): unit-wise, against the weights' norms.
+* ``auto``: ZClip with a ceiling learnt from the first healthy steps (see ``AutoClip``).
+
+Host-side statistics are updated in ``observe`` from the step's transferred numbers and used from the
+next step on, so no policy reads anything from the device during a step. AdaGC and AGC keep their
+per-tensor work on the device.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from collections import deque
+from typing import Any, final
+
+import torch
+
+from gradtrack.policy import scale_, scale_each_
+from gradtrack.records import sorted_quantile
+from gradtrack.stats import GradBatch
+from gradtrack.validate import count, number
+
+__all__ = ["AGC", "AdaGC", "AdaptiveClip", "AutoClip", "ZClip"]
+
+
+@final
+class AdaptiveClip:
+    """Norm clipping at a percentile of the run's own recent healthy norms (AutoClip).
+
+    Until ``warmup`` finite norms are seen it clips at ``max_norm``; afterwards at the
+    ``percentile`` of the last ``window`` finite pre-clip norms, never above ``max_norm`` times
+    ``ceiling``.
+    """
+
+    name = "adaptive"
+
+    def __init__(
+        self, max_norm: float = 1.0, percentile: float = 95.0, window: int = 1000, warmup: int = 20,
+        ceiling: float = 100.0,
+    ) -> None:  # fmt: skip
+        self.max_norm = number("max_norm", max_norm)
+        if number("percentile", percentile) > 100:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+        self.percentile = float(percentile)
+        self.warmup = count("warmup", warmup)
+        self.ceiling = number("ceiling", ceiling)
+        self.window = count("window", window)
+        self._history: deque[float] = deque()
+        self._sorted: list[float] = []  # the same values, kept sorted: O(window) memmove, no numpy per step
+        self.threshold = self.max_norm
+
+    def clip_(self, batch: GradBatch) -> torch.Tensor:
+        return scale_(batch, self.threshold)
+
+    def observe(self, total_norm: float, clip_coef: float) -> None:
+        if not math.isfinite(total_norm):
+            return
+        if len(self._history) == self.window:
+            del self._sorted[bisect.bisect_left(self._sorted, self._history.popleft())]
+        self._history.append(total_norm)
+        bisect.insort(self._sorted, total_norm)
+        if len(self._sorted) >= self.warmup:
+            learnt = sorted_quantile(self._sorted, self.percentile / 100)
+            self.threshold = min(max(learnt, 1e-12), self.max_norm * self.ceiling)
+
+    def config(self) -> dict[str, Any]:
+        return {"clip": self.name, "max_norm": self.max_norm, "clip_percentile": self.percentile,
+                "clip_window": self.window, "clip_warmup": self.warmup}  # fmt: skip
+
+
+class ZClip:
+    """ZClip: z-score clipping of the total norm against its EMA mean and standard deviation.
+
+    During ``warmup`` steps the norms are collected (and clipped at ``ceiling`` only, if set); then the
+    mean and variance start as theirs and follow an EMA with weight ``alpha`` on the past. A step with
+    ``z = (norm - mean) / std > z_thresh`` is scaled to ``mean + z_thresh**2 * std / z`` (ZClip's
+    "adaptive scaling": the larger the spike, the harder the clip); the EMA is fed the clipped norm.
+    ``ceiling``: an absolute bound applied at every step (None: none). The coefficient is computed on
+    the device from host floats learnt on earlier steps.
+    """
+
+    name = "zscore"
+
+    def __init__(
+        self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25, ceiling: float | None = None,
+        eps: float = 1e-6,
+    ) -> None:  # fmt: skip
+        if number("alpha", alpha) >= 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        self.alpha = float(alpha)
+        self.z_thresh = number("z_thresh", z_thresh)
+        self.warmup = count("warmup", warmup)
+        self.ceiling = None if ceiling is None else number("ceiling", ceiling)
+        self.eps = number("eps", eps)
+        self._warm: list[float] = []
+        self.mean: float | None = None
+        self.var = 0.0
+
+    def threshold_ceiling(self) -> float | None:
+        return self.ceiling
+
+    def clip_(self, batch: GradBatch) -> torch.Tensor | None:
+        ceiling = self.threshold_ceiling()
+        if self.mean is None:
+            return None if ceiling is None else scale_(batch, ceiling)
+        norm = batch.total_norm
+        std = max(math.sqrt(self.var), self.eps)
+        z = (norm - self.mean) / std
+        bound = torch.where(z > self.z_thresh, self.mean + self.z_thresh**2 * std / z.clamp(min=self.eps), norm)
+        if ceiling is not None:
+            bound = bound.clamp(max=ceiling)
+        return scale_(batch, bound)
+
+    def observe(self, total_norm: float, clip_coef: float) -> None:
+        if not math.isfinite(total_norm):
+            return
+        clipped = total_norm * min(clip_coef, 1.0)
+        if self.mean is None:
+            self._warm.append(clipped)
+            if len(self._warm) >= self.warmup:
+                self.mean = statistics.fmean(self._warm)
+                self.var = statistics.pvariance(self._warm, self.mean)
+            return
+        delta = clipped - self.mean
+        self.mean += (1 - self.alpha) * delta
+        self.var = self.alpha * self.var + (1 - self.alpha) * delta * delta
+
+    def config(self) -> dict[str, Any]:
+        return {"clip": self.name, "clip_alpha": self.alpha, "clip_z_thresh": self.z_thresh,
+                "clip_warmup": self.warmup, "clip_ceiling": self.ceiling or 0.0}  # fmt: skip
+
+
+@final
+class AutoClip(ZClip):
+    """``clip="auto"``: ZClip for spikes, plus a ceiling for slow blow-ups that never spike.
+
+    ZClip follows a norm that grows smoothly (its EMA adapts), so a geometric blow-up is never
+    clipped. The ceiling is ``ceiling_factor`` times the median of the warm-up norms, learnt once (a
+    norm that far above where training started is not healthy growth), and never below ``max_norm``.
+    Defaults chosen with ``benchmarks/detection.py`` (README's table).
+    """
+
+    name = "auto"
+
+    def __init__(self, max_norm: float = 1.0, ceiling_factor: float = 10.0, **zclip: Any) -> None:
+        super().__init__(**zclip)
+        self.max_norm = number("max_norm", max_norm)
+        self.ceiling_factor = number("ceiling_factor", ceiling_factor, minimum=1.0)
+        self.learnt_ceiling: float | None = None
+
+    def threshold_ceiling(self) -> float | None:
+        return self.learnt_ceiling
+
+    def observe(self, total_norm: float, clip_coef: float) -> None:
+        super().observe(total_norm, clip_coef)
+        if self.learnt_ceiling is None and self.mean is not None:
+            self.learnt_ceiling = max(self.ceiling_factor * statistics.median(self._warm), self.max_norm)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "max_norm": self.max_norm, "clip_ceiling_factor": self.ceiling_factor}
+
+
+@final
+class AdaGC:
+    """AdaGC: each tensor clipped against an EMA of its own past clipped norms.
+
+    ``h_i = min(1, lambda_rel * gamma_i / ||g_i||)``, then ``gamma_i = beta * gamma_i + (1 - beta) *
+    ||h_i g_i||``. For the first ``warmup`` steps every gradient is clipped globally at ``lambda_abs``
+    (norm clipping) and the gammas follow the clipped norms. The gammas live on the device; the
+    reported coefficient is the norm of the clipped gradients over the norm before. The state is kept
+    for one set of tensors: if the tensors that have gradients change, it starts over.
+    """
+
+    name = "adagc"
+
+    def __init__(
+        self, lambda_rel: float = 1.05, beta: float = 0.98, lambda_abs: float = 1.0, warmup: int = 100
+    ) -> None:
+        self.lambda_rel = number("lambda_rel", lambda_rel)
+        if number("beta", beta) >= 1:
+            raise ValueError(f"beta must be in (0, 1), got {beta!r}")
+        self.beta = float(beta)
+        self.lambda_abs = number("lambda_abs", lambda_abs)
+        self.warmup = count("warmup", warmup)
+        self._steps = 0
+        self._order: list[int] | None = None
+        self._gamma: torch.Tensor | None = None
+
+    def clip_(self, batch: GradBatch) -> torch.Tensor:
+        norms = batch.layer_norms
+        if self._order != batch.order or self._gamma is None:
+            self._order, self._gamma, self._steps = list(batch.order), None, 0
+        if self._steps < self.warmup or self._gamma is None:
+            factor = torch.clamp(self.lambda_abs / (batch.total_norm + 1e-6), max=1.0)
+            factors = factor.expand_as(norms)
+            coef = scale_(batch, self.lambda_abs)
+        else:
+            factors = torch.clamp(self.lambda_rel * self._gamma / (norms + 1e-12), max=1.0)
+            factors = torch.nan_to_num(factors, nan=0.0)
+            scale_each_(batch, factors)
+            clipped = torch.linalg.vector_norm(norms * factors, batch.norm_type)
+            coef = clipped / (batch.total_norm + 1e-12)
+        clipped_norms = norms * factors
+        if self._gamma is None:
+            self._gamma = torch.nan_to_num(clipped_norms, nan=0.0, posinf=0.0)
+        else:  # a tensor with NaN/Inf this step keeps its gamma
+            updated = self.beta * self._gamma + (1 - self.beta) * clipped_norms
+            self._gamma = torch.where(torch.isfinite(clipped_norms), updated, self._gamma)
+        self._steps += 1
+        return coef
+
+    def observe(self, total_norm: float, clip_coef: float) -> None:
+        pass
+
+    def config(self) -> dict[str, Any]:
+        return {"clip": self.name, "clip_lambda_rel": self.lambda_rel, "clip_beta": self.beta,
+                "clip_lambda_abs": self.lambda_abs, "clip_warmup": self.warmup}  # fmt: skip
+
+
+@final
+class AGC:
+    """Adaptive Gradient Clipping: each unit's gradient norm at most ``clipping`` times its weight norm.
+
+    A unit is an output row of a weight (all dimensions but the first; each element of a vector), as in
+    the NFNet reference code: ``||G_i|| <= clipping * max(||W_i||, eps)``, scaling only the units over it.
+    The reported coefficient is the smallest factor applied to any unit. Parameters are read, never
+    written; with sharded (FSDP2) parameters each rank clips the units of its own shard, which is exact
+    for row-sharded weights.
+    """
+
+    name = "agc"
+    needs_weights = True
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
+        self.clipping = number("clipping", clipping)
+        self.eps = number("eps", eps)
+
+    def clip_(self, batch: GradBatch) -> torch.Tensor:
+        assert batch.weights is not None, "AGC needs the weights: the pipeline passes them (needs_weights)"
+        smallest = []
+        scale = batch.grad_scale
+        for grads, weights in zip(batch.groups, batch.weights, strict=True):
+            for grad, weight in zip(grads, weights, strict=True):
+                if not grad.numel():
+                    continue
+                limit = self.clipping * _unitwise_norm(weight.detach()).clamp(min=self.eps)
+                norm = _unitwise_norm(grad)
+                if scale is not None:  # AMP: the gradients still carry the scale, the weights do not
+                    norm = norm / scale.to(norm.device)
+                factor = torch.where(norm > limit, limit / norm.clamp(min=1e-6), 1.0)
+                grad.mul_(factor.to(grad.dtype))
+                smallest.append(factor.min().to(batch.device, torch.float32))
+        return torch.stack(smallest).min() if smallest else torch.ones((), device=batch.device)
+
+    def observe(self, total_norm: float, clip_coef: float) -> None:
+        pass
+
+    def config(self) -> dict[str, Any]:
+        return {"clip": self.name, "clip_clipping": self.clipping, "clip_eps": self.eps}
+
+
+def _unitwise_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """Norms of the units of a tensor, broadcastable against it (NFNet's ``unitwise_norm``)."""
+    if tensor.ndim <= 1:
+        return tensor.abs().float()
+    return torch.linalg.vector_norm(tensor.float(), dim=tuple(range(1, tensor.ndim)), keepdim=True)

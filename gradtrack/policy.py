@@ -1,0 +1,65 @@
+"""The contract of a clip policy, and the device operations the policies share.
+
+A policy scales or clamps the gradients in place on their device and returns the coefficient it
+applied as a 0-dim tensor, so clipping adds no host synchronisation. A policy that adapts learns from
+the host-side numbers of earlier steps through ``observe`` (after the step's one transfer), or keeps
+its state on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from gradtrack.stats import GradBatch
+
+__all__ = ["ClipPolicy", "scale_", "scale_each_"]
+
+
+@runtime_checkable
+class ClipPolicy(Protocol):
+    """What the tracker needs of a clip policy.
+
+    Optional attributes the tracker reads: ``needs_weights`` (True: ``batch.weights`` holds the
+    parameters, grouped like the gradients) and ``needs_max_abs`` (True: under sharding, the reduction
+    brings the largest element in its one collective).
+    """
+
+    name: str
+
+    def clip_(self, batch: GradBatch) -> torch.Tensor | None:
+        """Clip ``batch.groups`` in place; return the 0-dim coefficient applied, or None if untouched."""
+        ...
+
+    def observe(self, total_norm: float, clip_coef: float) -> None:
+        """Host-side feedback after the step's transfer (for policies that adapt)."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """Settings to report as run parameters."""
+        ...
+
+
+def scale_(batch: GradBatch, max_norm: float | torch.Tensor) -> torch.Tensor:
+    """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))``: the ops of ``clip_grads_with_norm_``.
+
+    No ``if coef < 1``, so no host sync. Where 16-bit arithmetic made torch's own total overflow,
+    the wide total is used instead.
+    """
+    clip_coef = torch.clamp(max_norm / (batch.clip_norm + 1e-6), max=1.0)
+    if batch.clip_norm is not batch.total_norm:  # 16-bit arithmetic: the wide total where it overflowed
+        wide = torch.clamp(max_norm / (batch.total_norm + 1e-6), max=1.0)
+        clip_coef = torch.where(torch.isfinite(batch.clip_norm), clip_coef, wide)
+    for grads in batch.groups:
+        torch._foreach_mul_(grads, clip_coef.to(grads[0].device))
+    return clip_coef
+
+
+def scale_each_(batch: GradBatch, factors: torch.Tensor) -> None:
+    """Scale each gradient by its own factor (``factors`` in the order of ``batch.layer_norms``)."""
+    start = 0
+    for grads in batch.groups:
+        own = factors[start : start + len(grads)].to(grads[0].device, grads[0].dtype)
+        torch._foreach_mul_(grads, list(own.unbind()))
+        start += len(grads)
