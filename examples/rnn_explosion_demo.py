@@ -5,13 +5,16 @@ run diverged and tags it ``diverged=true`` while it is still running. Run 2 is t
 and optimizer with norm clipping at 5.0: it trains, and stays ``diverged=false``.
 
 Both runs go to MLflow's default store (``sqlite:///mlflow.db`` in the working directory, or
-``MLFLOW_TRACKING_URI``); the script ends with the command that opens them side by side.
+``MLFLOW_TRACKING_URI``), each with its plots and a description saying what happened; the script
+draws both runs' gradient norms in one picture (``gradtrack-demo.png``) and ends with the command that
+opens them side by side.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,15 +101,34 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print(f"{key.ljust(width)}  {cells}")
 
 
+def draw_comparison(uri: str, names: list[str], path: Path) -> Path:
+    """Both runs' gradient norms in one picture, from what they logged."""
+    from gradtrack_mlflow.cli import history_of
+    from mlflow.tracking import MlflowClient
+
+    from gradtrack.plots import compare_runs
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("gradtrack-rnn-demo")
+    histories = {}
+    for name in names:  # the latest run of each name
+        (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'", max_results=1,
+                                    order_by=["attributes.start_time DESC"])  # fmt: skip
+        histories[name] = history_of(client, run)
+    return compare_runs(histories, path, "vanilla RNN, spectral radius 3: monitor-only vs clipped at 5")
+
+
 def main() -> None:
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     rows = [train("monitor-only", clip=None), train("clip-norm-5", clip="norm", max_norm=MAX_NORM)]
     print()
     print_table(rows)
     uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    picture = draw_comparison(uri, ["monitor-only", "clip-norm-5"], Path("gradtrack-demo.png"))
+    print(f"\nBoth runs' gradient norms, drawn: {picture.absolute()}")
     print("\nBoth runs are in MLflow (experiment 'gradtrack-rnn-demo'); compare them with:")
     print(f"  mlflow ui --backend-store-uri {uri}")
-    print("and filter with: tags.diverged = 'true'")
+    print("and filter with: tags.diverged = 'true'; or here: gradtrack runs --diverged, gradtrack report <run id>")
 
 
 if __name__ == "__main__":

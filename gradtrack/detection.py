@@ -20,8 +20,9 @@ Divergence, judged once per run and never undone:
 * from the gradients alone, when the loss is not observed or has not told yet: explosions on
   ``explosion_share`` of the last ``explosion_window`` steps (default 80% of 10) while the norm's median
   over the last 5 steps is ``norm_blowup`` (default 100) times the baseline, explosions that clipping
-  does not absorb. A clipped run whose raw norms spike but which trains (spikes on a minority of steps,
-  norms back at their scale in between) never meets it;
+  does not absorb. When those steps were clipped, clipping may well be absorbing them (the demo's clipped
+  RNN: huge raw norms, a loss going down), so the parameters must show it too: their norm (measured at
+  the per-layer cadence) ``param_blowup`` (default 2) times what it was at the start of the run;
 * the smoothed loss (EMA, ``loss_smoothing``) stays above ``min + loss_blowup * scale`` for
   ``loss_patience`` consecutive steps, where ``min`` is its running minimum and ``scale`` is
   ``max(|min|, |first smoothed loss|)``: the loss must climb back far above where training started,
@@ -199,6 +200,7 @@ class DivergenceDetector:
         explosion_window: int = 10,
         explosion_share: float = 0.8,
         norm_blowup: float = 100.0,
+        param_blowup: float = 2.0,
     ) -> None:
         self.nonfinite_patience = count("nonfinite_patience", nonfinite_patience)
         self.loss_blowup = number("loss_blowup", loss_blowup)
@@ -211,6 +213,10 @@ class DivergenceDetector:
         if self.explosion_share > 1:
             raise ValueError(f"explosion_share must be in (0, 1], got {explosion_share!r}")
         self.norm_blowup = number("norm_blowup", norm_blowup, minimum=1.0, allow_inf=True)
+        self.param_blowup = number("param_blowup", param_blowup, minimum=1.0, allow_inf=True)
+        self._clipped: deque[bool] = deque(maxlen=self.explosion_window)
+        self._param_start: float | None = None
+        self._param_latest = math.nan
         self._nonfinite_run = 0
         self._exploded: deque[bool] = deque(maxlen=self.explosion_window)
         self._norms: deque[float] = deque(maxlen=5)
@@ -226,16 +232,23 @@ class DivergenceDetector:
         exploded: bool = False,
         total_norm: float = math.nan,
         baseline: float = math.nan,
+        clipped: bool = False,
+        param_norm: float | None = None,
     ) -> Divergence | None:
         """Feed one step; returns the Divergence the first time the run is judged diverged.
 
         ``exploded``: this step raised an explosion event; ``baseline``: the explosion detector's median
-        of recent healthy norms.
+        of recent healthy norms; ``clipped``: the step's gradients were clipped; ``param_norm``: the
+        parameters' total norm, on the steps where it was measured.
         """
         if self.verdict is not None:
             return None
         recent_explosions = sum(list(self._exploded)[-4:])  # before this step
         self._exploded.append(exploded)
+        self._clipped.append(clipped)
+        if param_norm is not None and math.isfinite(param_norm):
+            self._param_start = param_norm if self._param_start is None else self._param_start
+            self._param_latest = param_norm
         if math.isfinite(total_norm):
             self._norms.append(total_norm)
         reason = (
@@ -262,12 +275,18 @@ class DivergenceDetector:
             return None
         share = sum(window) / len(window)
         level = statistics.median(self._norms)
-        if share >= self.explosion_share and level >= self.norm_blowup * baseline:
-            return (
-                f"explosions on {sum(window)} of the last {len(window)} steps, gradient norm "
-                f"{level:.4g} = {level / baseline:.3g}x its healthy median {baseline:.4g}"
-            )
-        return None
+        if share < self.explosion_share or level < self.norm_blowup * baseline:
+            return None
+        reason = (
+            f"explosions on {sum(window)} of the last {len(window)} steps, gradient norm "
+            f"{level:.4g} = {level / baseline:.3g}x its healthy median {baseline:.4g}"
+        )
+        if sum(self._clipped) * 2 <= len(self._clipped):  # not clipped: nothing absorbs them
+            return reason
+        start = self._param_start
+        if start is None or not start > 0 or not self._param_latest >= self.param_blowup * start:
+            return None  # clipped, and the parameters show no blow-up: clipping absorbs them
+        return f"{reason}, though clipped; parameter norm {self._param_latest / start:.3g}x its start"
 
     def _loss_reason(self, loss: float | None) -> str | None:
         if loss is None:
@@ -298,4 +317,5 @@ class DivergenceDetector:
             "explosion_window": float(self.explosion_window),
             "explosion_share": self.explosion_share,
             "norm_blowup": self.norm_blowup,
+            "param_blowup": self.param_blowup,
         }

@@ -61,6 +61,21 @@ def gradtrack_make_backend(name: str, options: Mapping[str, Any]) -> object | No
     """
 
 
+@hookspec
+def gradtrack_cli_commands(subparsers: Any) -> None:
+    """Add subcommands to the ``gradtrack`` command line.
+
+    Called once when the ``gradtrack`` command starts, on every plugin loaded from the ``gradtrack``
+    entry-point group and on the built-in plugins (not when ``GRADTRACK_DISABLE_PLUGIN_AUTOLOAD`` is set).
+
+    :param subparsers: the ``argparse`` subparsers object of the ``gradtrack`` command. Each command added
+        sets ``handler``, a callable taking the parsed arguments and returning the exit code, with
+        ``parser.set_defaults(handler=...)``. Import heavy SDKs in the handler, not here.
+
+    The return value is ignored. (The MLflow plugin adds ``runs``, ``report``, ``watch`` and ``replay``.)
+    """
+
+
 # -------------------------------------------------------------------------
 # Run lifecycle.
 # -------------------------------------------------------------------------

@@ -226,9 +226,11 @@ class StepPipeline:
             self.clip_policy.observe(host.total_norm, host.clip_coef)
         jumps = self._history.jumps(names.args[2], host.layer_norms)
         explosion = self._check_explosion(step, now, nonfinite, names, host, jumps)
+        param_norm = float(np.sqrt(np.square(host.weight_norms).sum())) if host.weight_norms is not None else None
         divergence = self.divergence.update(
-            step, nonfinite, host.loss, now, explosion is not None, host.total_norm, self.detector.baseline
-        )
+            step, nonfinite, host.loss, now, explosion is not None, host.total_norm, self.detector.baseline,
+            host.clip_coef < 1.0, param_norm,
+        )  # fmt: skip
         if divergence is not None:
             self.summary.divergence = divergence
         skipped = bool(nonfinite) and self.on_nonfinite == "skip"

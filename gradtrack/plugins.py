@@ -23,6 +23,7 @@ __all__ = [
     "UnknownBackendError",
     "available_backends",
     "check_backend_spec",
+    "discovery_manager",
     "new_plugin_manager",
     "requested_names",
     "resolve_backends",
@@ -49,7 +50,8 @@ def new_plugin_manager() -> pluggy.PluginManager:
     return manager
 
 
-def _discovery_manager() -> pluggy.PluginManager:
+def discovery_manager() -> pluggy.PluginManager:
+    """The built-in plugins and, unless switched off, every entry-point plugin, registered once each."""
     from gradtrack import console
 
     manager = new_plugin_manager()
@@ -62,7 +64,7 @@ def _discovery_manager() -> pluggy.PluginManager:
 
 def available_backends() -> list[str]:
     """Names ``backend=`` accepts here: the built-ins and every installed entry point."""
-    return sorted(name for name, _ in _discovery_manager().list_name_plugin() if name)
+    return sorted(name for name, _ in discovery_manager().list_name_plugin() if name)
 
 
 def check_backend_spec(backend: object) -> BackendSpec:
@@ -118,7 +120,7 @@ def resolve_backends(
                 )
             resolved.append((type(item).__name__, item))
             continue
-        manager = manager or _discovery_manager()
+        manager = manager or discovery_manager()
         made = manager.hook.gradtrack_make_backend(name=item, options=dict(options.get(item, {})))
         if made is None:
             raise UnknownBackendError(_unknown_message(item, manager))

@@ -19,9 +19,8 @@ import pytest
 from mlflow_support import FaultProxy, MlflowServer, free_port
 
 pytest.importorskip("mlflow")
+from gradtrack_mlflow import watch
 from mlflow.tracking import MlflowClient
-
-from gradtrack import watch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,7 +199,8 @@ def test_a_restart_with_the_same_state_sends_nothing_and_keeps_no_credentials(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``python -m gradtrack.watch``, then a restart in process: the default state file, credentials in the URI."""
+    """``python -m gradtrack_mlflow.watch``, then a restart in process: the default state file, credentials in
+    the URI."""
     name, experiment_id = experiment
     run_id = make_run(client, experiment_id, "r", diverged="true", diverged_step="4", diverged_reason="nan")
     cache = tmp_path / "cache"
@@ -208,7 +208,8 @@ def test_a_restart_with_the_same_state_sends_nothing_and_keeps_no_credentials(
     uri = f"http://alice:hunter2pass@{host}"  # the server has no auth: it ignores them
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    command = [sys.executable, "-m", "gradtrack.watch", "--once", "--experiment", name, "--webhook", receiver.url]
+    command = [sys.executable, "-m", "gradtrack_mlflow.watch", "--once", "--experiment", name,
+               "--webhook", receiver.url]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("sent diverged alert: ") and done.stderr == ""
@@ -371,7 +372,7 @@ def _wait_for(condition: Any, timeout: float, what: str) -> None:
 
 def _start_watcher(uri: str, name: str, state: Path, url: str, log: Path) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "gradtrack.watch", "--tracking-uri", uri, "--experiment", name,
+        sys.executable, "-m", "gradtrack_mlflow.watch", "--tracking-uri", uri, "--experiment", name,
         "--state", str(state), "--interval", "0.2", "--timeout", "1", "--webhook", url,
     ]  # fmt: skip
     with log.open("wb") as output:

@@ -8,7 +8,14 @@ from typing import Any
 
 from gradtrack import BackendUnavailableError, hookimpl
 
-__all__ = ["gradtrack_make_backend"]
+__all__ = ["gradtrack_cli_commands", "gradtrack_make_backend"]
+
+
+@hookimpl
+def gradtrack_cli_commands(subparsers: Any) -> None:
+    from gradtrack_mlflow.cli import add_commands
+
+    add_commands(subparsers)
 
 
 @hookimpl

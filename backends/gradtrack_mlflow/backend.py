@@ -6,11 +6,13 @@ hand them to a :class:`~gradtrack_mlflow.sender.Sender`, whose own thread talks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -21,7 +23,9 @@ from typing import Any, final
 from gradtrack import hookimpl
 from gradtrack._version import __version__
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats, Summary
+from gradtrack.history import RunHistory
 from gradtrack.naming import sanitize_names
+from gradtrack.notes import divergence_note, summary_note
 from gradtrack.secrets import strip_userinfo
 from gradtrack.validate import mapping, seconds, text
 from gradtrack_mlflow.sender import Sender
@@ -83,6 +87,8 @@ class MLflowBackend:
         exit_timeout: float = 30.0,
         spool_dir: str | os.PathLike[str] | None = None,
         tag_interval_s: float = 5.0,
+        plots: bool = True,
+        note: bool = True,
     ) -> None:
         self.tracking_uri = text(_option("tracking_uri"), tracking_uri)
         self.experiment_name = text(_option("experiment_name"), experiment_name)
@@ -95,6 +101,11 @@ class MLflowBackend:
         self.tag_interval_s = seconds(_option("tag_interval_s"), tag_interval_s)
         if spool_dir is not None and not (isinstance(spool_dir, str | os.PathLike) and os.fspath(spool_dir)):
             raise ValueError(f"mlflow option 'spool_dir' must be a path, got {spool_dir!r}")
+        for option, flag in (("plots", plots), ("note", note)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"mlflow option {option!r} must be True or False, got {flag!r}")
+        self.plots, self.note = plots, note
+        self._history = RunHistory()
         self.owns_run = self.run_id is None
         # MLflow keeps the active run and a set_tracking_uri per thread or process of the caller: read
         # them here, on the training thread. Without mlflow imported there is neither to read.
@@ -126,6 +137,9 @@ class MLflowBackend:
             uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).absolute())
         self.tracking_uri = uri
         self._layer_keys = sanitize_names(start.layer_names, prefix="grad_norm/")
+        self._history.threshold = start.config.get("explosion_threshold")
+        if self.plots:  # matplotlib takes seconds to import: not at the end of the run, where exit waits
+            threading.Thread(target=_import_plots, name="gradtrack-plots-import", daemon=True).start()
         self.sender = Sender(
             Sink(uri, self.request_timeout), self.spool, self.run_key, self.run_id, self.flush_every_s
         )
@@ -150,6 +164,8 @@ class MLflowBackend:
 
     @hookimpl
     def gradtrack_step(self, stats: StepStats) -> None:
+        if not stats.amp_overflow:
+            self._history.add_step(stats.step, stats.total_norm, stats.layer_norms)
         timestamp = int(stats.timestamp * 1000)
         metrics = [[k, encode_value(v), timestamp, stats.step] for k, v in stats.metrics().items()]
         if stats.layer_norms:
@@ -168,6 +184,7 @@ class MLflowBackend:
 
     @hookimpl
     def gradtrack_explosion(self, event: Explosion) -> None:
+        self._history.add_explosion(event.step, event.total_norm)
         self._write("events.jsonl", json.dumps(event.to_dict()) + "\n")
         self._explosions += 1
         tags = {}
@@ -187,23 +204,31 @@ class MLflowBackend:
             "gradtrack.diverged_reason": event.reason[:_MAX_TAG_VALUE],
         }
         self._send({"op": "fragment", "tags": tags}, urgent=True)
+        self._history.diverged_step, self._history.diverged_reason = event.step, event.reason
+        if self.note:
+            self._send({"op": "note", "text": divergence_note(event)}, urgent=True)
         self.flush(2 * self.request_timeout + 1.0)  # the tag is out (or spooled) when this hook returns
 
     @hookimpl
     def gradtrack_run_end(self, end: RunEnd) -> None:
         assert self.sender is not None
+        deadline = time.monotonic() + self.exit_timeout  # drawing the plots comes out of the same budget
         ms = int(end.timestamp * 1000)
         self.sender.put(
             {"op": "fragment", "metrics": _summary_metrics(end.summary, ms), "tags": _summary_tags(end.summary)}
         )
         self._write("summary.json", json.dumps(end.summary.to_dict(), indent=2), append=False)
-        for name in ("summary.json", "events.jsonl"):
+        plots = self._draw_plots() if self.plots else []
+        for name in ("summary.json", "events.jsonl", *plots):
             if name not in self._unwritable:  # an artifact that could not be written is not promised
                 path = str(self.spool.directory / name)
                 self.sender.put({"op": "log_artifact", "local_path": path, "artifact_path": "gradtrack"})
+        if self.note:  # {run_id} is filled in when the note is sent: the run may not exist yet
+            images = [(name, f"get-artifact?path=gradtrack/{name}&run_uuid={{run_id}}") for name in plots]
+            self.sender.put({"op": "note", "text": summary_note(end.summary, end.status, images)})
         if self.owns_run:
             self.sender.put({"op": "terminate", "status": _STATUS[end.status], "end_time": ms})
-        done = self.sender.close(self.exit_timeout)
+        done = self.sender.close(max(0.0, deadline - time.monotonic()))
         if not done and not self.sender.held and not self.sender.thread.is_alive() and not self.spool.has_pending():
             done = True  # offline at the deadline, but nothing was left to send
         if done:
@@ -240,6 +265,23 @@ class MLflowBackend:
     def gradtrack_flush(self, timeout: float) -> None:
         self.flush(timeout)
 
+    def _draw_plots(self) -> list[str]:
+        """The run's two pictures beside the spool, for the artifacts; none (with a warning) without matplotlib."""
+        try:
+            from gradtrack.plots import draw_layers, draw_norms
+
+            private_directory(self.spool.directory)
+            draw_norms(self._history, self.spool.directory / "norms.png")
+            draw_layers(self._history, self.spool.directory / "layers.png")
+        except ImportError as exc:
+            warnings.warn(f"gradtrack draws no plots: {exc} (pip install 'gradtrack[plots]')", RuntimeWarning,
+                          stacklevel=3)  # fmt: skip
+            return []
+        except OSError as exc:
+            warnings.warn(f"gradtrack cannot write its plots ({exc!r})", RuntimeWarning, stacklevel=3)
+            return []
+        return ["norms.png", "layers.png"]
+
     def _write(self, name: str, text: str, append: bool = True) -> None:
         """A file beside the spool (events, summary); a full or read-only disk costs a warning, not the run."""
         if name in self._unwritable:
@@ -265,6 +307,13 @@ class MLflowBackend:
         self._tags_sent_at = time.monotonic()
         self._explosion_tag_due = False
         return {"gradtrack.explosions": str(self._explosions)}
+
+
+def _import_plots() -> None:
+    with contextlib.suppress(ImportError):
+        import gradtrack.plots
+
+        gradtrack.plots._pyplot()  # imports matplotlib
 
 
 def _remove_empty_parents(directory: Path, levels: int) -> None:

@@ -1,6 +1,6 @@
 """Executing journal operations against one MLflow tracking URI, each request bounded in time.
 
-An operation is a small JSON-able dict (``create_run``, ``log_batch``, ``log_artifact``,
+An operation is a small JSON-able dict (``create_run``, ``log_batch``, ``log_artifact``, ``note``,
 ``terminate``), the same shape whether it is sent live or replayed from a spool file.
 
 Over HTTP the JSON endpoints are called through ``mlflow.utils.rest_utils.http_request`` with
@@ -21,6 +21,7 @@ __all__ = ["RUN_KEY_TAG", "PermanentError", "Sink", "encode_value", "failure_kin
 Op = dict[str, Any]
 
 _API = "/api/2.0/mlflow"
+NOTE_TAG = "mlflow.note.content"  # the run's description, shown at the top of its page
 RUN_KEY_TAG = "gradtrack.run_key"  # on every run gradtrack creates: a retried create_run finds it instead
 
 
@@ -95,6 +96,8 @@ class Sink:
             self.client.log_artifact(self.run_id(op), op["local_path"], op["artifact_path"])
         elif kind == "terminate":
             self._terminate(self.run_id(op), op["status"], op["end_time"])
+        elif kind == "note":
+            self._note(self.run_id(op), op["text"].replace("{run_id}", self.run_id(op)))
         else:
             raise PermanentError(f"unknown operation {kind!r}")
 
@@ -188,6 +191,18 @@ class Sink:
             "tags": [{"key": k, "value": v} for k, v in tags.items()],
         }
         self._rest("POST", "runs/log-batch", body)
+
+    def _note(self, run_id: str, section: str) -> None:
+        """gradtrack's section of the run's description, below whatever the user wrote there."""
+        from gradtrack.notes import merge_note
+
+        if not self.is_http:
+            existing = self.client.get_run(run_id).data.tags.get(NOTE_TAG)
+            self.client.set_tag(run_id, NOTE_TAG, merge_note(existing, section))
+            return
+        tags = self._rest("GET", "runs/get", {"run_id": run_id})["run"]["data"].get("tags", [])
+        existing = next((tag["value"] for tag in tags if tag["key"] == NOTE_TAG), None)
+        self._rest("POST", "runs/set-tag", {"run_id": run_id, "key": NOTE_TAG, "value": merge_note(existing, section)})
 
     def _terminate(self, run_id: str, status: str, end_time: int) -> None:
         if not self.is_http:

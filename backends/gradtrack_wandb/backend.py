@@ -10,18 +10,25 @@ working, interleaved, without "step less than current step" warnings.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
 import os
 import sys
+import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, NoReturn, final
 
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats, format_norm
+from gradtrack.history import RunHistory
 from gradtrack.hookspecs import hookimpl
 from gradtrack.naming import sanitize_names
+from gradtrack.notes import divergence_note, merge_note, summary_note
 from gradtrack.validate import count, mapping, seconds, text, texts
 
 __all__ = [
@@ -44,6 +51,7 @@ EXPLODED_TAG = "exploded"
 SUMMARY_KEY = "gradtrack"  # shown in the runs table as gradtrack.explosions, gradtrack.diverged_step, ...
 EXPLOSION_TITLE = "gradtrack: gradients exploded"
 DIVERGENCE_TITLE = "gradtrack: run diverged"
+PLOT_KEYS = ("gradtrack/norms_plot", "gradtrack/layers_plot")
 
 # W&B metric names sort and filter in the UI only when made of letters, digits and underscores;
 # "/" is kept because W&B groups charts into sections by it.
@@ -95,13 +103,15 @@ class WandbBackend:
         alerts: bool = True,
         alert_every: float = 600.0,
         loss_key: str | None = "auto",
+        plots: bool = True,
+        note: bool = True,
     ) -> None:
         if layer_scalars != "all":
             try:
                 count(_option("layer_scalars"), layer_scalars, minimum=0)
             except ValueError:
                 _invalid("layer_scalars", "an int >= 0 or 'all'", layer_scalars)
-        for option, flag in (("histogram", histogram), ("alerts", alerts)):
+        for option, flag in (("histogram", histogram), ("alerts", alerts), ("plots", plots), ("note", note)):
             if not isinstance(flag, bool):
                 _invalid(option, "True or False", flag)
         if mode is not None and mode not in _MODES:
@@ -122,6 +132,9 @@ class WandbBackend:
         self.layer_scalars = layer_scalars
         self.histogram = histogram
         self.alerts = alerts
+        self.plots = plots
+        self.note = note
+        self._history = RunHistory()
         self.alert_every = seconds(_option("alert_every"), alert_every)
         # The factory runs on the training thread, where the user's run is visible as wandb.run.
         self._user_run = _active_run()
@@ -162,6 +175,9 @@ class WandbBackend:
             run.define_metric(pattern, step_metric=STEP_KEY)
         run.define_metric("grad/total_norm", step_metric=STEP_KEY, summary="max")
         self._run = run
+        self._history.threshold = start.config.get("explosion_threshold")
+        if self.plots:  # matplotlib takes seconds to import: not at the end of the run
+            threading.Thread(target=_import_plots, name="gradtrack-plots-import", daemon=True).start()
         self._publish_state()
 
     @hookimpl
@@ -171,6 +187,10 @@ class WandbBackend:
             return
         self._state.update(end.summary.to_dict(), status=end.status)
         self._publish_state()
+        if self.plots:
+            self._log_plots()
+        if self.note:
+            run.notes = merge_note(run.notes, summary_note(end.summary, end.status))
         if self._owned:
             run.finish(exit_code=_EXIT_CODES[end.status])
         self._run = None
@@ -194,6 +214,8 @@ class WandbBackend:
         run = self._run
         if run is None:
             return
+        if not stats.amp_overflow:
+            self._history.add_step(stats.step, stats.total_norm, stats.layer_norms)
         row: dict[str, Any] = stats.metrics()
         loss = row.pop("loss", None)
         if loss is not None and self.loss_key:
@@ -243,6 +265,7 @@ class WandbBackend:
             return
         first = self._state["explosions"] == 0
         self._state["explosions"] += 1
+        self._history.add_explosion(event.step, event.total_norm)
         self._last_explosion = event
         if first:
             self._state["first_explosion_step"] = event.step
@@ -268,11 +291,30 @@ class WandbBackend:
         run.tags = _merged(run.tags, DIVERGED_TAG)
         self._state.update(diverged=True, diverged_step=event.step, diverged_reason=event.reason)
         self._publish_state()
+        self._history.diverged_step, self._history.diverged_reason = event.step, event.reason
+        if self.note:
+            run.notes = merge_note(run.notes, divergence_note(event))
         if self.alerts:
             text = f"step {event.step}: {event.reason}; last total_norm={format_norm(self._last_norm)}"
             if self._last_explosion is not None:
                 text += f". Last explosion: {self._last_explosion.describe(top=None)}"
             run.alert(title=DIVERGENCE_TITLE, text=text, level="ERROR", wait_duration=self.alert_every)
+
+    def _log_plots(self) -> None:
+        """The run's two pictures, as W&B images (the Media panel)."""
+        import wandb
+
+        try:
+            from gradtrack.plots import draw_layers, draw_norms
+        except ImportError as exc:
+            warnings.warn(f"gradtrack draws no plots: {exc} (pip install 'gradtrack[plots]')", RuntimeWarning,
+                          stacklevel=3)  # fmt: skip
+            return
+        with tempfile.TemporaryDirectory(prefix="gradtrack-plots-") as folder:
+            norms = draw_norms(self._history, Path(folder, "norms.png"))
+            layers = draw_layers(self._history, Path(folder, "layers.png"))
+            # Their own row, on W&B's step (media are not plotted against a step axis).
+            self._run.log({PLOT_KEYS[0]: wandb.Image(str(norms)), PLOT_KEYS[1]: wandb.Image(str(layers))})
 
     def _publish_state(self) -> None:
         """One nested summary entry, shown in the runs table as ``gradtrack.<key>`` columns."""
@@ -281,6 +323,13 @@ class WandbBackend:
 
 def _option(name: str) -> str:
     return f"wandb option {name!r}"
+
+
+def _import_plots() -> None:
+    with contextlib.suppress(ImportError):
+        import gradtrack.plots
+
+        gradtrack.plots._pyplot()  # imports matplotlib
 
 
 def _invalid(option: str, expected: str, value: object) -> NoReturn:

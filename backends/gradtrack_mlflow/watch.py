@@ -900,9 +900,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gradtrack.watch``: the same command, standalone; returns the exit code."""
+    """``python -m gradtrack_mlflow.watch``: the same command, standalone; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m gradtrack.watch",
+        prog="python -m gradtrack_mlflow.watch",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,0 +1,63 @@
+"""What the run's description says, so that the run page tells what happened without any set-up.
+
+gradtrack writes one section of the run's description (MLflow: the ``mlflow.note.content`` tag shown at
+the top of the run page; W&B: the run's notes): the moment the run diverges, a line with the step and
+the reason; at the end, a short markdown summary. The section starts at ``MARKER``; whatever the user
+wrote above it is kept, and a later gradtrack section replaces the earlier one, never the user's text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gradtrack.events import Divergence, Summary, format_norm
+
+__all__ = ["MARKER", "divergence_note", "merge_note", "summary_note"]
+
+MARKER = "<!-- gradtrack -->"
+
+
+def merge_note(existing: str | None, section: str) -> str:
+    """``existing`` with its gradtrack section (if any) replaced by ``section``."""
+    kept = (existing or "").split(MARKER, 1)[0].rstrip()
+    return f"{kept}\n\n{MARKER}\n{section}" if kept else f"{MARKER}\n{section}"
+
+
+def divergence_note(event: Divergence) -> str:
+    return f"### gradtrack: diverged at step {event.step}\n\n{_escape(event.reason)}\n"
+
+
+def summary_note(summary: Summary, status: str, images: Sequence[tuple[str, str]] = ()) -> str:
+    """The end-of-run section; ``images``: (caption, markdown image URL) pairs of the plots."""
+    if summary.diverged:
+        reason = _escape(summary.diverged_reason or "")
+        headline = f"### gradtrack: diverged at step {summary.diverged_step}\n\n{reason}"
+    elif summary.explosions:
+        headline = f"### gradtrack: {summary.explosions} explosion(s), not diverged"
+    else:
+        headline = "### gradtrack: healthy gradients"
+    norm = format_norm(summary.norm_p95) if summary.norm_p95 is not None else "n/a"
+    advice = format_norm(summary.recommended_max_norm) if summary.recommended_max_norm is not None else "n/a"
+    offenders = ", ".join(f"`{_escape(name)}` ({count})" for name, count in summary.top_offenders[:5]) or "none"
+    first = summary.first_explosion_step if summary.first_explosion_step is not None else "-"
+    lines = [
+        headline,
+        "",
+        "| | |",
+        "|---|---|",
+        f"| status | {status} |",
+        f"| steps | {summary.steps} |",
+        f"| clipped | {summary.clipped_steps} ({summary.clip_rate:.1%}) |",
+        f"| explosions | {summary.explosions} |",
+        f"| first explosion | step {first} |",
+        f"| gradient norm p95 | {norm} |",
+        f"| recommended max_norm | {advice} |",
+        f"| top offenders | {offenders} |",
+    ]
+    lines += ["", *(f"![{caption}]({url})" for caption, url in images)] if images else []
+    return "\n".join(lines) + "\n"
+
+
+def _escape(text: str) -> str:
+    """Plain text inside markdown: no HTML, no table breaks, no markers."""
+    return text.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|").replace("\n", " ")

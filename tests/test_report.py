@@ -1,0 +1,147 @@
+"""What a run says about itself: plots, its description, and the ``gradtrack`` commands that read it (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import VanillaRNN
+from torch import nn
+
+from gradtrack import GradTracker
+from gradtrack.cli import main, parser
+from gradtrack.history import RunHistory
+from gradtrack.notes import MARKER, merge_note
+from gradtrack.plots import draw_layers, rows_to_show
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _rnn_run(uri: str, experiment: str, tmp_path: Path, radius: float, clip: str | None,
+             run_name: str, steps: int = 30) -> GradTracker:  # fmt: skip
+    model = VanillaRNN(radius=radius)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5 if clip is None else 0.05)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 20, 4, generator=generator), torch.randn(16, generator=generator)
+    options = {"mlflow": {"tracking_uri": uri, "experiment_name": experiment, "run_name": run_name,
+                          "spool_dir": str(tmp_path / "spool")}}  # fmt: skip
+    with GradTracker(model, backend="mlflow", backend_options=options, clip=clip, layer_every=2,
+                     max_norm=5.0 if clip else None) as tracker:  # fmt: skip
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            tracker.observe(loss)
+            optimizer.step()
+    return tracker
+
+
+@pytest.fixture(scope="module")
+def two_runs(server: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, dict[str, str]]:
+    """A diverged run and a healthy one, logged through the reporter to the real server."""
+    tmp = tmp_path_factory.mktemp("two-runs")
+    experiment = f"report-{uuid.uuid4().hex[:8]}"
+    diverged = _rnn_run(server.uri, experiment, tmp, radius=3.0, clip=None, run_name="exploding")
+    healthy = _rnn_run(server.uri, experiment, tmp, radius=0.5, clip="norm", run_name="healthy")
+    assert diverged.diverged and not healthy.diverged
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return server.uri, experiment, {run.info.run_name: run.info.run_id for run in runs}
+
+
+def test_the_run_page_says_what_happened_and_holds_the_plots(two_runs: tuple[str, str, dict[str, str]],
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    uri, _, ids = two_runs
+    client = MlflowClient(uri)
+    for name, headline in (("exploding", "diverged at step"), ("healthy", "healthy gradients")):
+        run = client.get_run(ids[name])
+        note = run.data.tags["mlflow.note.content"]
+        assert note.startswith(MARKER) and f"### gradtrack: {headline}" in note
+        assert "| recommended max_norm |" in note and f"run_uuid={ids[name]}" in note  # the plots, inline
+        artifacts = {a.path for a in client.list_artifacts(ids[name], "gradtrack")}
+        assert {"gradtrack/norms.png", "gradtrack/layers.png"} <= artifacts
+        picture = Path(client.download_artifacts(ids[name], "gradtrack/norms.png", str(tmp_path / name)))
+        assert picture.read_bytes().startswith(PNG) and picture.stat().st_size > 5000
+
+
+def test_a_users_own_description_is_kept_above_gradtracks(server: Any, tmp_path: Path) -> None:
+    mlflow.set_tracking_uri(server.uri)
+    experiment = f"described-{uuid.uuid4().hex[:8]}"
+    mlflow.set_experiment(experiment)
+    try:
+        with mlflow.start_run(description="my own notes: lr sweep, run 3") as run:
+            model = VanillaRNN(radius=0.5)
+            with GradTracker(model, backend="mlflow", backend_options={"mlflow": {"spool_dir": str(tmp_path)}}):
+                model(torch.randn(4, 5, 4)).sum().backward()
+                torch.optim.SGD(model.parameters(), lr=0.01).step()
+    finally:
+        mlflow.set_tracking_uri(None)
+    note = MlflowClient(server.uri).get_run(run.info.run_id).data.tags["mlflow.note.content"]
+    assert note.startswith("my own notes: lr sweep, run 3\n\n" + MARKER) and note.count(MARKER) == 1
+
+
+def test_merge_note_replaces_only_its_own_section() -> None:
+    first = merge_note("user text", "old section")
+    assert merge_note(first, "new section") == f"user text\n\n{MARKER}\nnew section"
+    assert merge_note(None, "only") == f"{MARKER}\nonly"
+
+
+def test_runs_lists_the_runs_with_their_health(two_runs: tuple[str, str, dict[str, str]],
+                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    uri, experiment, _ids = two_runs
+    assert main(["runs", "--tracking-uri", uri, "--experiment", experiment, "--json"]) == 0
+    rows = {row["run_name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"exploding", "healthy"}
+    assert rows["exploding"]["diverged"] and rows["exploding"]["explosions"] > 0
+    assert rows["exploding"]["first_explosion_step"] is not None and rows["exploding"]["diverged_step"] is not None
+    assert not rows["healthy"]["diverged"] and rows["healthy"]["recommended_max_norm"] > 0
+    assert main(["runs", "--tracking-uri", uri, "--experiment", experiment, "--diverged"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["run", "name", "experiment", "status"]
+    assert len(table) == 2 and "exploding" in table[1] and "True" in table[1]
+    assert main(["runs", "--tracking-uri", uri, "--experiment", "no-such-experiment"]) == 2
+
+
+@pytest.mark.parametrize("suffix", [".png", ".html"])
+def test_report_draws_the_run_and_prints_its_summary(
+    two_runs: tuple[str, str, dict[str, str]], suffix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri, _, ids = two_runs
+    output = tmp_path / f"report{suffix}"
+    assert main(["report", ids["exploding"], "-o", str(output), "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "diverged True at step" in out and "top offenders:" in out and str(output) in out
+    content = output.read_bytes()
+    assert content.startswith(PNG) if suffix == ".png" else content.count(b"data:image/png;base64,") == 2
+    assert main(["report", "nonexistent-run", "--tracking-uri", uri]) == 2
+
+
+def test_every_command_has_help() -> None:
+    commands = parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"backends", "runs", "report", "replay", "watch"} <= set(commands)
+    for name in commands:
+        done = subprocess.run([sys.executable, "-m", "gradtrack.cli", name, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage: gradtrack" in done.stdout, name
+
+
+def test_the_heatmap_stays_readable_from_ten_to_five_thousand_layers(tmp_path: Path) -> None:
+    for count in (10, 5000):
+        history = RunHistory()
+        rng = torch.Generator().manual_seed(0)
+        for step in range(0, 200, 5):
+            norms = torch.rand(count, generator=rng) * (1 + step / 10)
+            history.add_step(step, float(norms.norm()), {f"block{i // 4}.part{i % 4}": float(v) for i, v in
+                                                          enumerate(norms.tolist())})  # fmt: skip
+        rows, members = rows_to_show(history)
+        assert len(rows) <= 60
+        assert (rows == history.layer_names) if count == 10 else all(len(members[row]) == 1 for row in rows)
+        assert draw_layers(history, tmp_path / f"{count}.png").read_bytes().startswith(PNG)
