@@ -1,0 +1,191 @@
+"""gradtrack inside training frameworks that own the training loop.
+
+* ``gradtrack.integrations.lightning``: ``GradTrackerCallback``, a Lightning ``Callback`` (``pip install
+  'gradtrack[lightning]'``).
+* ``gradtrack.integrations.transformers``: ``GradTrackerCallback``, a Hugging Face ``TrainerCallback``
+  (``pip install 'gradtrack[transformers]'``).
+
+Each of those modules imports its framework when it is imported; this package imports neither, and
+``import gradtrack`` never imports this package.
+
+What they share is here: a :class:`GradTracker` driven by the framework's callbacks instead of by
+gradtrack's own optimizer hook. A framework runs code of its own between the gradients and the
+optimizer step (its AMP unscaling, its clipping, a closure around both): the callbacks measure at the
+point they choose, by hand, and the tracker's global optimizer step pre-hook is removed so that the
+optimizer step that follows is never measured a second time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, final
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from gradtrack.amp import AmpState
+    from gradtrack.tracker import GradTracker
+
+__all__: list[str] = []
+
+# Options the callbacks set themselves: the optimizer step is found by the framework, and AMP is read
+# from the framework's own GradScaler.
+_FRAMEWORK_OPTIONS = ("optimizer", "scaler")
+
+
+def check_options(owner: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``GradTracker`` keyword options when the callback is created, not when training starts.
+
+    A tracker built on a one-parameter probe model runs every check of ``GradTracker.__init__`` (it opens
+    no backend: that happens when a tracker is entered).
+    """
+    import torch
+    from torch import nn
+
+    from gradtrack.tracker import GradTracker
+
+    for name in _FRAMEWORK_OPTIONS:
+        if name in options:
+            raise TypeError(f"{owner} takes no {name}= option: it uses the {name} of the trainer it is attached to")
+    if "model" in options:
+        raise TypeError(f"{owner} takes no model= option: it tracks the model the trainer trains")
+    probe = nn.Linear(1, 1, bias=False, device=torch.device("meta"))
+    GradTracker(probe, **options)
+    return dict(options)
+
+
+def monitor_only(options: Mapping[str, Any], owner: str, clipper: str, remedy: str) -> dict[str, Any]:
+    """The options with ``clip=None``, as the framework clips; options asking gradtrack to clip too are refused."""
+    asked = [name for name in ("clip", "max_norm", "clip_value") if options.get(name) is not None]
+    if asked:
+        given = ", ".join(f"{name}={options[name]!r}" for name in asked)
+        raise ValueError(f"{owner}({given}) and {clipper} would clip the gradients twice: {remedy}")
+    return {**options, "clip": None}
+
+
+def backend_options(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A mutable copy of the user's ``backend_options``."""
+    given = options.get("backend_options") or {}
+    return {name: dict(values) for name, values in given.items()}
+
+
+def names_in(spec: object) -> set[str]:
+    """The backend names in a ``backend=`` value (objects passed directly have none)."""
+    items = list(spec) if isinstance(spec, list | tuple) else [spec]
+    return {item for item in items if isinstance(item, str)}
+
+
+def auto_backend(names: list[str]) -> str | list[str] | None:
+    return None if not names else names[0] if len(names) == 1 else names
+
+
+def inner_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` under framework wrappers (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``): the one a ``GradScaler`` keeps its state for."""
+    import torch
+
+    seen = 0
+    while seen < 8:
+        seen += 1
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def amp_state(scaler: Any, optimizer: Any) -> AmpState | None:
+    """What the framework's ``GradScaler`` did to the gradients of ``optimizer`` so far in this step.
+
+    * Not unscaled yet: the gradients carry the scale; gradtrack divides its norms by it on the device,
+      clips at the true norm, and judges an overflow from a non-finite norm (the scaler will skip the step).
+    * Unscaled (``scaler.unscale_``, as Lightning and accelerate do before clipping): true gradients, and the
+      scaler's ``found_inf`` travels in gradtrack's one transfer, so an overflow step is counted as
+      ``grad/amp_overflow`` (the scaler skips it) and never as an explosion, without a host sync here.
+    """
+    import torch
+    from torch.amp.grad_scaler import OptState
+
+    from gradtrack.amp import AmpState
+
+    if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+        return None
+    optimizer = inner_optimizer(optimizer)
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    if state is None or state["stage"] is OptState.READY:
+        scale = scaler._scale
+        return AmpState(scale, None) if scale is not None else None
+    found = list(state["found_inf_per_device"].values())
+    if not found:
+        return None
+    found_inf = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found]).sum()
+    return AmpState(None, found_inf)
+
+
+def loss_scale(scaler: Any) -> torch.Tensor | None:
+    """The factor an enabled ``GradScaler`` multiplies losses by (a device tensor: reading it never syncs)."""
+    import torch
+
+    if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+        return None
+    return scaler._scale
+
+
+@final
+class HandDriven:
+    """A ``GradTracker`` entered by a callback, stepped by hand, closed by another callback."""
+
+    def __init__(self, tracker: GradTracker) -> None:
+        self.tracker = tracker
+        self.open = False
+
+    @classmethod
+    def start(cls, model: nn.Module, options: Mapping[str, Any]) -> HandDriven:
+        from gradtrack.tracker import GradTracker
+
+        tracker = GradTracker(model, **options)
+        tracker.__enter__()
+        driven = cls(tracker)
+        driven.open = True
+        # The framework calls optimizer.step() after the callback measured: with the tracker's global step
+        # pre-hook in place that step would be measured again whenever the gradients changed in between
+        # (the framework's own clipping) or the step takes a closure (Lightning's automatic optimization).
+        handle = tracker._handle
+        if handle is not None:
+            handle.remove()
+            tracker._handle = None
+        return driven
+
+    def observe(self, loss: torch.Tensor | float) -> None:
+        if self.open:
+            self.tracker.observe(loss)
+
+    def step(self, amp: AmpState | None = None, params: list[Any] | None = None) -> None:
+        """One gradtrack step: measure, clip, judge, report (the tracker's ``step()``, with the AMP state)."""
+        if not self.open:
+            return
+        tracker = self.tracker
+        if amp is None and params is None:
+            tracker.step()
+        else:
+            tracker._measure(params if params is not None else tracker._params, None, amp)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Leave the tracker as its ``with`` block would: ``failed`` (``killed`` for a KeyboardInterrupt) on ``exc``."""
+        if not self.open:
+            return
+        self.open = False
+        if exc is None:
+            self.tracker.__exit__(None, None, None)
+        else:
+            self.tracker.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def warn_once(seen: set[str], key: str, message: str, stacklevel: int = 3) -> None:
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)

@@ -1,0 +1,231 @@
+"""gradtrack as a Hugging Face ``transformers.Trainer`` callback: ``Trainer(..., callbacks=[GradTrackerCallback()])``.
+
+What the Trainer does for one optimizer step (``Trainer._run_epoch`` in transformers 5; the same order in 4.4x)::
+
+    on_step_begin                                   first micro-batch of the step
+    training_step(model, inputs, ...)  x N          forward, loss / N (or / items), accelerator.backward
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)   unscales AMP gradients, clips, returns the norm
+    else: accelerator.clip_grad_norm_(params, inf)           (transformers 5: the norm it logs, no clipping)
+    on_pre_optimizer_step
+    optimizer.step()
+    on_optimizer_step ... on_step_end ... on_log (grad_norm: the pre-clip norm)
+
+``on_pre_optimizer_step`` comes after the Trainer's clipping, and no event comes between the last
+backward and that clipping. So:
+
+* ``max_grad_norm > 0`` (the Trainer clips; its default is 1.0): gradtrack only watches (``clip=None``) and
+  measures just before the Trainer clips, by wrapping this Trainer's ``accelerator.clip_grad_norm_`` for the
+  duration of ``train()``: ``grad/total_norm`` is the norm the Trainer clipped (its own logged ``grad_norm``),
+  ``grad/clip_coef`` is 1 and ``grad/clipped`` 0 (the clipping is the Trainer's). Where the Trainer clips
+  without that call (DTensor gradients on several meshes, SageMaker MP), gradtrack measures at
+  ``on_pre_optimizer_step``, after the clipping, and warns once.
+* ``max_grad_norm=0``: gradtrack clips, at ``on_pre_optimizer_step`` (with ``clip``/``max_norm`` as given, default
+  ``"norm"`` at 1.0); the Trainer's logged ``grad_norm``, computed before that event, stays the pre-clip norm.
+* ``clip=`` (other than None), ``max_norm=`` or ``clip_value=`` beside ``max_grad_norm > 0`` are refused: two
+  clippings.
+
+AMP (``fp16=True``): gradients still scaled are measured with the scaler's scale divided out; once unscaled,
+the scaler's overflow flag rides along, so a step the scaler skips is ``grad/amp_overflow``, never an explosion.
+
+The loss of each micro-batch is what ``training_step`` returns (this Trainer's ``training_step`` is wrapped for
+the duration of ``train()``): the Trainer normalizes it for gradient accumulation, so their sum is the loss of
+the optimizer step, observed when gradtrack measures.
+
+The Trainer is found from the callback: callbacks receive the model and the optimizer but not the Trainer,
+so ``on_train_begin`` looks for the ``Trainer`` up the call stack (``Trainer.train`` calls it). Without one
+(a loop that calls the callback handler itself), gradtrack measures at ``on_pre_optimizer_step`` and observes
+no loss.
+
+Reporting: ``report_to=["mlflow"]`` makes the backend ``"mlflow"``, logging into the run ``MLflowCallback`` opened
+(the active MLflow run; it runs first, as the Trainer puts the reporting callbacks before yours);
+``report_to=["wandb"]`` makes it ``"wandb"``, logging into ``WandbCallback``'s ``wandb.run``. An explicit
+``backend=`` is used as given.
+
+transformers has no exception event: when ``train()`` raises, the tracker stays open until the next
+``train()`` with this callback (which closes it ``failed``) or the end of the process (the reporter then ends
+gradtrack's own run ``killed``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from gradtrack.integrations import HandDriven, amp_state, auto_backend, check_options, monitor_only, warn_once
+from gradtrack.tracker import GradTracker
+
+__all__ = ["GradTrackerCallback"]
+
+_REPORTERS = ("mlflow", "wandb")
+
+
+class GradTrackerCallback(TrainerCallback):
+    """Tracks the Trainer's model with a ``GradTracker`` for the duration of each ``train()``.
+
+    ``GradTrackerCallback(**options)`` takes the keyword options of :class:`gradtrack.GradTracker` (``clip``,
+    ``max_norm``, ``backend``, ``backend_options``, ``layer_every``, ...), except ``optimizer`` and ``scaler``.
+    """
+
+    def __init__(self, **tracker_options: Any) -> None:
+        self._options = check_options("GradTrackerCallback", tracker_options)
+        self._driven: HandDriven | None = None
+        self._pending = False
+        self._loss: Any = None
+        self._patches: list[_Patch] = []
+        self._trainer: Trainer | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def tracker(self) -> GradTracker | None:
+        """The tracker of the current (or last) ``train()``: ``summary()``, ``diverged``, ``explosions``."""
+        return self._driven.tracker if self._driven is not None else None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._driven is not None and self._driven.open:  # the previous train() raised
+            self._finish(RuntimeError("the previous Trainer.train() ended without on_train_end"))
+        if getattr(args, "deepspeed", None):
+            raise ValueError(
+                "GradTrackerCallback does not support DeepSpeed (its engine owns the gradients and clips them "
+                "itself); use FSDP2 or DDP"
+            )
+        model = kwargs["model"]
+        trainer = _find_trainer()
+        options = dict(self._options)
+        trainer_clips = bool(args.max_grad_norm) and args.max_grad_norm > 0
+        if trainer_clips:
+            options = monitor_only(
+                options,
+                "GradTrackerCallback",
+                f"TrainingArguments(max_grad_norm={args.max_grad_norm})",
+                "pass max_grad_norm=0 to let gradtrack clip, or clip=None to let the Trainer clip while gradtrack "
+                "watches",
+            )
+        if "backend" not in options:
+            report_to = list(args.report_to or [])
+            options["backend"] = auto_backend([name for name in _REPORTERS if name in report_to])
+        self._driven = HandDriven.start(model, options)
+        self._pending, self._loss = False, None
+        if trainer is None:
+            warn_once(
+                self._warned,
+                "trainer",
+                "GradTrackerCallback found no transformers.Trainer calling it: gradtrack measures at "
+                "on_pre_optimizer_step (after any clipping by the Trainer) and observes no loss",
+            )
+            return
+        self._trainer = trainer
+        self._patches.append(_Patch(trainer, "training_step", self._wrap_training_step))
+        if trainer_clips:
+            self._patches.append(_Patch(trainer.accelerator, "clip_grad_norm_", self._wrap_clip))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._finish(None)
+
+    # -- per step -----------------------------------------------------------------------------------
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._pending = True
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self._pending:
+            return
+        if args.max_grad_norm and args.max_grad_norm > 0 and self._patches:
+            warn_once(
+                self._warned,
+                "late",
+                "the Trainer clipped the gradients without accelerator.clip_grad_norm_: gradtrack measured them "
+                "after its clipping (grad/total_norm is then at most max_grad_norm); pass max_grad_norm=0 to let "
+                "gradtrack clip",
+            )
+        self._measure(kwargs.get("optimizer"))
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _measure(self, optimizer: Any) -> None:
+        self._pending = False
+        driven = self._driven
+        if driven is None:
+            return
+        if self._loss is not None:
+            driven.observe(self._loss)
+            self._loss = None
+        driven.step(amp_state(getattr(optimizer, "scaler", None), optimizer))
+
+    def _wrap_training_step(self, original: Any) -> Any:
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = original(*args, **kwargs)
+            if self._driven is not None and self._driven.open and _is_scalar(loss):
+                loss = loss.detach()
+                self._loss = loss if self._loss is None else self._loss + loss.to(self._loss.device)
+            return loss
+
+        return training_step
+
+    def _wrap_clip(self, original: Any) -> Any:
+        @functools.wraps(original)
+        def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
+            if self._pending and math.isfinite(max_norm) and max_norm > 0:  # the Trainer's clip, not its norm-only call
+                trainer = self._trainer
+                self._measure(getattr(trainer, "optimizer", None))
+            return original(parameters, max_norm, *args, **kwargs)
+
+        return clip_grad_norm_
+
+    def _finish(self, exc: BaseException | None) -> None:
+        while self._patches:
+            self._patches.pop().remove()
+        self._pending, self._loss, self._trainer = False, None, None
+        if self._driven is not None:
+            self._driven.close(exc)
+
+
+class _Patch:
+    """An attribute of one object replaced by a wrapper of it, put back by ``remove``."""
+
+    def __init__(self, owner: Any, name: str, wrap: Any) -> None:
+        self.owner, self.name = owner, name
+        self.had = name in vars(owner)
+        self.previous = getattr(owner, name)
+        self.wrapper = wrap(self.previous)
+        setattr(owner, name, self.wrapper)
+
+    def remove(self) -> None:
+        if vars(self.owner).get(self.name) is not self.wrapper:
+            return  # wrapped again over us since: leave the chain as it is
+        if self.had:
+            setattr(self.owner, self.name, self.previous)
+        else:
+            delattr(self.owner, self.name)
+
+
+def _find_trainer() -> Trainer | None:
+    """The ``Trainer`` whose ``train()`` is running this callback: the nearest ``self`` up the stack that is one."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _is_scalar(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.numel() == 1

@@ -1,0 +1,212 @@
+"""gradtrack.integrations.transformers: a real ``transformers.Trainer`` on a 2-layer GPT-2 built from a config."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from conftest import RecordingBackend
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from gradtrack import GradTracker
+from gradtrack.integrations.transformers import GradTrackerCallback
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+STEPS = 4  # optimizer steps per train()
+ACCUMULATE = 2
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def token_data(n: int = 64, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (length,), generator=generator)
+        rows.append({"input_ids": ids, "labels": ids})
+    return rows
+
+
+class Probe(TrainerCallback):
+    """Placed before gradtrack's callback: what the Trainer logs each step (logging_steps=1), the gradient norm at
+    ``on_pre_optimizer_step`` (before gradtrack's clipping), and the one the optimizer steps with."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+        self.before: list[float] = []
+        self.stepped: list[float] = []
+        self.model: Any = None
+
+    def norm(self, *_: Any) -> float:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.model = model
+        kwargs["optimizer"].optimizer.register_step_pre_hook(lambda *_: self.stepped.append(self.norm()))
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.before.append(self.norm())
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if "loss" in logs:
+            self.logs.append(dict(logs))
+
+    def column(self, key: str) -> list[float]:
+        return [float(log[key]) for log in self.logs]
+
+
+def train(
+    tmp_path: Path, callbacks: list[TrainerCallback], model: Any = None, **arguments: Any
+) -> tuple[Trainer, GPT2LMHeadModel]:
+    model = model if model is not None else tiny_gpt2()
+    options: dict[str, Any] = {
+        "max_steps": STEPS, "per_device_train_batch_size": 4, "gradient_accumulation_steps": ACCUMULATE,
+        "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True,
+        "disable_tqdm": True, **arguments,
+    }  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), **options)
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=callbacks)
+    trainer.train()
+    return trainer, model
+
+
+@pytest.mark.slow
+def test_report_to_mlflow_one_run_monitor_only_at_the_trainers_pre_clip_norm(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.getbasetemp() / "integrations-mlflow"  # shared with the Lightning tests: the schema
+    root.mkdir(exist_ok=True)  # of a new sqlite store costs seconds
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-trainer")
+    # MLflowCallback sets MLflow's process-wide tracking URI and experiment (and MLFLOW_EXPERIMENT_ID, which
+    # gradtrack's own runs would follow): all undone after the test.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")  # recorded, so that teardown removes what MLflow sets
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    probe = Probe()
+    callback = GradTrackerCallback(layer_every=2, close_timeout=120)
+    train(tmp_path, [probe, callback], report_to=["mlflow"])  # max_grad_norm: the default 1.0
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("hf-trainer")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1  # MLflowCallback's run, nothing more
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["diverged"] == "false"
+    assert run.data.params["gradtrack.clip"] == "none"
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+    norms = history("grad/total_norm")
+    assert len(norms) == STEPS
+    assert norms == pytest.approx(history("grad_norm"), rel=1e-5)  # the Trainer's own, pre-clip, in the same run
+    assert norms == pytest.approx(probe.column("grad_norm"), rel=1e-6)
+    assert max(norms) > 1.0  # ... so the Trainer clipped some steps, after gradtrack measured them
+    assert all(norm <= 1.0 + 1e-5 for norm in probe.stepped)
+    assert history("grad/clip_coef") == [1.0] * STEPS
+    # gradtrack's loss (the optimizer step's, steps 0..3) shares MLflow's "loss" key with the Trainer's (1..4).
+    assert sorted(history("loss")) == pytest.approx(sorted(probe.column("loss") * 2), rel=1e-4)
+    assert len(history("grad_norm/transformer.h.0.attn.c_attn.weight")) == STEPS // 2
+    assert run.data.metrics["gradtrack.summary.steps"] == STEPS
+
+
+def test_max_grad_norm_zero_gradtrack_clips(tmp_path: Path, recorder: RecordingBackend) -> None:
+    probe = Probe()
+    callback = GradTrackerCallback(backend=recorder, max_norm=0.5)
+    train(tmp_path, [probe, callback], max_grad_norm=0.0)
+
+    assert recorder.of("run_start")[0].config["clip"] == "norm"
+    steps = recorder.of("step")
+    assert [s.step for s in steps] == list(range(STEPS))  # one gradtrack step per optimizer step
+    assert [s.total_norm for s in steps] == pytest.approx(probe.before, rel=1e-6)
+    assert all(s.clipped for s in steps) and all(norm <= 0.5 + 1e-5 for norm in probe.stepped)
+    assert [s.loss for s in steps] == pytest.approx(probe.column("loss"), rel=1e-4)
+    assert recorder.of("run_end")[0].status == "finished"
+
+
+@pytest.mark.parametrize("options", [{"clip": "adaptive"}, {"max_norm": 2.0}])
+def test_gradtrack_clipping_beside_the_trainers_is_refused(tmp_path: Path, options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"max_grad_norm=1.0\) would clip the gradients twice"):
+        train(tmp_path, [GradTrackerCallback(**options)])
+
+
+@pytest.mark.slow
+def test_a_failed_train_is_closed_failed_by_the_next(tmp_path: Path, recorder: RecordingBackend) -> None:
+    class Boom(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 2:
+                raise RuntimeError("boom")
+
+    callback = GradTrackerCallback(backend=recorder)
+    model = tiny_gpt2()
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tmp_path, [callback, Boom()], model)
+    assert not recorder.of("run_end")  # transformers has no exception event
+    trainer, _ = train(tmp_path, [callback], model, max_steps=1)
+    assert [end.status for end in recorder.of("run_end")] == ["failed", "finished"]
+    assert "training_step" not in vars(trainer) and "clip_grad_norm_" not in vars(trainer.accelerator)
+    with GradTracker(model):  # the model is free again
+        pass
+
+
+def test_amp_state_before_and_after_the_scaler_unscaled(recorder: RecordingBackend) -> None:
+    """The Trainer's clip is wrapped before accelerate unscales fp16 gradients; on_pre_optimizer_step may come after:
+    gradtrack reports the true norm either way, and an overflow as grad/amp_overflow."""
+    from types import SimpleNamespace
+
+    from gradtrack.integrations import HandDriven, amp_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = SimpleNamespace(optimizer=optimizer, scaler=None)  # as accelerate's AcceleratedOptimizer
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    driven = HandDriven.start(model, {"backend": recorder, "clip": None})
+    try:
+        true_norms = []
+        for unscale_first in (False, True, False):
+            optimizer.zero_grad()
+            scaler.scale(model(torch.randn(16, 8)).pow(2).mean()).backward()
+            true_norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) / 1024.0)
+            if unscale_first:
+                scaler.unscale_(optimizer)
+            if len(true_norms) == 3:
+                model.weight.grad[0, 0] = math.inf  # an overflow the scaler will skip
+            driven.step(amp_state(scaler, wrapped))
+            scaler.step(optimizer)
+            scaler.update()
+    finally:
+        driven.close()
+    steps = recorder.of("step")
+    assert [s.amp_overflow for s in steps] == [False, False, True]
+    assert [s.total_norm for s in steps[:2]] == pytest.approx(true_norms[:2], rel=1e-5)
+    assert driven.tracker.summary().explosions == 0
