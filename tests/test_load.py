@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 mlflow = pytest.importorskip("mlflow")
+from conftest import missing_system_dependency  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow_support import MlflowServer  # noqa: E402
 from postgres_support import Postgres  # noqa: E402
@@ -26,15 +27,18 @@ LAYERS = 16  # tensors of load_trainer.py's model
 
 @pytest.fixture(scope="module")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed (pip install psycopg2-binary)")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        missing_system_dependency("psycopg2-binary is not installed (pip install psycopg2-binary)")
     database, reason = Postgres.find(tmp_path_factory.mktemp("postgres"))
     if database is None:
-        pytest.skip(reason)
+        missing_system_dependency(reason)
     try:
         database.start()
     except (subprocess.CalledProcessError, OSError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
-        pytest.skip(f"PostgreSQL could not start here: {detail.strip()[-500:]}")
+        missing_system_dependency(f"PostgreSQL could not start here: {detail.strip()[-500:]}")
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-postgres"), store=database.uri)
     try:
         server.start(timeout=180.0)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import VanillaRNN
+from conftest import VanillaRNN, missing_system_dependency
 from torch import nn
 
 from gradtrack import GradTracker
@@ -145,3 +145,82 @@ def test_the_heatmap_stays_readable_from_ten_to_five_thousand_layers(tmp_path: P
         assert len(rows) <= 60
         assert (rows == history.layer_names) if count == 10 else all(len(members[row]) == 1 for row in rows)
         assert draw_layers(history, tmp_path / f"{count}.png").read_bytes().startswith(PNG)
+
+
+# -- the MLflow UI, in a real browser ------------------------------------------------------------------
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Any:
+    """Debian's Chromium, headless, driven by selenium through Debian's chromedriver (nothing downloaded)."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        missing_system_dependency("Chromium is not installed (Debian: apt-get install chromium chromium-driver; "
+                                  "make test does it when it runs as root)")  # fmt: skip
+    try:
+        import selenium
+    except ImportError:
+        missing_system_dependency("selenium is not installed (pip install selenium)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", "--window-size=1600,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(argument)  # fmt: skip
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    session.implicitly_wait(20)
+    assert selenium is not None
+    yield session
+    session.quit()
+
+
+def _wait_for_text(browser: Any, text: str, timeout: float = 30.0) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = browser.find_element("tag name", "body").text
+        if text in body:
+            return str(body)
+        time.sleep(0.25)
+    raise AssertionError(f"{text!r} never appeared on {browser.current_url}: {body[-1500:]}")
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_which_run_diverged_and_its_plots(two_runs: tuple[str, str, dict[str, str]],
+                                                             browser: Any, tmp_path: Path) -> None:  # fmt: skip
+    from selenium.webdriver.common.by import By
+
+    uri, experiment, ids = two_runs
+    experiment_id = MlflowClient(uri).get_experiment_by_name(experiment).experiment_id
+    browser.get(f"{uri}/#/experiments/{experiment_id}/runs")
+    _wait_for_text(browser, "exploding")
+    [columns] = [b for b in browser.find_elements(By.XPATH, "//button") if b.text.strip() == "Columns"]
+    columns.click()
+    browser.find_element(By.XPATH, "//*[normalize-space(text())='diverged']").click()  # the tag, as a column
+    browser.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Escape closes the menu
+    body = _wait_for_text(browser, "true")
+    browser.save_screenshot(str(tmp_path / "runs.png"))
+    rows = body[body.index("Run Name"):]
+    assert "healthy" in rows and "exploding" in rows and "true" in rows and "false" in rows
+    assert "reporter_main.py" not in rows  # the source is the training script, not gradtrack's reporter
+
+    browser.get(f"{uri}/#/experiments/{experiment_id}/runs/{ids['exploding']}")
+    page = _wait_for_text(browser, "gradtrack: diverged at step")  # the description, at the top of the run page
+    more = [b for b in browser.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']")]
+    if more:  # long descriptions are collapsed to their first lines
+        more[0].click()
+    page = _wait_for_text(browser, "recommended max_norm")
+    assert "exploded" in page or "explosion" in page
+    browser.save_screenshot(str(tmp_path / "run.png"))
+    browser.get(f"{uri}/#/experiments/{experiment_id}/runs/{ids['exploding']}/artifacts")
+    _wait_for_text(browser, "gradtrack")
+    browser.find_element(By.XPATH, "//*[normalize-space(text())='gradtrack']").click()
+    listing = _wait_for_text(browser, "norms.png")
+    assert "layers.png" in listing and "summary.json" in listing
+    browser.save_screenshot(str(tmp_path / "artifacts.png"))

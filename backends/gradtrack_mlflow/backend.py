@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -115,6 +116,7 @@ class MLflowBackend:
             if active is not None:
                 self.run_id, self.owns_run = active.info.run_id, False
             self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
+        self._context = _training_context() if self.owns_run else {}
         self.run_key = uuid.uuid4().hex
         self._default_spool_dir = spool_dir is None
         self.spool = Spool(Path(spool_dir or Path(".gradtrack", "spool")).absolute() / self.run_key)
@@ -144,14 +146,14 @@ class MLflowBackend:
             Sink(uri, self.request_timeout), self.spool, self.run_key, self.run_id, self.flush_every_s
         )
         start_tags = {**self.tags, "diverged": "false"}
-        if self.owns_run:
+        if self.owns_run:  # the training process's script and commit, not the reporter's
             self.sender.put({
                 "op": "create_run",
                 "experiment_name": self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME"),
                 "experiment_id": None if self.experiment_name else os.environ.get("MLFLOW_EXPERIMENT_ID"),
                 "run_name": self.run_name,
                 "start_time": int(start.timestamp * 1000),
-                "tags": resolve_tags(start_tags),
+                "tags": resolve_tags({**self._context, **start_tags}),
             })
         params = {f"gradtrack.{k.removeprefix('gradtrack_')}": str(v) for k, v in start.config.items()}
         params.update({
@@ -307,6 +309,29 @@ class MLflowBackend:
         self._tags_sent_at = time.monotonic()
         self._explosion_tag_due = False
         return {"gradtrack.explosions": str(self._explosions)}
+
+
+def _training_context() -> dict[str, str]:
+    """What MLflow's own context providers would read in the training process: the script, and its git commit.
+
+    Read here, where the factory runs, because the run is created in the reporter process, whose own
+    script is gradtrack's. Cheap: three ``git`` commands with a short timeout, nothing when git is absent.
+    """
+    main = sys.argv[0] if sys.argv and sys.argv[0] else "<console>"
+    tags = {"mlflow.source.name": main, "mlflow.source.type": "LOCAL"}
+    folder = os.path.dirname(os.path.abspath(main)) if main not in ("<console>", "-c") else os.getcwd()
+    for key, command in (
+        ("mlflow.source.git.commit", ["rev-parse", "HEAD"]),
+        ("mlflow.source.git.branch", ["rev-parse", "--abbrev-ref", "HEAD"]),
+        ("mlflow.source.git.repoURL", ["config", "--get", "remote.origin.url"]),
+    ):
+        try:
+            done = subprocess.run(["git", "-C", folder, *command], capture_output=True, text=True, timeout=2)
+        except (OSError, subprocess.SubprocessError):
+            break
+        if done.returncode == 0 and done.stdout.strip():
+            tags[key] = strip_userinfo(done.stdout.strip())  # a remote URL may carry a token
+    return tags
 
 
 def _import_plots() -> None:
