@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from gradtrack.integrations import (
@@ -125,7 +126,7 @@ class GradTrackerCallback(Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         driven = self._driven
-        if driven is None or not driven.open:
+        if driven is None or not driven.open or not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
         loss = loss.detach()
         if self._loss_factor != 1:
