@@ -22,5 +22,5 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[mlflow,wandb,dev]"
+	$(PY) -m pip install -q -e ".[mlflow,wandb,dev,lightning,transformers]"
 	touch $(STAMP)

@@ -33,8 +33,8 @@ __all__ = ["DivergenceError", "GradTracker", "NonFiniteGradientError"]
 
 _ON_NONFINITE = ("skip", "raise", "continue")
 _NORM_TYPES = (1.0, 2.0, math.inf)
-_LEADING_WRAPPERS = ("module.", "_orig_mod.")
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_LEADING_WRAPPERS = ("module.",)  # DDP's, only in front: "module" is also a common name of a layer
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")  # anywhere
 
 _tracked_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 

@@ -297,6 +297,7 @@ def test_wrapper_prefixes_are_removed_from_layer_names(recorder: RecordingBacken
     assert recorder.of("run_start")[0].layer_names[0] == "0.weight"
     assert clean_name("_orig_mod.module.encoder._fsdp_wrapped_module.layer.weight") == "encoder.layer.weight"
     assert clean_name("encoder.module.weight") == "encoder.module.weight"
+    assert clean_name("encoder._orig_mod.layer.weight") == "encoder.layer.weight"  # a compiled submodule
 
 
 def test_frozen_and_unused_parameters_are_skipped(recorder: RecordingBackend) -> None:
