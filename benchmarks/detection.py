@@ -735,6 +735,17 @@ class Report:
         out += [(k, label, "") for k, (label, _) in BASELINE_CLIPPERS.items()]
         return out
 
+    def _rescuable(self, configs: Sequence[str]) -> int:
+        """Diverging seeds that some clipping configuration rescued: the ceiling for every policy."""
+        hits = 0
+        for key in self.positives:
+            twin = self.truth.get((key[0], key[1], True))
+            if key[2] or twin is None or twin.diverged:
+                continue
+            runs = [run for config in configs if (run := self.run(key, config)) is not None]
+            hits += any(rescued(run, twin.run) for run in runs)
+        return hits
+
     def _protection(self, config: str, scenario: str | None = None) -> dict[str, object]:
         rescued_n, rescue_total, ratios, tagged, diverging_runs, better = 0, 0, [], 0, 0, 0
         for key in self.positives:
@@ -852,6 +863,9 @@ class Report:
         protection = {k: self._protection(k) for k in available}
         # clip="auto" is the headline; until it exists, the available policy that rescues most
         headline = "gt:auto" if "gt:auto" in available else max(available, key=lambda k: protection[k]["rescued"])
+        rescuable = self._rescuable([*available, *BASELINE_CLIPPERS])
+        lines.append(f"NOTE  diverging runs rescued by at least one configuration here (gradtrack or baseline): "
+                     f"{rescuable}/{protection[headline]['rescue_total']}, the most any policy reaches on this suite")
         for key in sorted(available, key=lambda k: k != headline):
             p, label = protection[key], self.configs[key][0]
             mark = "  <- headline" if key == headline else ""

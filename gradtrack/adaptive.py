@@ -5,7 +5,8 @@
   exceeds ``z_thresh`` is clipped, by "adaptive scaling", to ``mean + z_thresh**2 * std / z``.
 * ``adagc`` (AdaGC, 2025): each tensor against an EMA of its own past clipped norms.
 * ``agc`` (Adaptive Gradient Clipping, Brock et al. 2021): unit-wise, against the weights' norms.
-* ``auto``: ZClip with a ceiling learnt from the first healthy steps (see ``AutoClip``).
+* ``auto``: ZClip, bounded from the second step on, with ``max_norm`` enforced while the run is in
+  trouble (see ``AutoClip``).
 
 Host-side statistics are updated in ``observe`` from the step's transferred numbers and used from the
 next step on, so no policy reads anything from the device during a step. AdaGC and AGC keep their
@@ -22,6 +23,7 @@ from typing import Any, final
 
 import torch
 
+from gradtrack.detection import ExplosionDetector
 from gradtrack.policy import scale_, scale_each_
 from gradtrack.records import sorted_quantile
 from gradtrack.stats import GradBatch
@@ -139,32 +141,71 @@ class ZClip:
 
 @final
 class AutoClip(ZClip):
-    """``clip="auto"``: ZClip for spikes, plus a ceiling for slow blow-ups that never spike.
+    """``clip="auto"``: ZClip while the run is healthy; ``max_norm`` as well while it is in trouble.
 
-    ZClip follows a norm that grows smoothly (its EMA adapts), so a geometric blow-up is never
-    clipped. The ceiling is ``ceiling_factor`` times the median of the warm-up norms, learnt once (a
-    norm that far above where training started is not healthy growth), and never below ``max_norm``.
-    Defaults chosen with ``benchmarks/detection.py`` (README's table).
+    Three rules, each for a failure the others miss (``benchmarks/detection.py`` measures them):
+
+    * **Warm-up.** ZClip collects ``warmup`` norms before it clips, and a learning rate far too high
+      blows a run up in its first steps. Until then each step is bounded at ``warmup_factor`` times the
+      median of the (clipped) norms so far, from the second step on.
+    * **Spikes.** Afterwards ZClip's z-score rule clips isolated spikes, relative to the run's own scale,
+      so a healthy run is barely touched whatever its norms are.
+    * **Trouble.** A policy that only follows the run cannot stop a run that blows up smoothly (the norm
+      grows a few % a step, and so does any EMA of it) or again and again. So an explosion detector with
+      gradtrack's rules watches the pre-clip norms, and the policy enforces ``max_norm`` too from the step
+      after it sees trouble: a sustained geometric ``growth`` of the norm, a spike ``severe`` times above
+      the spike limit, or ``spikes`` explosions within ``window`` steps. A single spike, or a one-off change
+      of scale (new data, a new learning rate) is no trouble; a jump beyond the spike limit (10x) that
+      lasts spikes on consecutive steps and is. Trouble ends after ``calm`` consecutive steps whose norm is
+      within ``max_norm``: the only sign that a run held down by the ceiling no longer needs it (in the
+      benchmark, ending trouble after quiet steps instead let a least-squares blow-up start over).
+
+    ``max_norm`` (default 1.0) is the safety ceiling for trouble only; a healthy run is never held to it.
     """
 
     name = "auto"
 
-    def __init__(self, max_norm: float = 1.0, ceiling_factor: float = 10.0, **zclip: Any) -> None:
+    def __init__(
+        self, max_norm: float = 1.0, warmup_factor: float = 4.0, spikes: int = 3, window: int = 10,
+        severe: float = 10.0, calm: int = 50, **zclip: Any,
+    ) -> None:  # fmt: skip
         super().__init__(**zclip)
         self.max_norm = number("max_norm", max_norm)
-        self.ceiling_factor = number("ceiling_factor", ceiling_factor, minimum=1.0)
-        self.learnt_ceiling: float | None = None
+        self.warmup_factor = number("warmup_factor", warmup_factor, minimum=1.0)
+        self.spikes = count("spikes", spikes)
+        self.severe = number("severe", severe, minimum=1.0, allow_inf=True)
+        self.calm = count("calm", calm)
+        self._recent: deque[bool] = deque(maxlen=count("window", window))
+        if self.spikes > window:
+            raise ValueError(f"spikes must be at most window ({window}), got {spikes!r}")
+        self._detector = ExplosionDetector(explosion_threshold=math.inf)
+        self.in_trouble = False
+        self._calm_steps = 0
 
     def threshold_ceiling(self) -> float | None:
-        return self.learnt_ceiling
+        bounds = [self.max_norm] if self.in_trouble else []
+        if self.mean is None and self._warm:  # ZClip's warm-up: it does not clip yet
+            bounds.append(self.warmup_factor * statistics.median(self._warm))
+        return min(bounds, default=None)
 
     def observe(self, total_norm: float, clip_coef: float) -> None:
         super().observe(total_norm, clip_coef)
-        if self.learnt_ceiling is None and self.mean is not None:
-            self.learnt_ceiling = max(self.ceiling_factor * statistics.median(self._warm), self.max_norm)
+        found = self._detector.check(total_norm)
+        kind = found[0] if found is not None else None
+        quiet_before = not any(self._recent)
+        self._recent.append(kind in ("spike", "nonfinite", "threshold"))
+        severe = found is not None and kind == "spike" and total_norm >= self.severe * found[1]
+        repeated = self._recent[-1] and sum(self._recent) >= self.spikes
+        if (kind == "growth" and quiet_before) or severe or repeated:
+            self.in_trouble, self._calm_steps = True, 0
+        elif self.in_trouble:
+            self._calm_steps = self._calm_steps + 1 if total_norm <= self.max_norm else 0
+            self.in_trouble = self._calm_steps < self.calm
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "max_norm": self.max_norm, "clip_ceiling_factor": self.ceiling_factor}
+        return {**super().config(), "max_norm": self.max_norm, "clip_warmup_factor": self.warmup_factor,
+                "clip_trouble_spikes": self.spikes, "clip_trouble_window": float(self._recent.maxlen or 0),
+                "clip_trouble_severe": self.severe, "clip_calm": self.calm}  # fmt: skip
 
 
 @final

@@ -104,7 +104,7 @@ CLIP_POLICIES: dict[str, type] = {
 _MAX_NORM: dict[str, Any] = {
     "norm": lambda bound: NormClip(1.0 if bound is None else bound),
     "adaptive": lambda bound: AdaptiveClip(1.0 if bound is None else bound),  # the first bound, and the cap's unit
-    "auto": lambda bound: AutoClip(1.0 if bound is None else bound),  # the smallest ceiling
+    "auto": lambda bound: AutoClip(1.0 if bound is None else bound),  # the ceiling while in trouble
     "zscore": lambda bound: ZClip(ceiling=bound),  # an optional absolute ceiling
     "adagc": lambda bound: AdaGC(lambda_abs=1.0 if bound is None else bound),  # the warm-up's global bound
     "agc": lambda bound: AGC() if bound is None else None,

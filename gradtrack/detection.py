@@ -4,13 +4,22 @@ Explosion, checked at every step in this order:
 
 * ``nonfinite``: the total norm is NaN or Inf.
 * ``threshold``: the total norm exceeds ``explosion_threshold`` (an absolute floor, default 1e3).
-* ``spike``: after ``warmup`` healthy steps, the total norm exceeds ``spike_factor`` (default 10) times
-  the median of the last ``window`` healthy norms (the *baseline*). Spiking norms enter the history capped
-  at that limit, so a legitimate shift of scale is learnt within half a window instead of alarming forever.
-* ``growth``: a smooth geometric blow-up that never spikes. Over the last ``growth_window`` steps
-  (default 10) the norm rose at ``growth_share`` of the steps (default 80%) and now stands at least
-  ``growth_factor`` (default 4) times the baseline. Raised once per episode; the episode ends when the
-  norm stops rising.
+* ``spike``: after ``warmup`` steps (default 10), the total norm exceeds ``spike_factor`` (default 10)
+  times the median of the last ``window`` norms (default 100; the *baseline*). During the warm-up the
+  norm is judged from the second step on, against the median of the steps so far and at
+  ``warmup_factor`` (default 4): a run that blows up in its first steps (a learning rate far too high)
+  does so before any long history exists, and in the benchmark its norm had reached 4x that median by
+  the step its loss blew up, where healthy runs stayed below (a heavy-tailed one aside). Spiking norms
+  enter the history capped at the limit, so a legitimate shift of scale is learnt within half a window
+  instead of alarming forever.
+* ``growth``: a smooth geometric blow-up that never spikes (least squares past the stability limit, a
+  learning rate that keeps growing). The last ``growth_window`` norms (default 50) rise consistently:
+  their Kendall rank correlation with time is at least ``growth_trend`` (default 0.6; a one-off change
+  of scale, a new learning rate or data mix, gives at most about 0.5, noise about 0); and the norm
+  stands at least ``growth_factor`` (default 3) times the ``growth_quantile`` (default 0.1) of the last
+  ``window`` norms, where it stood before it climbed. 3 is below sqrt(10): where the loss is quadratic
+  in the error, the norm triples by the time the loss has grown tenfold. Raised once per episode; the
+  episode ends when the trend falls below ``growth_trend``.
 
 Divergence, judged once per run and never undone:
 
@@ -31,7 +40,6 @@ Divergence, judged once per run and never undone:
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from collections import deque
@@ -42,6 +50,7 @@ from typing import Protocol, final
 import numpy as np
 
 from gradtrack.events import Divergence, ExplosionKind, Offender
+from gradtrack.records import sorted_quantile
 from gradtrack.validate import count, number
 
 __all__ = ["DivergenceDetector", "ExplosionDetector", "ExplosionRule", "SpikeSkip", "offenders"]
@@ -73,7 +82,7 @@ class ExplosionRule(Protocol):
 
 @final
 class ExplosionDetector:
-    """The default rule: non-finite, absolute floor, a spike against recent healthy history, growth."""
+    """The default rule: non-finite, absolute floor, a spike against recent history, sustained growth."""
 
     def __init__(
         self,
@@ -81,20 +90,27 @@ class ExplosionDetector:
         spike_factor: float = 10.0,
         window: int = 100,
         warmup: int = 10,
-        growth_window: int = 10,
-        growth_share: float = 0.8,
-        growth_factor: float = 4.0,
+        warmup_factor: float = 4.0,
+        growth_window: int = 50,
+        growth_trend: float = 0.6,
+        growth_factor: float = 3.0,
+        growth_quantile: float = 0.1,
     ) -> None:
         self.explosion_threshold = number("explosion_threshold", explosion_threshold, allow_inf=True)
         self.spike_factor = number("spike_factor", spike_factor, minimum=1.0, allow_inf=True)
         self.warmup = count("spike warmup", warmup)
+        self.warmup_factor = number("warmup_factor", warmup_factor, minimum=1.0, allow_inf=True)
         self._history: deque[float] = deque(maxlen=count("spike window", window))
         self.growth_window = count("growth_window", growth_window, minimum=3)
-        self.growth_share = number("growth_share", growth_share)
-        if self.growth_share > 1:
-            raise ValueError(f"growth_share must be in (0, 1], got {growth_share!r}")
+        self.growth_trend = number("growth_trend", growth_trend)
+        if self.growth_trend > 1:
+            raise ValueError(f"growth_trend must be in (0, 1], got {growth_trend!r}")
         self.growth_factor = number("growth_factor", growth_factor, minimum=1.0, allow_inf=True)
+        self.growth_quantile = number("growth_quantile", growth_quantile, inclusive=True)
+        if self.growth_quantile > 1:
+            raise ValueError(f"growth_quantile must be in [0, 1], got {growth_quantile!r}")
         self._recent: deque[float] = deque(maxlen=self.growth_window)
+        self._concordance = 0  # Kendall's S over _recent: rising pairs minus falling pairs
         self._growing = False
         self._baseline = math.nan
 
@@ -103,37 +119,58 @@ class ExplosionDetector:
         """The median of the recent healthy norms (NaN during warm-up)."""
         return self._baseline
 
+    @property
+    def trend(self) -> float:
+        """Kendall's tau of the last ``growth_window`` norms (NaN until the window is full)."""
+        size = len(self._recent)
+        return self._concordance / (size * (size - 1) / 2) if size == self.growth_window else math.nan
+
     def spike_limit(self) -> float:
-        if len(self._history) < self.warmup or math.isinf(self.spike_factor):
+        """The norm above which this step is a spike; inf when there is nothing to judge against yet."""
+        history = self._history
+        if len(history) >= self.warmup:
+            factor, reference = self.spike_factor, self._baseline
+        elif history:  # warm-up: against the median of the steps so far, more tightly
+            factor, reference = self.warmup_factor, statistics.median(history)
+        else:
             return math.inf
-        return self.spike_factor * self._baseline
+        return factor * reference if reference > 0 and math.isfinite(factor) else math.inf
 
     def check(self, total_norm: float) -> tuple[ExplosionKind, float] | None:
         if not math.isfinite(total_norm):
             self._recent.clear()
+            self._concordance, self._growing = 0, False
             return "nonfinite", self.explosion_threshold
         self._baseline = statistics.median(self._history) if len(self._history) >= self.warmup else math.nan
         limit = self.spike_limit()
         self._history.append(min(total_norm, limit))
-        self._recent.append(total_norm)
+        self._add_to_trend(total_norm)
         if total_norm > self.explosion_threshold:
             return "threshold", self.explosion_threshold
         if total_norm > limit:
             return "spike", limit
         return self._growth(total_norm)
 
-    def _growth(self, total_norm: float) -> tuple[ExplosionKind, float] | None:
+    def _low_baseline(self) -> float:
+        """The ``growth_quantile`` of the history: where the norm stood before it started to climb."""
+        return sorted_quantile(sorted(self._history), self.growth_quantile)
+
+    def _add_to_trend(self, total_norm: float) -> None:
         recent = self._recent
-        if len(recent) < self.growth_window or not self._baseline > 0:
-            return None
-        values = list(recent)
-        rises = sum(1 for before, after in itertools.pairwise(values) if after > before)
-        rising = rises >= self.growth_share * (len(recent) - 1)
-        if not rising:
+        if len(recent) == self.growth_window:
+            oldest = recent.popleft()
+            self._concordance -= sum((value > oldest) - (value < oldest) for value in recent)
+        self._concordance += sum((total_norm > value) - (total_norm < value) for value in recent)
+        recent.append(total_norm)
+
+    def _growth(self, total_norm: float) -> tuple[ExplosionKind, float] | None:
+        if not self.trend >= self.growth_trend:
             self._growing = False
             return None
-        floor = self.growth_factor * self._baseline
-        if self._growing or total_norm < floor:
+        if self._growing:
+            return None
+        floor = self.growth_factor * self._low_baseline()
+        if not total_norm >= floor or not floor > 0:
             return None
         self._growing = True
         return "growth", floor
@@ -144,9 +181,11 @@ class ExplosionDetector:
             "spike_factor": self.spike_factor,
             "spike_window": float(self._history.maxlen or 0),
             "spike_warmup": float(self.warmup),
+            "spike_warmup_factor": self.warmup_factor,
             "growth_window": float(self.growth_window),
-            "growth_share": self.growth_share,
+            "growth_trend": self.growth_trend,
             "growth_factor": self.growth_factor,
+            "growth_quantile": self.growth_quantile,
         }
 
 
@@ -155,8 +194,10 @@ class SpikeSkip:
     """``on_spike="skip"``: drop the update of a step whose norm is a spike (OLMo-core's rule).
 
     A step is skipped when, after ``min_steps`` steps, its total norm lies more than ``sigmas`` standard
-    deviations above the mean of the last ``window`` norms that were not skipped. Decided on the host
-    from the step's one transfer, like the skip of non-finite gradients.
+    deviations above the mean of the last ``window`` norms. Skipped norms enter that window too, as in
+    OLMo-core: a run whose norm settles at a new level (new data) resumes within a window, where leaving
+    them out would skip every update from then on. Decided on the host from the step's one transfer
+    (before ``optimizer.step()``), like the skip of non-finite gradients.
     """
 
     def __init__(self, sigmas: float = 6.0, window: int = 128, min_steps: int = 20) -> None:
@@ -168,12 +209,12 @@ class SpikeSkip:
         if not math.isfinite(total_norm):
             return False  # the non-finite rule decides these
         window = self._window
+        spike = False
         if len(window) >= self.min_steps:
             mean = statistics.fmean(window)
-            if total_norm > mean + self.sigmas * statistics.pstdev(window, mean):
-                return True
+            spike = total_norm > mean + self.sigmas * statistics.pstdev(window, mean)
         window.append(total_norm)
-        return False
+        return spike
 
     def config(self) -> dict[str, float]:
         return {"on_spike_sigmas": self.sigmas, "on_spike_window": float(self._window.maxlen or 0)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from conftest import mlp
@@ -44,20 +45,61 @@ def test_zclip_clips_a_spike_by_adaptive_scaling_and_feeds_the_ema_its_clipped_n
     assert policy.clip_(measure(calm, 2.0)).item() == pytest.approx(1.0)
 
 
-def test_zclip_ceiling_and_auto_learn_a_bound_for_slow_blowups() -> None:
+def test_zclip_ceiling_applies_in_warmup_too() -> None:
     capped = ZClip(warmup=2, ceiling=3.0)
     grads = [torch.full((4,), 5.0)]
-    assert capped.clip_(measure(grads, 2.0)).item() == pytest.approx(3.0 / 10.0, rel=1e-5)  # in warm-up too
-    auto = AutoClip(max_norm=0.1, ceiling_factor=4.0, warmup=3)
-    for value in (1.0, 2.0, 3.0):
-        auto.clip_(measure([torch.full((1,), value)], 2.0))
-        auto.observe(value, 1.0)
-    assert auto.learnt_ceiling == pytest.approx(4.0 * 2.0)  # 4 x the median of the warm-up norms
-    smooth = [torch.full((1,), 7.9)]  # z small (the EMA follows it), but near the ceiling: untouched
-    auto.mean, auto.var = 7.5, 1.0
-    assert auto.clip_(measure(smooth, 2.0)).item() == pytest.approx(1.0)
-    high = [torch.full((1,), 9.0)]  # z = 1.5 < 2.5, but above the ceiling of 8
-    assert auto.clip_(measure(high, 2.0)).item() == pytest.approx(8.0 / 9.0, rel=1e-5)
+    assert capped.clip_(measure(grads, 2.0)).item() == pytest.approx(3.0 / 10.0, rel=1e-5)
+
+
+def feed(policy: AutoClip, norms: list[float]) -> None:
+    for value in norms:
+        coef = policy.clip_(measure([torch.full((1,), value)], 2.0))
+        policy.observe(value, 1.0 if coef is None else coef.item())
+
+
+def test_auto_bounds_the_first_steps_before_zclip_has_statistics() -> None:
+    auto = AutoClip(max_norm=0.1)
+    assert auto.clip_(measure([torch.full((1,), 50.0)], 2.0)) is None  # the first step: nothing to judge by
+    auto.observe(50.0, 1.0)
+    feed(auto, [1.0, 2.0])  # clipped norms so far: 50, 1, 2 (median 2)
+    assert auto.clip_(measure([torch.full((1,), 100.0)], 2.0)).item() == pytest.approx(4 * 2.0 / 100.0, rel=1e-5)
+    assert not auto.in_trouble  # one high step in warm-up is not trouble: max_norm (0.1) was never applied
+
+
+def test_auto_holds_a_smooth_blowup_to_max_norm_but_not_a_change_of_scale() -> None:
+    rng = np.random.default_rng(0)
+    growing = AutoClip(max_norm=0.5)
+    feed(growing, (1.0 + 0.1 * rng.standard_normal(100)).tolist())
+    assert not growing.in_trouble
+    feed(growing, [1.05**step for step in range(1, 60)])  # +5% a step: z stays small, the EMA follows
+    assert growing.in_trouble
+    assert growing.clip_(measure([torch.full((1,), 2.0)], 2.0)).item() == pytest.approx(0.25, rel=1e-5)
+    feed(growing, [0.4] * 49)
+    assert growing.in_trouble
+    feed(growing, [0.4])  # 50 calm steps within max_norm: over
+    assert not growing.in_trouble
+
+    shifted = AutoClip(max_norm=0.5)  # new data at step 100: the norm jumps 5x, once, then stays there
+    feed(shifted, (1.0 + 0.1 * rng.standard_normal(100)).tolist())
+    feed(shifted, (5.0 + 0.5 * rng.standard_normal(100)).tolist())
+    assert not shifted.in_trouble
+
+
+def test_auto_enforces_max_norm_after_repeated_or_severe_spikes() -> None:
+    rng = np.random.default_rng(1)
+    base = (1.0 + 0.1 * rng.standard_normal(60)).tolist()
+    repeated = AutoClip(max_norm=0.5)
+    feed(repeated, base)
+    feed(repeated, [30.0, 1.0, 30.0, 1.0])
+    assert not repeated.in_trouble  # two spikes in 10 steps
+    feed(repeated, [30.0])
+    assert repeated.in_trouble  # the third
+    severe = AutoClip(max_norm=0.5)
+    feed(severe, base)
+    feed(severe, [1e3])  # 100x the spike limit at once
+    assert severe.in_trouble
+    with pytest.raises(ValueError, match="spikes must be at most window"):
+        AutoClip(spikes=11, window=10)
 
 
 def test_adagc_warms_up_globally_then_clips_each_tensor_against_its_own_ema() -> None:

@@ -16,7 +16,7 @@ from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches
 from torch import nn
 
 from gradtrack import GradTracker
-from gradtrack.events import StepStats
+from gradtrack.events import StepStats, format_norm
 
 wandb = pytest.importorskip("wandb")
 
@@ -155,7 +155,8 @@ def test_offline_run_records_contract_histograms_tags_alerts(wandb_dir: Path, no
     assert (warn.level, error.level) == ("WARN", "ERROR")
     assert len(warn.title) < 64 and len(error.title) < 64
     first = recorder.of("explosion")[0]
-    assert f"step {first.step}:" in warn.text and "threshold 1000" in warn.text
+    assert f"step {first.step}: {first.kind} explosion" in warn.text
+    assert f"(threshold {format_norm(first.threshold)})" in warn.text
     assert first.offenders[0].name in warn.text
     divergence = recorder.of("divergence")[0]
     assert f"step {divergence.step}:" in error.text and divergence.reason in error.text

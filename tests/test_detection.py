@@ -82,7 +82,8 @@ def test_a_smooth_geometric_blowup_is_a_growth_explosion_once_per_episode() -> N
         assert detector.check(float(value)) is None
     kinds = [detector.check(1.3**step) for step in range(1, 20)]  # x1.3 a step
     fired = [(step, kind[0]) for step, kind in enumerate(kinds, 1) if kind is not None]
-    assert fired[0][1] == "growth" and 4.0 <= 1.3 ** fired[0][0] < 10.0  # at 4x its baseline, before any spike
+    # at 4x where it stood before the climb (the low quantile of the history, ~0.87 here), before any spike
+    assert fired[0][1] == "growth" and 3.4 <= 1.3 ** fired[0][0] < 10.0
     assert [kind for _, kind in fired].count("growth") == 1  # once per episode (later steps spike as well)
     for value in (0.5, 0.6, 0.4, 0.5, 0.45, 0.5, 0.4):  # the episode ends when the norm stops rising
         detector.check(value)

@@ -11,6 +11,7 @@ from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches
 from torch import nn
 
 from gradtrack import DivergenceError, GradTracker, calibrate
+from gradtrack.detection import SpikeSkip
 from gradtrack.diagnosis import LayerHistory, depth_growth
 
 
@@ -78,6 +79,14 @@ def test_on_spike_skip_drops_the_update_of_a_spike(recorder: RecordingBackend) -
     skipped = [s.step for s in recorder.of("step") if s.skipped]
     assert skipped == [30] and tracker.summary().skipped_steps == 1
     assert tracker.config()["on_spike"] == "skip"
+
+
+def test_on_spike_skip_resumes_after_a_lasting_change_of_scale() -> None:
+    rule = SpikeSkip()
+    rng = np.random.default_rng(0)
+    norms = np.concatenate([1.0 + 0.05 * rng.standard_normal(100), 10.0 + 0.5 * rng.standard_normal(200)])
+    skipped = [step for step, norm in enumerate(norms.tolist()) if rule.skips(norm)]
+    assert skipped and skipped[0] == 100 and skipped[-1] < 100 + 128  # new data: skipped for less than a window
 
 
 def test_on_divergence_raise_stops_training_after_closing_the_run(recorder: RecordingBackend) -> None:
