@@ -130,6 +130,9 @@ def test_active_user_run_is_reused_and_left_open(
     runs = MlflowClient(server.uri).search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [user_run.info.run_id]
     assert steps_of(server.uri, user_run.info.run_id, "grad/total_norm") == list(range(5))
+    # "loss" stays the user's key on the user's step axis: gradtrack's loss goes beside it
+    assert steps_of(server.uri, user_run.info.run_id, "gradtrack/loss") == list(range(5))
+    assert "loss" not in MlflowClient(server.uri).get_run(user_run.info.run_id).data.metrics
 
 
 @pytest.mark.parametrize(("error", "status"), [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])

@@ -137,7 +137,7 @@ def test_mlflow_logger_run_holds_gradtrack_one_point_per_optimizer_step(tmp_path
     history = sorted(client.get_metric_history(run.info.run_id, "grad/total_norm"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(STEPS))
     assert [m.value for m in history] == pytest.approx(probe.before, rel=1e-6)
-    losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    losses = sorted(client.get_metric_history(run.info.run_id, "gradtrack/loss"), key=lambda m: m.step)
     assert [m.value for m in losses] == pytest.approx(step_means(module.losses), rel=1e-6)
     assert len(client.get_metric_history(run.info.run_id, "grad_norm/net.0.weight")) == STEPS
     assert run.data.metrics["gradtrack.summary.steps"] == STEPS

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,9 @@ class SpoolLeftWarning(RuntimeWarning):
     """Some records could not reach MLflow before the exit deadline; they wait in a spool file."""
 
 
+_LOSS_KEY = re.compile(r"(?!/)(?!.*//)[\w.\- :/]{1,250}")  # MLflow's rule for metric keys
+
+
 def _option(name: str) -> str:
     return f"mlflow option {name!r}"
 
@@ -74,6 +78,9 @@ class MLflowBackend:
     * ``exit_timeout`` (30.0): how long the end of the run waits for unsent records.
     * ``spool_dir`` (``.gradtrack/spool``): where unsent records, events and the summary wait.
     * ``tag_interval_s`` (5.0): at most one ``gradtrack.explosions`` tag update per interval.
+    * ``loss_key`` (``"auto"``): the metric key of the observed loss (None: not logged). ``"auto"`` is the
+      contract's ``loss`` in a run gradtrack creates and ``gradtrack/loss`` in a run it reuses (yours, a
+      Lightning or Trainer logger's), whose ``loss`` is the owner's, on the owner's step axis.
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class MLflowBackend:
         tag_interval_s: float = 5.0,
         plots: bool = True,
         note: bool = True,
+        loss_key: str | None = "auto",
     ) -> None:
         self.tracking_uri = text(_option("tracking_uri"), tracking_uri)
         self.experiment_name = text(_option("experiment_name"), experiment_name)
@@ -106,6 +114,12 @@ class MLflowBackend:
             if not isinstance(flag, bool):
                 raise ValueError(f"mlflow option {option!r} must be True or False, got {flag!r}")
         self.plots, self.note = plots, note
+        if loss_key is not None and (not isinstance(loss_key, str) or not _LOSS_KEY.fullmatch(loss_key)
+                                     or loss_key.startswith(("grad/", "grad_norm/", "weight_norm/"))):  # fmt: skip
+            raise ValueError(
+                f"mlflow option 'loss_key' must be None, 'auto' or a metric key (letters, digits, '_-. /:', at most "
+                f"250 characters) outside grad/, grad_norm/ and weight_norm/, got {loss_key!r}"
+            )
         self._history = RunHistory()
         self.owns_run = self.run_id is None
         # MLflow keeps the active run and a set_tracking_uri per thread or process of the caller: read
@@ -117,6 +131,9 @@ class MLflowBackend:
                 self.run_id, self.owns_run = active.info.run_id, False
             self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
         self._context = _training_context() if self.owns_run else {}
+        if loss_key == "auto":
+            loss_key = "loss" if self.owns_run else "gradtrack/loss"
+        self.loss_key = loss_key
         self.run_key = uuid.uuid4().hex
         self._default_spool_dir = spool_dir is None
         self.spool = Spool(Path(spool_dir or Path(".gradtrack", "spool")).absolute() / self.run_key)
@@ -169,7 +186,11 @@ class MLflowBackend:
         if not stats.amp_overflow:
             self._history.add_step(stats.step, stats.total_norm, stats.layer_norms)
         timestamp = int(stats.timestamp * 1000)
-        metrics = [[k, encode_value(v), timestamp, stats.step] for k, v in stats.metrics().items()]
+        values = stats.metrics()
+        loss = values.pop("loss", None)
+        if loss is not None and self.loss_key is not None:
+            values[self.loss_key] = loss
+        metrics = [[k, encode_value(v), timestamp, stats.step] for k, v in values.items()]
         if stats.layer_norms:
             keys = self._layer_keys
             if not set(stats.layer_norms) <= keys.keys():
