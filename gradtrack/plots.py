@@ -117,6 +117,8 @@ def _draw_layers(history: RunHistory, path: Path, title: str, max_rows: int) -> 
         if parts:
             grid[r] = np.nanmax(np.where(np.isnan(parts), -np.inf, parts), axis=0)
             grid[r][np.isneginf(grid[r])] = np.nan
+    inf_rows, inf_cols = np.nonzero(np.isinf(grid))  # NaN/Inf norms (stored as inf); NaN cells: not logged
+    _hold_between_samples(grid)
     height = min(2.0 + 0.18 * max(len(rows), 1), 14.0)
     figure = _figure(9, height)
     axes = figure.subplots()
@@ -130,7 +132,6 @@ def _draw_layers(history: RunHistory, path: Path, title: str, max_rows: int) -> 
                             extent=(steps[0], steps[-1] + (steps[1] - steps[0] if steps.size > 1 else 1),
                                     len(rows) - 0.5, -0.5))  # fmt: skip
         figure.colorbar(image, ax=axes, label="log10 gradient norm")
-        inf_rows, inf_cols = np.nonzero(np.isinf(grid))  # NaN/Inf norms (stored as inf); NaN cells: not logged
         if inf_rows.size:
             axes.scatter(steps[inf_cols], inf_rows, marker="s", color=_DIVERGED, s=6)
         axes.set_yticks(range(len(rows)))
@@ -146,6 +147,22 @@ def _draw_layers(history: RunHistory, path: Path, title: str, max_rows: int) -> 
     figure.tight_layout()
     _save(figure, path)
     return path
+
+
+def _hold_between_samples(grid: np.ndarray) -> None:
+    """Per-layer norms come every ``layer_every`` steps: each sample fills the columns until the next.
+
+    A column where no layer was logged takes the previous column, so the heatmap reads as bands, not as
+    thin stripes on white. A layer missing from a sampled column (no gradient that step) stays empty.
+    """
+    if not grid.size:
+        return
+    sampled = ~np.all(np.isnan(grid), axis=0)
+    source = np.where(sampled, np.arange(grid.shape[1]), 0)
+    np.maximum.accumulate(source, out=source)
+    filled = grid[:, source]
+    filled[:, ~sampled & (np.cumsum(sampled) == 0)] = np.nan  # before the first sample: nothing to hold
+    grid[:] = filled
 
 
 def compare_runs(histories: Mapping[str, RunHistory], path: Path, title: str = "") -> Path:

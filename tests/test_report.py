@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import VanillaRNN, missing_system_dependency
@@ -18,7 +20,7 @@ from gradtrack import GradTracker
 from gradtrack.cli import main, parser
 from gradtrack.history import RunHistory
 from gradtrack.notes import MARKER, merge_note
-from gradtrack.plots import draw_layers, rows_to_show
+from gradtrack.plots import _hold_between_samples, draw_layers, rows_to_show
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -145,6 +147,14 @@ def test_the_heatmap_stays_readable_from_ten_to_five_thousand_layers(tmp_path: P
         assert len(rows) <= 60
         assert (rows == history.layer_names) if count == 10 else all(len(members[row]) == 1 for row in rows)
         assert draw_layers(history, tmp_path / f"{count}.png").read_bytes().startswith(PNG)
+
+
+def test_per_layer_samples_fill_the_heatmap_until_the_next_one() -> None:
+    nan, inf = math.nan, math.inf
+    grid = np.array([[nan, 1.0, nan, nan, 2.0, nan], [nan, inf, nan, nan, nan, nan]])  # layer_every=3
+    _hold_between_samples(grid)
+    expected = np.array([[nan, 1.0, 1.0, 1.0, 2.0, 2.0], [nan, inf, inf, inf, nan, nan]])
+    np.testing.assert_array_equal(grid, expected)  # a layer absent from a sampled column stays empty
 
 
 # -- the MLflow UI, in a real browser ------------------------------------------------------------------
