@@ -105,7 +105,7 @@ def main() -> None:
             values = 0
             for run in runs:
                 for key in run.data.metrics:
-                    if key.startswith(("grad/", "grad_norm/", "loss")):
+                    if key.startswith(("grad/", "grad_norm/", "weight_norm/", "loss")):
                         values += len(client.get_metric_history(run.info.run_id, key))
             batches = proxy.requests.get("/api/2.0/mlflow/runs/log-batch", 0) - before.get(
                 "/api/2.0/mlflow/runs/log-batch", 0
@@ -137,7 +137,8 @@ def main() -> None:
     for index, (values, seconds, batches, runs) in enumerate(delivery):
         print(f"{index:<6} {values:17,d} {runs:5d} {seconds:19.1f} {values / seconds:9,.0f} {batches:19,d} "
               f"{values / max(batches, 1):15,.0f}")
-    expected = TRAINERS * args.steps * (10 + 1 + 16)  # contract metrics, loss, 16 per-layer norms
+    # 10 contract metrics, grad/param_norm, loss; 16 grad_norm/ and 16 weight_norm/ (per-layer cadence: every step)
+    expected = TRAINERS * args.steps * (10 + 1 + 1 + 16 + 16)
     print(f"\nexpected per round: {expected:,} values (every one of them must be on the server)")
 
 

@@ -69,8 +69,9 @@ def test_eight_trainers_deliver_every_value_to_a_postgres_backed_server(
     assert sorted(run.info.run_name for run in runs) == sorted(f"trainer-{index}" for index in range(TRAINERS))
     for run in runs:
         assert run.info.status == "FINISHED"
-        keys = [key for key in run.data.metrics if key.startswith(("grad/", "grad_norm/", "loss"))]
+        keys = [key for key in run.data.metrics if key.startswith(("grad/", "grad_norm/", "weight_norm/", "loss"))]
         assert len([key for key in keys if key.startswith("grad_norm/")]) == LAYERS
+        assert len([key for key in keys if key.startswith("weight_norm/")]) == LAYERS
         for key in keys:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == list(range(STEPS)), (run.info.run_name, key)  # every value, exactly once
