@@ -153,8 +153,9 @@ class AutoClip(ZClip):
     * **Trouble.** A policy that only follows the run cannot stop a run that blows up smoothly (the norm
       grows a few % a step, and so does any EMA of it) or again and again. So an explosion detector with
       gradtrack's rules watches the pre-clip norms, and the policy enforces ``max_norm`` too from the step
-      after it sees trouble: a sustained geometric ``growth`` of the norm, a spike ``severe`` times above
-      the spike limit, or ``spikes`` explosions within ``window`` steps. A single spike, or a one-off change
+      after it sees trouble: a sustained geometric ``growth`` of the norm that no spike preceded within
+      ``window`` steps (after a spike, growth is the run settling at a new scale), a spike ``severe``
+      times above the spike limit, or ``spikes`` explosions within ``window`` steps. A single spike, or a one-off change
       of scale (new data, a new learning rate) is no trouble; a jump beyond the spike limit (10x) that
       lasts spikes on consecutive steps and is. Trouble ends after ``calm`` consecutive steps whose norm is
       within ``max_norm``: the only sign that a run held down by the ceiling no longer needs it (in the
