@@ -35,7 +35,8 @@ def local_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train(tracker_kwargs: dict[str, Any], steps: int = 12, model: nn.Module | None = None) -> GradTracker:
     model = model or mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with GradTracker(model, **tracker_kwargs) as tracker:
+    # the exit waits for the reporter (niced) to end the run: generous, so a busy machine cannot fail the test
+    with GradTracker(model, **{"close_timeout": 120.0, **tracker_kwargs}) as tracker:
         for x, y in regression_batches(steps):
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
@@ -101,7 +102,7 @@ def test_diverged_tag_flips_while_the_run_is_running(
     opts = options(server.uri, tmp_path)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}) as tracker:
+    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}, close_timeout=120.0) as tracker:
         for index, (x, y) in enumerate(regression_batches(6)):
             optimizer.zero_grad()
             nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
@@ -142,7 +143,8 @@ def test_run_status_follows_the_training_body(
     opts = options(server.uri, tmp_path)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.raises(error), GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}):
+    with pytest.raises(error), GradTracker(model, backend="mlflow", backend_options={"mlflow": opts},
+                                           close_timeout=120.0):  # fmt: skip
         for x, y in regression_batches(3):
             optimizer.zero_grad()
             nn.functional.mse_loss(model(x).squeeze(-1), y).backward()
@@ -187,7 +189,7 @@ def test_outage_mid_run_loses_nothing(server: MlflowServer, tmp_path: Path) -> N
     opts = options(server.uri, tmp_path, flush_every_s=0.2, request_timeout=1.0, exit_timeout=60.0)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}) as tracker:
+    with GradTracker(model, backend="mlflow", backend_options={"mlflow": opts}, close_timeout=120.0) as tracker:
         for index, (x, y) in enumerate(regression_batches(30)):
             if index == 10:
                 tracker.flush()
