@@ -61,7 +61,7 @@ bound (``lr-ramp``); they count against every policy's rescue rate alike.
 
 Run it (one worker process per core; every run is seeded, so the numbers do not depend on ``--jobs``)::
 
-    .venv/bin/python benchmarks/detection.py            # 5 seeds, about 5 minutes on 2 free CPU cores
+    .venv/bin/python benchmarks/detection.py            # 5 seeds, about 3 minutes on 2 free CPU cores
     .venv/bin/python benchmarks/detection.py --quick    # 2 seeds, about 2 minutes
     .venv/bin/python benchmarks/detection.py --markdown # the same tables for README.md
 """
