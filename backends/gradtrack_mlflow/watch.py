@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -30,7 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -320,41 +321,31 @@ class _RestReader:
                 else:
                     found[str(experiment["experiment_id"])] = str(experiment["name"])
             return found, missing
-        token: str | None = None
-        while True:
-            body: dict[str, Any] = {"max_results": _PAGE, "view_type": "ACTIVE_ONLY"}
-            if token:
-                body["page_token"] = token
-            answer = self._call("POST", "experiments/search", body)
-            for experiment in answer.get("experiments", []):
-                found[str(experiment["experiment_id"])] = str(experiment["name"])
-            token = answer.get("next_page_token")
-            if not token:
-                return found, missing
+        for experiment in self._pages("experiments/search", "experiments", {"view_type": "ACTIVE_ONLY"}):
+            found[str(experiment["experiment_id"])] = str(experiment["name"])
+        return found, missing
 
     def flagged_runs(self, experiments: Mapping[str, str]) -> list[FlaggedRun]:
         runs: dict[str, FlaggedRun] = {}
         for ids in _chunks(sorted(experiments), _IDS_PER_SEARCH):
             for filter_string in _FILTERS:
-                token: str | None = None
-                while True:
-                    body: dict[str, Any] = {
-                        "experiment_ids": ids,
-                        "filter": filter_string,
-                        "run_view_type": "ACTIVE_ONLY",
-                        "max_results": _PAGE,
-                    }
-                    if token:
-                        body["page_token"] = token
-                    answer = self._call("POST", "runs/search", body)
-                    for found in answer.get("runs", []):
-                        tags = {tag["key"]: tag.get("value", "") for tag in found.get("data", {}).get("tags", [])}
-                        run = _flagged(found["info"], tags, experiments)
-                        runs[run.run_id] = run
-                    token = answer.get("next_page_token")
-                    if not token:
-                        break
+                body = {"experiment_ids": ids, "filter": filter_string, "run_view_type": "ACTIVE_ONLY"}
+                for found in self._pages("runs/search", "runs", body):
+                    tags = {tag["key"]: tag.get("value", "") for tag in found.get("data", {}).get("tags", [])}
+                    run = _flagged(found["info"], tags, experiments)
+                    runs[run.run_id] = run
         return list(runs.values())
+
+    def _pages(self, endpoint: str, key: str, body: dict[str, Any]) -> Iterator[Any]:
+        """Every item under ``key`` of a paged search, page after page."""
+        token: str | None = None
+        while True:
+            page = {"max_results": _PAGE, **({"page_token": token} if token else {})}
+            answer = self._call("POST", endpoint, {**body, **page})
+            yield from answer.get(key, [])
+            token = answer.get("next_page_token")
+            if not token:
+                return
 
 
 class _ClientReader:
@@ -378,13 +369,9 @@ class _ClientReader:
                 else:
                     found[str(experiment.experiment_id)] = str(experiment.name)
             return found, missing
-        token: str | None = None
-        while True:
-            page = self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=_PAGE, page_token=token)
-            found.update({str(experiment.experiment_id): str(experiment.name) for experiment in page})
-            token = page.token
-            if not token:
-                return found, missing
+        search = functools.partial(self.client.search_experiments, view_type=ViewType.ACTIVE_ONLY, max_results=_PAGE)
+        found.update({str(experiment.experiment_id): str(experiment.name) for experiment in _client_pages(search)})
+        return found, missing
 
     def flagged_runs(self, experiments: Mapping[str, str]) -> list[FlaggedRun]:
         from mlflow.entities import ViewType
@@ -392,23 +379,28 @@ class _ClientReader:
         runs: dict[str, FlaggedRun] = {}
         for ids in _chunks(sorted(experiments), _IDS_PER_SEARCH):
             for filter_string in _FILTERS:
-                token: str | None = None
-                while True:
-                    page = self.client.search_runs(
-                        ids, filter_string, run_view_type=ViewType.ACTIVE_ONLY, max_results=_PAGE, page_token=token
-                    )
-                    for found in page:
-                        info = {
-                            "run_id": found.info.run_id,
-                            "run_name": found.info.run_name,
-                            "experiment_id": found.info.experiment_id,
-                        }
-                        run = _flagged(info, dict(found.data.tags), experiments)
-                        runs[run.run_id] = run
-                    token = page.token
-                    if not token:
-                        break
+                search = functools.partial(self.client.search_runs, ids, filter_string,
+                                           run_view_type=ViewType.ACTIVE_ONLY, max_results=_PAGE)  # fmt: skip
+                for found in _client_pages(search):
+                    info = {
+                        "run_id": found.info.run_id,
+                        "run_name": found.info.run_name,
+                        "experiment_id": found.info.experiment_id,
+                    }
+                    run = _flagged(info, dict(found.data.tags), experiments)
+                    runs[run.run_id] = run
         return list(runs.values())
+
+
+def _client_pages(search: Callable[..., Any]) -> Iterator[Any]:
+    """Every item of an ``MlflowClient`` search, page after page (``search(page_token=...)``)."""
+    token: str | None = None
+    while True:
+        page = search(page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def _reader(tracking_uri: str, timeout: float) -> _Reader:
