@@ -91,6 +91,23 @@ def mlp(seed: int = 0, width: int = 16) -> nn.Module:
     return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
 
 
+def rnn_batch(length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed batch of 16 sequences of 4 features for ``VanillaRNN``, and a target per sequence."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(16, length, 4, generator=generator), torch.randn(16, generator=generator)
+
+
+def train_steps(tracker: Any, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                steps: int) -> None:  # fmt: skip
+    """The loop users write, ``steps`` times on one batch, the loss observed."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        tracker.observe(loss)
+        optimizer.step()
+
+
 def regression_batches(n: int, seed: int = 0, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     weights = torch.randn(8, generator=generator)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches
+from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches, rnn_batch, train_steps
 from torch import nn
 
 from gradtrack import DivergenceError, GradTracker, calibrate
@@ -16,15 +16,7 @@ from gradtrack.diagnosis import LayerHistory, depth_growth
 
 
 def _rnn_steps(tracker: GradTracker, model: nn.Module, steps: int, lr: float = 0.5) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 30, 4, generator=generator), torch.randn(16, generator=generator)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        tracker.observe(loss)
-        optimizer.step()
+    train_steps(tracker, model, torch.optim.SGD(model.parameters(), lr=lr), *rnn_batch(30), steps)
 
 
 def test_explosions_name_where_they_start_and_the_summary_diagnoses_the_recurrent_matrix(

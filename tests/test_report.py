@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import VanillaRNN, missing_system_dependency
-from torch import nn
+from conftest import VanillaRNN, missing_system_dependency, rnn_batch, train_steps
 
 from gradtrack import GradTracker
 from gradtrack.cli import main, parser
@@ -32,18 +31,11 @@ def _rnn_run(uri: str, experiment: str, tmp_path: Path, radius: float, clip: str
              run_name: str, steps: int = 30) -> GradTracker:  # fmt: skip
     model = VanillaRNN(radius=radius)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5 if clip is None else 0.05)
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 20, 4, generator=generator), torch.randn(16, generator=generator)
     options = {"mlflow": {"tracking_uri": uri, "experiment_name": experiment, "run_name": run_name,
                           "spool_dir": str(tmp_path / "spool")}}  # fmt: skip
     with GradTracker(model, backend="mlflow", backend_options=options, clip=clip, layer_every=2,
                      max_norm=5.0 if clip else None) as tracker:  # fmt: skip
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            tracker.observe(loss)
-            optimizer.step()
+        train_steps(tracker, model, optimizer, *rnn_batch(20), steps)
     return tracker
 
 

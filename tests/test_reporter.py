@@ -14,8 +14,7 @@ from pathlib import Path
 import probe_plugin
 import pytest
 import torch
-from conftest import RecordingBackend, VanillaRNN, mlp
-from torch import nn
+from conftest import RecordingBackend, VanillaRNN, mlp, rnn_batch, train_steps
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from gradtrack import GradTracker
@@ -27,15 +26,8 @@ HERE = Path(__file__).parent
 def _explode_and_diverge(backend: object, steps: int = 16, **options: object) -> GradTracker:
     model = VanillaRNN(radius=3.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 20, 4, generator=generator), torch.randn(16, generator=generator)
     with GradTracker(model, backend=backend, clip=None, layer_every=3, **options) as tracker:  # type: ignore[arg-type]
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            tracker.observe(loss)
-            optimizer.step()
+        train_steps(tracker, model, optimizer, *rnn_batch(20), steps)
     return tracker
 
 
