@@ -20,12 +20,10 @@ import os
 import pickle
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from _configs import mlflow_server
-from torch import nn
+from _models import fast_mlp, timed_steps
 
 from gradtrack import GradTracker
 from gradtrack.console import ConsoleBackend
@@ -44,52 +42,18 @@ from gradtrack.outbox import Outbox
 from gradtrack.records import StepRecord
 from gradtrack.reporter import Reporter
 
-
-class SilentServer:
-    """Accepts connections and never answers: a tracking server that hangs."""
-
-    def __init__(self) -> None:
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.listen(128)
-        self.uri = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                self.held.append(self.socket.accept()[0])
-
-    def close(self) -> None:
-        self.socket.close()
-        for connection in self.held:
-            connection.close()
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from mlflow_support import SilentServer
 
 
 def run(backend: Any, options: dict[str, Any] | None, steps: int, warmup: int) -> dict[str, float]:
     """One tracker run; returns the mean step time after warm-up and the enter/exit times, in ms."""
-    model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, y = torch.randn(64, 32), torch.randn(64, 1)
+    model, optimizer, x, y = fast_mlp()
     started = time.perf_counter()
     tracker = GradTracker(model, backend=backend, backend_options=options, close_timeout=30.0)
     tracker.__enter__()
     entered = time.perf_counter()
-    times = []
-    for _ in range(steps):
-        begin = time.perf_counter()
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        tracker.observe(loss)
-        optimizer.step()
-        times.append(time.perf_counter() - begin)
+    times, _ = timed_steps(model, optimizer, x, y, tracker, steps)
     leaving = time.perf_counter()
     tracker.__exit__(None, None, None)
     done = time.perf_counter()
@@ -167,7 +131,7 @@ def main() -> None:
                 order = list(configs)[round_ % len(configs):] + list(configs)[: round_ % len(configs)]
                 for name in order:
                     backend, options = configs[name]
-                    if backend == "mlflow":
+                    if backend == "mlflow" and options is not None:
                         options = {"mlflow": {**options["mlflow"], "experiment_name": f"fast-{uuid.uuid4().hex[:6]}"}}
                     results[name].append(run(backend, options, steps, warmup))
         handoff = {layers: handoff_cost(layers) for layers in (10, 1000)}

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from _models import fast_mlp, timed_steps  # noqa: E402
 from mlflow_support import MlflowServer  # noqa: E402
 
 from gradtrack import GradTracker  # noqa: E402
@@ -82,27 +82,13 @@ class ProxyProcess:
 
 
 def train(steps: int, backend: Any, options: dict[str, Any] | None, fault: Fault | None) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, y = torch.randn(64, 32), torch.randn(64, 1)
-    spent, cpu = [], []
+    model, optimizer, x, y = fast_mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tracker = GradTracker(model, backend=backend, backend_options=options, close_timeout=10.0)
         with tracker:
             tracker.flush(60.0)  # the reporter is up and the run exists: the faults hit live traffic
-            for step in range(steps):
-                if fault is not None:
-                    fault(step)
-                began, began_cpu = time.perf_counter(), time.process_time()
-                optimizer.zero_grad()
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                tracker.observe(loss)
-                optimizer.step()
-                spent.append(time.perf_counter() - began)
-                cpu.append(time.process_time() - began_cpu)
+            spent, cpu = timed_steps(model, optimizer, x, y, tracker, steps, before_step=fault)
             leaving = time.monotonic()
         exit_s = time.monotonic() - leaving
     warm, warm_cpu = spent[steps // 10 :], cpu[steps // 10 :]
