@@ -6,7 +6,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO, final
 
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepBatch
 from gradtrack.hookspecs import hookimpl
 from gradtrack.validate import count
 
@@ -41,11 +41,14 @@ class ConsoleBackend:
         self._print(f"tracking {len(start.layer_names)} tensors of {start.model_class}; clip={clip}")
 
     @hookimpl
-    def gradtrack_step(self, stats: StepStats) -> None:
-        if self.every and stats.step % self.every == 0:
+    def gradtrack_steps(self, batch: StepBatch) -> None:
+        if not self.every:
+            return
+        for row in (batch.step % self.every == 0).nonzero()[0].tolist():
+            stats = batch.stats(row)
             if stats.amp_overflow:
                 self._print(f"Step {stats.step:4d}: skipped by the AMP GradScaler (overflow) [OK]")
-                return
+                continue
             loss = f"loss={stats.loss:.4f}, " if stats.loss is not None else ""
             status = "EXPLODING" if stats.explosion else "OK"
             clipped = f", clipped x{stats.clip_coef:.3g}" if stats.clipped else ""

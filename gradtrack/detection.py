@@ -21,6 +21,9 @@ Explosion, checked at every step in this order:
   in the error, the norm triples by the time the loss has grown tenfold. Raised once per episode; the
   episode ends when the trend falls below ``growth_trend``.
 
+Every window is kept incrementally (a sorted copy updated by bisection, running sums), so a step costs
+a few microseconds whatever the window sizes.
+
 Divergence, judged once per run and never undone:
 
 * the observed loss is NaN or Inf;
@@ -40,12 +43,14 @@ Divergence, judged once per run and never undone:
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, final
+from itertools import islice
+from typing import Literal, NamedTuple, Protocol, final
 
 import numpy as np
 
@@ -53,7 +58,17 @@ from gradtrack.events import Divergence, ExplosionKind, Offender
 from gradtrack.records import sorted_quantile
 from gradtrack.validate import count, number
 
-__all__ = ["DivergenceDetector", "ExplosionDetector", "ExplosionRule", "SpikeSkip", "offenders"]
+__all__ = [
+    "DivergenceDetector",
+    "ExplosionDetector",
+    "ExplosionRule",
+    "Judge",
+    "SpikeSkip",
+    "Verdict",
+    "offenders",
+]
+
+OnNonfinite = Literal["skip", "raise", "continue"]
 
 
 def offenders(
@@ -81,6 +96,41 @@ class ExplosionRule(Protocol):
 
 
 @final
+class _SortedWindow:
+    """The last ``size`` values in arrival order and in sorted order: O(log n) order statistics."""
+
+    __slots__ = ("ordered", "size", "values")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: deque[float] = deque()
+        self.ordered: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.ordered)
+
+    def append(self, value: float) -> float | None:
+        """Add ``value``; return the value that left the window, if one did."""
+        left = None
+        if len(self.ordered) == self.size:
+            left = self.values.popleft()
+            del self.ordered[bisect.bisect_left(self.ordered, left)]
+        self.values.append(value)
+        bisect.insort(self.ordered, value)
+        return left
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.ordered.clear()
+
+    def median(self) -> float:
+        ordered = self.ordered
+        size = len(ordered)
+        middle = size // 2
+        return ordered[middle] if size % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@final
 class ExplosionDetector:
     """The default rule: non-finite, absolute floor, a spike against recent history, sustained growth."""
 
@@ -100,7 +150,7 @@ class ExplosionDetector:
         self.spike_factor = number("spike_factor", spike_factor, minimum=1.0, allow_inf=True)
         self.warmup = count("spike warmup", warmup)
         self.warmup_factor = number("warmup_factor", warmup_factor, minimum=1.0, allow_inf=True)
-        self._history: deque[float] = deque(maxlen=count("spike window", window))
+        self._history = _SortedWindow(count("spike window", window))
         self.growth_window = count("growth_window", growth_window, minimum=3)
         self.growth_trend = number("growth_trend", growth_trend)
         if self.growth_trend > 1:
@@ -109,7 +159,7 @@ class ExplosionDetector:
         self.growth_quantile = number("growth_quantile", growth_quantile, inclusive=True)
         if self.growth_quantile > 1:
             raise ValueError(f"growth_quantile must be in [0, 1], got {growth_quantile!r}")
-        self._recent: deque[float] = deque(maxlen=self.growth_window)
+        self._recent = _SortedWindow(self.growth_window)
         self._concordance = 0  # Kendall's S over _recent: rising pairs minus falling pairs
         self._growing = False
         self._baseline = math.nan
@@ -130,8 +180,8 @@ class ExplosionDetector:
         history = self._history
         if len(history) >= self.warmup:
             factor, reference = self.spike_factor, self._baseline
-        elif history:  # warm-up: against the median of the steps so far, more tightly
-            factor, reference = self.warmup_factor, statistics.median(history)
+        elif len(history):  # warm-up: against the median of the steps so far, more tightly
+            factor, reference = self.warmup_factor, history.median()
         else:
             return math.inf
         return factor * reference if reference > 0 and math.isfinite(factor) else math.inf
@@ -141,7 +191,7 @@ class ExplosionDetector:
             self._recent.clear()
             self._concordance, self._growing = 0, False
             return "nonfinite", self.explosion_threshold
-        self._baseline = statistics.median(self._history) if len(self._history) >= self.warmup else math.nan
+        self._baseline = self._history.median() if len(self._history) >= self.warmup else math.nan
         limit = self.spike_limit()
         self._history.append(min(total_norm, limit))
         self._add_to_trend(total_norm)
@@ -151,17 +201,22 @@ class ExplosionDetector:
             return "spike", limit
         return self._growth(total_norm)
 
-    def _low_baseline(self) -> float:
-        """The ``growth_quantile`` of the history: where the norm stood before it started to climb."""
-        return sorted_quantile(sorted(self._history), self.growth_quantile)
-
     def _add_to_trend(self, total_norm: float) -> None:
+        """Kendall's S, updated by the pairs of the value that leaves the window and of the one that enters."""
         recent = self._recent
         if len(recent) == self.growth_window:
-            oldest = recent.popleft()
-            self._concordance -= sum((value > oldest) - (value < oldest) for value in recent)
-        self._concordance += sum((total_norm > value) - (total_norm < value) for value in recent)
+            oldest = recent.values[0]
+            ordered = recent.ordered
+            later = len(ordered) - 1  # every other value came after the oldest
+            rising = later - (bisect.bisect_right(ordered, oldest) - 1)
+            falling = bisect.bisect_left(ordered, oldest)
+            self._concordance -= rising - falling
         recent.append(total_norm)
+        ordered = recent.ordered
+        earlier = len(ordered) - 1
+        below = bisect.bisect_left(ordered, total_norm)
+        above = earlier - (bisect.bisect_right(ordered, total_norm) - 1)
+        self._concordance += below - above
 
     def _growth(self, total_norm: float) -> tuple[ExplosionKind, float] | None:
         if not self.trend >= self.growth_trend:
@@ -169,7 +224,7 @@ class ExplosionDetector:
             return None
         if self._growing:
             return None
-        floor = self.growth_factor * self._low_baseline()
+        floor = self.growth_factor * sorted_quantile(self._history.ordered, self.growth_quantile)
         if not total_norm >= floor or not floor > 0:
             return None
         self._growing = True
@@ -179,7 +234,7 @@ class ExplosionDetector:
         return {
             "explosion_threshold": self.explosion_threshold,
             "spike_factor": self.spike_factor,
-            "spike_window": float(self._history.maxlen or 0),
+            "spike_window": float(self._history.size),
             "spike_warmup": float(self.warmup),
             "spike_warmup_factor": self.warmup_factor,
             "growth_window": float(self.growth_window),
@@ -197,27 +252,45 @@ class SpikeSkip:
     deviations above the mean of the last ``window`` norms. Skipped norms enter that window too, as in
     OLMo-core: a run whose norm settles at a new level (new data) resumes within a window, where leaving
     them out would skip every update from then on. Decided on the host from the step's one transfer
-    (before ``optimizer.step()``), like the skip of non-finite gradients.
+    (before ``optimizer.step()``), like the skip of non-finite gradients. The window's mean and variance
+    slide with Welford's updates, recomputed exactly once per window against drift.
     """
 
     def __init__(self, sigmas: float = 6.0, window: int = 128, min_steps: int = 20) -> None:
         self.sigmas = number("spike sigmas", sigmas)
         self.min_steps = count("spike min_steps", min_steps)
-        self._window: deque[float] = deque(maxlen=count("spike window", window))
+        self.window = count("spike window", window)
+        self._values: deque[float] = deque()
+        self._mean = 0.0
+        self._squares = 0.0  # sum of squared deviations from the mean
+        self._slides = 0
 
     def skips(self, total_norm: float) -> bool:
         if not math.isfinite(total_norm):
             return False  # the non-finite rule decides these
-        window = self._window
+        values = self._values
         spike = False
-        if len(window) >= self.min_steps:
-            mean = statistics.fmean(window)
-            spike = total_norm > mean + self.sigmas * statistics.pstdev(window, mean)
-        window.append(total_norm)
+        if len(values) >= self.min_steps:
+            std = math.sqrt(max(self._squares, 0.0) / len(values))
+            spike = total_norm > self._mean + self.sigmas * std
+        if len(values) == self.window:
+            left = values.popleft()
+            delta = left - self._mean
+            self._mean -= delta / len(values)
+            self._squares -= delta * (left - self._mean)
+            self._slides += 1
+        values.append(total_norm)
+        delta = total_norm - self._mean
+        self._mean += delta / len(values)
+        self._squares += delta * (total_norm - self._mean)
+        if self._slides >= self.window:  # exact again, once per window
+            self._slides = 0
+            self._mean = statistics.fmean(values)
+            self._squares = sum((value - self._mean) ** 2 for value in values)
         return spike
 
     def config(self) -> dict[str, float]:
-        return {"on_spike_sigmas": self.sigmas, "on_spike_window": float(self._window.maxlen or 0)}
+        return {"on_spike_sigmas": self.sigmas, "on_spike_window": float(self.window)}
 
 
 @dataclass(slots=True)
@@ -256,20 +329,28 @@ class DivergenceDetector:
         self.norm_blowup = number("norm_blowup", norm_blowup, minimum=1.0, allow_inf=True)
         self.param_blowup = number("param_blowup", param_blowup, minimum=1.0, allow_inf=True)
         self._clipped: deque[bool] = deque(maxlen=self.explosion_window)
+        self._clipped_count = 0
         self._param_start: float | None = None
         self._param_latest = math.nan
         self._nonfinite_run = 0
         self._exploded: deque[bool] = deque(maxlen=self.explosion_window)
+        self._exploded_count = 0
         self._norms: deque[float] = deque(maxlen=5)
         self._loss = _LossState()
         self.verdict: Divergence | None = None
 
+    @property
+    def troubled(self) -> bool:
+        """An explosion within the last ``explosion_window`` steps."""
+        return self._exploded_count > 0
+
     def update(
         self,
+        *,
         step: int,
-        nonfinite: int,
-        loss: float | None,
         timestamp: float,
+        nonfinite: int = 0,
+        loss: float | None = None,
         exploded: bool = False,
         total_norm: float = math.nan,
         baseline: float = math.nan,
@@ -278,14 +359,16 @@ class DivergenceDetector:
     ) -> Divergence | None:
         """Feed one step; returns the Divergence the first time the run is judged diverged.
 
-        ``exploded``: this step raised an explosion event; ``baseline``: the explosion detector's median
-        of recent healthy norms; ``clipped``: the step's gradients were clipped; ``param_norm``: the
+        ``exploded``: this step raised an explosion event; ``baseline``: the explosion rule's median of
+        recent healthy norms; ``clipped``: the step's gradients were clipped; ``param_norm``: the
         parameters' total norm, on the steps where it was measured.
         """
         if self.verdict is not None:
             return None
-        recent_explosions = sum(list(self._exploded)[-4:])  # before this step
+        recent_explosions = sum(islice(reversed(self._exploded), 4))  # before this step
+        self._exploded_count += exploded - (len(self._exploded) == self.explosion_window and self._exploded[0])
         self._exploded.append(exploded)
+        self._clipped_count += clipped - (len(self._clipped) == self.explosion_window and self._clipped[0])
         self._clipped.append(clipped)
         if param_norm is not None and math.isfinite(param_norm):
             self._param_start = param_norm if self._param_start is None else self._param_start
@@ -314,15 +397,17 @@ class DivergenceDetector:
         window = self._exploded
         if len(window) < self.explosion_window or not baseline > 0 or not self._norms:
             return None
-        share = sum(window) / len(window)
+        share = self._exploded_count / len(window)
+        if share < self.explosion_share:
+            return None
         level = statistics.median(self._norms)
-        if share < self.explosion_share or level < self.norm_blowup * baseline:
+        if level < self.norm_blowup * baseline:
             return None
         reason = (
-            f"explosions on {sum(window)} of the last {len(window)} steps, gradient norm "
+            f"explosions on {self._exploded_count} of the last {len(window)} steps, gradient norm "
             f"{level:.4g} = {level / baseline:.3g}x its healthy median {baseline:.4g}"
         )
-        if sum(self._clipped) * 2 <= len(self._clipped):  # not clipped: nothing absorbs them
+        if self._clipped_count * 2 <= len(self._clipped):  # not clipped: nothing absorbs them
             return reason
         start = self._param_start
         if start is None or not start > 0 or not self._param_latest >= self.param_blowup * start:
@@ -360,3 +445,69 @@ class DivergenceDetector:
             "norm_blowup": self.norm_blowup,
             "param_blowup": self.param_blowup,
         }
+
+
+class Verdict(NamedTuple):
+    """The host-side decisions of one step: an explosion (its kind and the threshold it crossed), the run's
+    divergence (the first time only), and whether the optimizer update is skipped."""
+
+    explosion: tuple[ExplosionKind, float] | None
+    divergence: Divergence | None
+    skip: bool
+
+
+HEALTHY = Verdict(explosion=None, divergence=None, skip=False)
+
+
+@final
+class Judge:
+    """Everything decided on the host at each step, from the step's transferred numbers, in one call."""
+
+    def __init__(
+        self,
+        *,
+        explosions: ExplosionDetector,
+        divergence: DivergenceDetector,
+        on_nonfinite: OnNonfinite,
+        on_spike: SpikeSkip | None = None,
+    ) -> None:
+        self.explosions = explosions
+        self.divergence = divergence
+        self.on_nonfinite: OnNonfinite = on_nonfinite
+        self.on_spike = on_spike
+
+    @property
+    def troubled(self) -> bool:
+        """An explosion within the divergence rule's window: measure what the rules want more often."""
+        return self.divergence.troubled
+
+    def step(
+        self,
+        *,
+        step: int,
+        timestamp: float,
+        total_norm: float,
+        nonfinite: int,
+        loss: float | None,
+        clipped: bool,
+        param_norm: float | None,
+    ) -> Verdict:
+        found = self.explosions.check(total_norm)
+        if found is None and nonfinite:
+            found = ("nonfinite", self.explosions.explosion_threshold)
+        divergence = self.divergence.update(
+            step=step, timestamp=timestamp, nonfinite=nonfinite, loss=loss, exploded=found is not None,
+            total_norm=total_norm, baseline=self.explosions.baseline, clipped=clipped, param_norm=param_norm,
+        )  # fmt: skip
+        skip = bool(nonfinite) and self.on_nonfinite == "skip"
+        skip = skip or (self.on_spike is not None and self.on_spike.skips(total_norm))
+        if found is None and divergence is None and not skip:
+            return HEALTHY
+        return Verdict(explosion=found, divergence=divergence, skip=skip)
+
+    def config(self) -> dict[str, object]:
+        config: dict[str, object] = {**self.explosions.config(), **self.divergence.config()}
+        config["on_spike"] = "skip" if self.on_spike is not None else "none"
+        if self.on_spike is not None:
+            config.update(self.on_spike.config())
+        return config

@@ -2,8 +2,9 @@
 
 On the host, from the per-layer norms every step already brings over (numpy, microseconds):
 
-* ``LayerHistory`` keeps an EMA of each layer's log norm, so an explosion can name its *origin*: the
-  layer whose norm jumped most against its own recent history.
+* ``LayerHistory`` keeps an EMA of each layer's log norm, updated every ``LayerHistory.every`` steps (a
+  per-step update cost more than the rest of the step's host work on a small model), so an explosion can
+  name its *origin*: the layer whose norm jumped most against its own recent history.
 * ``depth_growth`` fits how layer norms change from the output towards the input (above 1 per layer:
   gradients grow as they flow back, the classic exploding-gradient signature).
 
@@ -38,22 +39,31 @@ _POWER_ITERATIONS = 8
 class LayerHistory:
     """An EMA of every layer's log norm, for one ordering of the layers (reset when it changes)."""
 
+    every = 10  # steps between updates; with ``smoothing`` 0.1, about the last 100 steps
+
     def __init__(self, smoothing: float = 0.1) -> None:
         self.smoothing = smoothing
         self._key: object = None
         self._ema: np.ndarray | None = None
 
-    def jumps(self, key: object, norms: np.ndarray) -> np.ndarray | None:
-        """This step's log-norm excess over each layer's own history (before updating it with this step)."""
+    def update(self, key: object, norms: np.ndarray) -> None:
+        """Fold one step's norms in (a non-finite norm leaves its layer's history as it was)."""
         with np.errstate(divide="ignore", invalid="ignore"):
             logs = np.log(norms)
         usable = np.isfinite(logs)
         if self._ema is None or key != self._key or self._ema.size != norms.size:
             self._key, self._ema = key, np.where(usable, logs, 0.0)
-            return None
-        jumps = np.where(usable, logs - self._ema, np.inf)  # a non-finite layer jumped most of all
+            return
         self._ema = np.where(usable, self._ema + self.smoothing * (logs - self._ema), self._ema)
-        return jumps
+
+    def jumps(self, key: object, norms: np.ndarray) -> np.ndarray | None:
+        """This step's log-norm excess over each layer's history; None without a history of this layout."""
+        if self._ema is None or key != self._key or self._ema.size != norms.size:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.log(norms)
+        # A NaN or inf layer jumped most of all; a layer whose gradient is zero did not jump (log 0 = -inf).
+        return np.where(np.isfinite(norms), logs - self._ema, np.inf)
 
 
 def depth_growth(norms: np.ndarray, positions: Sequence[int]) -> float:

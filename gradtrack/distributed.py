@@ -31,7 +31,7 @@ from typing import Any, final
 import torch
 from torch import nn
 
-__all__ = ["Reduction", "Topology", "local_grads", "topology"]
+__all__ = ["Reduction", "Topology", "check_symmetric", "local_grads", "topology"]
 
 
 @final
@@ -170,7 +170,8 @@ def topology(model: nn.Module, params: Sequence[nn.Parameter], names: Sequence[s
         strategy = "ddp"
     else:
         strategy = "distributed"
-    _check_symmetric(params, names, world)
+    device = params[0].device if params[0].device.type != "meta" else torch.device("cpu")
+    check_symmetric(sorted(names), world, device)
     return Topology(strategy, world, rank, Reduction(None, world, rank, factors), sharded=factors is not None)
 
 
@@ -206,12 +207,14 @@ def _is_fsdp2(model: nn.Module) -> bool:
     return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
-def _check_symmetric(params: Sequence[nn.Parameter], names: Sequence[str], world: int) -> None:
-    """Every rank must track the same parameters, or the per-step collective would mix up (or hang)."""
+def check_symmetric(names: Sequence[str], world: int, device: torch.device) -> None:
+    """Every rank must track the same parameters, or the per-step collective would mix up (or hang).
+
+    Called when the tracker starts and whenever the set of parameters with a gradient changes (all ranks
+    change it at the same step, as they run the same program)."""
     import torch.distributed as dist
 
     digest = int.from_bytes(hashlib.sha1("\n".join(names).encode()).digest()[:6], "big")  # exact in float64
-    device = params[0].device if params[0].device.type != "meta" else torch.device("cpu")
     probe = torch.tensor([len(names), -len(names), digest, -digest], dtype=torch.float64, device=device)
     dist.all_reduce(probe, op=dist.ReduceOp.MAX)
     if probe[0].item() != -probe[1].item() or probe[2].item() != -probe[3].item():

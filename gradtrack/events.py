@@ -12,14 +12,19 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 __all__ = [
     "Divergence",
     "Explosion",
     "ExplosionKind",
+    "LayerNorms",
+    "LayersAdded",
     "Offender",
     "RunEnd",
     "RunStart",
     "RunStatus",
+    "StepBatch",
     "StepStats",
     "Summary",
     "format_norm",
@@ -110,6 +115,115 @@ class StepStats:
     def flagged(self) -> bool:
         """A step that must reach every backend even under back-pressure."""
         return self.explosion or self.diverged or self.nonfinite > 0 or self.skipped or self.amp_overflow
+
+
+@dataclass(frozen=True, slots=True)
+class LayersAdded:
+    """Parameters that started to train after the run started (unfrozen, added, replaced under a new name).
+
+    ``names``: their cleaned names, in the model's order; from ``step`` on they appear in per-layer norms,
+    offenders and summaries like the layers of ``RunStart.layer_names``.
+    """
+
+    step: int
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerNorms:
+    """One per-layer step of a :class:`StepBatch`: the gradient norm of every layer by name, and the
+    parameters' own norms when they were measured at that step."""
+
+    row: int
+    norms: Mapping[str, float]
+    weights: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StepBatch:
+    """Consecutive reported steps, one numpy array per field: what ``gradtrack_steps`` receives.
+
+    Row ``i`` holds what ``StepStats`` holds for step ``step[i]``; ``loss`` is NaN where ``loss_observed`` is
+    False, ``param_norm`` NaN where the weights were not measured, and on AMP-overflow rows the norms are
+    NaN. ``layers`` are the rows at the per-layer cadence. ``metric_columns()`` gives the contract metrics
+    column by column, ``stats(i)`` one row as a ``StepStats``.
+    """
+
+    step: np.ndarray
+    timestamp: np.ndarray
+    total_norm: np.ndarray
+    clip_coef: np.ndarray
+    clipped: np.ndarray
+    nonfinite: np.ndarray
+    explosion: np.ndarray
+    diverged: np.ndarray
+    skipped: np.ndarray
+    amp_overflow: np.ndarray
+    loss: np.ndarray
+    loss_observed: np.ndarray
+    layer_p50: np.ndarray
+    layer_p95: np.ndarray
+    layer_max: np.ndarray
+    param_norm: np.ndarray
+    layers: tuple[LayerNorms, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.step.size)
+
+    def metric_columns(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """``(key, rows, values)`` for every contract metric (PRODUCT.md), as ``StepStats.metrics()`` gives
+        them row by row: an AMP-overflow row has only the flags, a loss only where observed."""
+        rows = np.arange(len(self))
+        measured = rows[~self.amp_overflow]
+        columns = [
+            ("grad/total_norm", measured, self.total_norm[measured]),
+            ("grad/clip_coef", measured, self.clip_coef[measured]),
+            ("grad/clipped", rows, self.clipped.astype(np.float64)),
+            ("grad/explosion", rows, self.explosion.astype(np.float64)),
+            ("grad/nonfinite", rows, self.nonfinite.astype(np.float64)),
+            ("grad/amp_overflow", rows, self.amp_overflow.astype(np.float64)),
+            ("grad/diverged", rows, self.diverged.astype(np.float64)),
+            ("grad/layer_p50", measured, self.layer_p50[measured]),
+            ("grad/layer_p95", measured, self.layer_p95[measured]),
+            ("grad/layer_max", measured, self.layer_max[measured]),
+        ]
+        with_loss = rows[self.loss_observed & ~self.amp_overflow]
+        if with_loss.size:
+            columns.append(("loss", with_loss, self.loss[with_loss]))
+        with_params = rows[~np.isnan(self.param_norm) & ~self.amp_overflow]
+        if with_params.size:
+            columns.append(("grad/param_norm", with_params, self.param_norm[with_params]))
+        return columns
+
+    def each_stats(self) -> list[StepStats]:
+        """Every row as a ``StepStats``, for a backend that only implements ``gradtrack_step``."""
+        by_row = {entry.row: entry for entry in self.layers}
+        return [self.stats(row, by_row.get(row)) for row in range(len(self))]
+
+    def stats(self, row: int, layer: LayerNorms | None = None) -> StepStats:
+        """Row ``row``; ``layer`` is its entry of ``layers`` (looked up when not given)."""
+        if layer is None:
+            layer = next((entry for entry in self.layers if entry.row == row), None)
+        param_norm = float(self.param_norm[row])
+        return StepStats(
+            step=int(self.step[row]),
+            total_norm=float(self.total_norm[row]),
+            clip_coef=float(self.clip_coef[row]),
+            clipped=bool(self.clipped[row]),
+            nonfinite=int(self.nonfinite[row]),
+            explosion=bool(self.explosion[row]),
+            diverged=bool(self.diverged[row]),
+            skipped=bool(self.skipped[row]),
+            layer_p50=float(self.layer_p50[row]),
+            layer_p95=float(self.layer_p95[row]),
+            layer_max=float(self.layer_max[row]),
+            loss=float(self.loss[row]) if self.loss_observed[row] else None,
+            timestamp=float(self.timestamp[row]),
+            layer_norms=layer.norms if layer is not None else None,
+            amp_overflow=bool(self.amp_overflow[row]),
+            weight_norms=layer.weights if layer is not None else None,
+            param_norm=None if math.isnan(param_norm) else param_norm,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,21 @@ class _Pooled:
         else:
             self.values[slot] = max(current, value)
 
+    def add_many(self, steps: np.ndarray, values: np.ndarray) -> None:
+        """``add`` for each pair, at once (the maximum of a bucket does not depend on the order)."""
+        if not steps.size:
+            return
+        if self.first is None:
+            self.first = int(steps[0])
+        last = int(steps.max())
+        while (last - self.first) // self.width >= self.size:
+            pairs = self.values.reshape(-1, 2)
+            merged = np.where(np.isnan(pairs).any(axis=1), np.nan, pairs.max(axis=1))
+            self.values = np.concatenate([merged, np.full(self.size // 2, -np.inf)])
+            self.width *= 2
+        slots = (steps.astype(np.int64) - self.first) // self.width
+        np.maximum.at(self.values, slots, values)  # NaN wins, as in ``add``
+
     def series(self) -> tuple[np.ndarray, np.ndarray]:
         """(first step of each bucket, its maximum), for the buckets that hold something."""
         used = ~np.isneginf(self.values)
@@ -69,6 +84,10 @@ class RunHistory:
         self._totals.add(step, total_norm)
         if layer_norms:
             self.add_layer_values(step, layer_norms)
+
+    def add_steps(self, steps: np.ndarray, total_norms: np.ndarray) -> None:
+        """Many steps' total norms at once (a backend's batch of steps)."""
+        self._totals.add_many(steps, total_norms)
 
     def add_step_layer(self, step: int, name: str, value: float) -> None:
         """One layer's norm at one step (when a history is rebuilt layer by layer)."""

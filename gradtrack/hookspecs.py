@@ -30,7 +30,7 @@ from typing import Any
 
 import pluggy
 
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepBatch, StepStats
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
 
@@ -121,7 +121,37 @@ def gradtrack_step(stats: StepStats) -> None:
     Called every ``log_every`` steps and on every step that raised an explosion, saw non-finite
     gradients, was skipped or was judged diverged. Under back-pressure routine steps may be
     decimated; flagged steps are kept unless the backend is ten times ``max_pending`` behind (see
-    ``gradtrack.dispatch``). The return value is ignored.
+    ``gradtrack.dispatch``). Not called on a backend that implements ``gradtrack_steps``. The return
+    value is ignored.
+    """
+
+
+@hookspec
+def gradtrack_steps(batch: StepBatch) -> None:
+    """Several consecutive optimizer steps were measured: the same steps ``gradtrack_step`` would get,
+    column by column.
+
+    :param batch: one numpy array per field of ``StepStats``, a row per step, in order; the per-layer rows
+        in ``batch.layers``; the contract metrics column by column from ``batch.metric_columns()``.
+
+    Implement it instead of ``gradtrack_step`` when a backend can log many steps at once (a batch API, a
+    vectorised conversion): the reporter hands over everything a read of its pipe brought, often hundreds
+    of steps, so the per-step cost of a Python call and a ``StepStats`` is paid per batch. A backend that
+    implements it never gets ``gradtrack_step``. Explosion and divergence hooks of a step come after the
+    batch that holds it. The return value is ignored.
+    """
+
+
+@hookspec
+def gradtrack_layers_added(layers: LayersAdded) -> None:
+    """Parameters started to train after the run started: unfrozen (``requires_grad_``), added to the
+    model or to an optimizer (``add_param_group``), or put in place of another under a new name.
+
+    :param layers: the step they first have gradients at, and their cleaned names, which per-layer norms,
+        offenders and summaries use from then on beside ``RunStart.layer_names``.
+
+    Called before the first step that reports them. Give them metric keys that do not change the keys of
+    the layers already logged. The return value is ignored.
     """
 
 

@@ -11,7 +11,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 
-__all__ = ["MLFLOW_INVALID", "sanitize_names"]
+__all__ = ["MLFLOW_INVALID", "extend_names", "sanitize_names"]
 
 MLFLOW_INVALID = r"[^/\w.\- :]"
 
@@ -64,4 +64,34 @@ def sanitize_names(
             key = f"{result[name][: budget - length - 1]}_{_digest(name, length)}"
         taken.add(fold(key))
         result[name] = prefix + key
+    return result
+
+
+def extend_names(
+    keys: dict[str, str],
+    names: Iterable[str],
+    prefix: str = "",
+    invalid: str = MLFLOW_INVALID,
+    max_length: int = 250,
+    fold_case: bool = False,
+) -> dict[str, str]:
+    """``keys`` (a result of ``sanitize_names``) with keys for ``names`` added, the existing ones unchanged.
+
+    For layers that appear during a run: the layers already logged keep their keys. A new name whose
+    clean key is taken gets a short hash of its name appended, like a collision in ``sanitize_names``.
+    """
+    pattern = re.compile(invalid)
+    budget = max_length - len(prefix)
+    fold = str.lower if fold_case else str
+    result = dict(keys)
+    taken = {fold(key) for key in result.values()}
+    for name in names:
+        if name in result:
+            continue
+        key, length = prefix + _clean(name, pattern, budget), 8
+        while fold(key) in taken:
+            key = f"{prefix}{_clean(name, pattern, budget)[: budget - length - 1]}_{_digest(name, length)}"
+            length += 4
+        taken.add(fold(key))
+        result[name] = key
     return result

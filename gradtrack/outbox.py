@@ -24,9 +24,8 @@ from collections.abc import Collection, Sequence
 from typing import final
 
 from gradtrack.dispatch import Dispatcher
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart
+from gradtrack.messages import Message
 from gradtrack.plugins import new_plugin_manager
-from gradtrack.records import StepRecord
 from gradtrack.reporter import Reporter
 
 __all__ = ["Outbox"]
@@ -73,36 +72,12 @@ class Outbox:
     def dropped(self) -> int:
         return self.local.dropped + (self.reporter.dropped if self.reporter is not None else 0)
 
-    def start(self, start: RunStart) -> None:
-        self.local.emit("gradtrack_run_start", start=start)
+    def send(self, message: Message) -> None:
+        """Hand one message to the backends here (queued to their threads) and to the reporter process."""
+        if self.local:
+            self.local.send([message])
         if self.reporter is not None:
-            self.reporter.send("start", start)
-
-    def layout(self, key: int, indices: Sequence[int]) -> None:
-        """A new ordering of the layer names (positions in ``RunStart.layer_names``) that steps refer to."""
-        if self.reporter is not None:
-            self.reporter.send("layout", key, list(indices))
-
-    def step(self, record: StepRecord, names: Sequence[str] | None) -> None:
-        if record.reported:
-            self.local.emit_step(record, names)
-        if self.reporter is not None:  # every step: the reporter's summary of a run it may have to end
-            self.reporter.send("step", record)
-
-    def explosion(self, event: Explosion) -> None:
-        self.local.emit("gradtrack_explosion", event=event)
-        if self.reporter is not None:
-            self.reporter.send("explosion", event)
-
-    def divergence(self, event: Divergence) -> None:
-        self.local.emit("gradtrack_divergence", event=event)
-        if self.reporter is not None:
-            self.reporter.send("divergence", event)
-
-    def end(self, end: RunEnd) -> None:
-        self.local.emit("gradtrack_run_end", end=end)
-        if self.reporter is not None:
-            self.reporter.send("end", end)
+            self.reporter.send(message)
 
     def flush(self, timeout: float) -> bool:
         local = self.local.flush(timeout)

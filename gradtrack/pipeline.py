@@ -1,9 +1,15 @@
-"""One training step, top to bottom: measure, clip, one transfer, judge, report.
+"""One training step, top to bottom: measure, clip, one transfer, judge, hand over.
 
 Everything up to the transfer runs on the gradients' device without a host synchronisation
 (``gradtrack.stats``, the clip policy, and under ``torch.distributed`` one collective). Everything after
-it is host arithmetic on the transferred numbers, the same on every rank, and ends in frozen records
-handed to the outbox (``gradtrack.outbox``): the reporter process, and backends kept in this one.
+it is host arithmetic on the transferred numbers, the same on every rank (``gradtrack.detection.Judge``),
+and ends in the hand-over's messages (``gradtrack.messages``), which feed the run's summary and go to the
+outbox: the reporter process, and backends kept in this one.
+
+Layouts: the norms of a step come in the order of the gradients grouped by device and dtype. Each
+distinct set of parameters with a gradient, in that order, is a *layout*; a new one (the first step, a
+parameter unfrozen, added or replaced) is announced once, with the names of parameters never reported
+before, before the first step record that uses it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, final
 
 import numpy as np
@@ -19,21 +26,31 @@ import torch
 from torch import nn
 
 from gradtrack.amp import AmpState
-from gradtrack.detection import DivergenceDetector, ExplosionDetector, SpikeSkip, offenders
+from gradtrack.detection import Judge, OnNonfinite, offenders
 from gradtrack.diagnosis import DeviceDiagnosis, LayerHistory, depth_growth
-from gradtrack.distributed import Topology, local_grads
-from gradtrack.events import Explosion
+from gradtrack.distributed import Topology, check_symmetric, local_grads
+from gradtrack.events import Explosion, ExplosionKind, LayersAdded
+from gradtrack.messages import (
+    Diagnosed,
+    Diverged,
+    ExplosionRaised,
+    LayersAnnounced,
+    LayoutAnnounced,
+    Message,
+    StepRecord,
+)
 from gradtrack.outbox import Outbox
+from gradtrack.params import ParameterSet
 from gradtrack.policy import ClipPolicy
-from gradtrack.records import StepRecord
 from gradtrack.stats import HostStats, Reduce, measure, transfer
 from gradtrack.summary import RunSummary
 
-__all__ = ["DivergenceError", "NonFiniteGradientError", "OnDivergence", "OnNonfinite", "StepPipeline"]
+__all__ = ["DivergenceError", "NonFiniteGradientError", "OnDivergence", "OnNonfinite", "Settings", "StepPipeline"]
 
-OnNonfinite = Literal["skip", "raise", "continue"]
 OnDivergence = Literal["continue", "raise"]
 KEPT_EVENTS = 256
+KEPT_LAYOUTS = 256  # the reporter keeps as many, dropping the oldest alike
+TROUBLE_WEIGHT_EVERY = 10  # while an explosion is recent: the weights' norms this often, for the divergence rule
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -46,6 +63,21 @@ class DivergenceError(RuntimeError):
     It leaves the ``with`` block like any exception: the run is closed there, ``diverged=true`` and
     status FAILED, with its summary, before the exception reaches you.
     """
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """A tracker's per-step options, checked by ``GradTracker``."""
+
+    norm_type: float
+    clip_policy: ClipPolicy | None
+    log_every: int
+    layer_every: int | None
+    top_k: int
+    weight_norms: bool
+    weight_every: int
+    on_divergence: OnDivergence
 
 
 @final
@@ -83,48 +115,49 @@ class _Losses:
 
 
 @final
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """One announced order of layers: the norms' order, the names and model positions in it."""
+
+    key: int
+    order: list[int]  # index into the step's list of parameters with a gradient, per norm
+    names: list[str]
+    positions: list[int]  # each layer's place in the model (for depth growth)
+
+
+@final
 class StepPipeline:
     """The per-step work of one tracker; ``GradTracker`` decides when a step happens, this does it."""
 
-    def __init__(
-        self,
-        names: dict[int, str],
-        norm_type: float,
-        clip_policy: ClipPolicy | None,
-        on_nonfinite: OnNonfinite,
-        detector: ExplosionDetector,
-        divergence: DivergenceDetector,
-        log_every: int,
-        layer_every: int | None,
-        top_k: int,
-        on_spike: SpikeSkip | None = None,
-        on_divergence: OnDivergence = "continue",
-        weight_norms: bool = True,
-    ) -> None:
-        self.names = names
-        self.norm_type = norm_type
-        self.clip_policy = clip_policy
-        self.on_nonfinite: OnNonfinite = on_nonfinite
-        self.detector = detector
-        self.divergence = divergence
-        self.log_every = log_every
-        self.layer_every = layer_every
-        self.top_k = top_k
-        self.on_spike = on_spike
-        self.on_divergence: OnDivergence = on_divergence
-        self.weight_norms = weight_norms
+    def __init__(self, params: ParameterSet, settings: Settings, judge: Judge) -> None:
+        self.params = params
+        self.settings = settings
+        self.clip_policy = settings.clip_policy
+        self.judge = judge
         self.outbox = Outbox()
         self.topology = Topology("single", 1, 0)
         self.summary = RunSummary()
         self.events: deque[Explosion] = deque(maxlen=KEPT_EVENTS)
         self.step = 0
         self.losses = _Losses()
-        self._positions = {key: position for position, key in enumerate(names)}  # id(param) -> layer index
-        self._layouts: dict[object, tuple[list[int], int, list[str]]] = {}
-        self._wants_max_abs = bool(getattr(clip_policy, "needs_max_abs", False))
-        self._wants_weights = bool(getattr(clip_policy, "needs_weights", False))
-        self._history = LayerHistory()
         self.diagnosis = DeviceDiagnosis()
+        self._table: dict[str, int] = {}  # layer name -> its place in the run's name table
+        self._layouts: dict[tuple[int, ...], _Layout] = {}
+        self._announced = 0
+        self._checked: frozenset[str] = frozenset()
+        self._history = LayerHistory()
+        self._wants_max_abs = bool(getattr(settings.clip_policy, "needs_max_abs", False))
+        self._wants_weights = bool(getattr(settings.clip_policy, "needs_weights", False))
+
+    def start(self, names: Sequence[str]) -> None:
+        """The run's first name table: the layers that train when the tracker starts (checked across ranks)."""
+        self._table = {name: position for position, name in enumerate(names)}
+        self._checked = frozenset(names)
+
+    def emit(self, message: Message) -> None:
+        """Hand one message over: the run's summary here, and the outbox."""
+        self.summary.add(message)
+        self.outbox.send(message)
 
     # -- device work --------------------------------------------------------------------------------
 
@@ -133,42 +166,56 @@ class StepPipeline:
         with_grad = [p for p in params if p.grad is not None]
         if not with_grad:
             return
+        settings, topology, step = self.settings, self.topology, self.step
+        ids = tuple(map(id, with_grad))
+        known = self._layouts.get(ids)
+        if known is None and topology.reduction is not None:
+            self._check_ranks(with_grad)
         grads: list[torch.Tensor] = [p.grad for p in with_grad]  # type: ignore[misc]
-        topology = self.topology
         if topology.sharded:
             grads = local_grads(grads)
-        layer_step = self.layer_every is not None and self.step % self.layer_every == 0
-        weight_norms = self.weight_norms and layer_step and not topology.sharded  # sharded: would need a collective
+        layer_every = settings.layer_every
+        with_layers = layer_every is not None and step % layer_every == 0
+        weights_due = settings.weight_norms and not topology.sharded and (
+            step % settings.weight_every == 0 or (self.judge.troubled and step % TROUBLE_WEIGHT_EVERY == 0)
+        )  # sharded: the weights' norms would need a collective of their own
         with torch.no_grad():
             batch = measure(
                 grads,
-                self.norm_type,
+                settings.norm_type,
                 loss=self.losses.take(grads[0].device),
                 grad_scale=amp.grad_scale if amp is not None else None,
                 overflow=amp.found_inf if amp is not None else None,
                 reduction=self._reduction(with_grad),
                 want_max_abs=self._wants_max_abs and topology.sharded,
-                weights=self._weights(with_grad, weight_norms),
-                weight_norms=weight_norms,
+                weights=self._weights(with_grad, weights_due),
+                weight_norms=weights_due,
             )
             clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
             host = transfer(batch, clip_coef, self.diagnosis.extras())
         # From here on only host numbers: nothing below touches the device.
+        layout = known
+        if layout is None or layout.order != batch.order:
+            layout = self._new_layout(ids, with_grad, batch.order)
         if host.extras is not None:
             self.diagnosis.finish(host.extras)
-            self.summary.diagnosis = self.diagnosis.summary()
+            self._diagnosed()
         if host.overflow or (amp is not None and amp.found_inf is None and not math.isfinite(host.total_norm)):
             self.amp_skipped()  # the optimizer skips its own update; the gradients are no evidence
             return
-        cache_key = id(params) if len(with_grad) == len(params) else None
-        self._judge(with_grad, _LazyNames(self, with_grad, batch.order, cache_key), host)
+        self._judge(with_grad, layout, host, with_layers)
 
     def finish_diagnosis(self) -> None:
         """At the end of the run: a diagnosis still waiting for the next step finishes now (one sync, at exit)."""
         extras = self.diagnosis.extras()
         if extras is not None:
             self.diagnosis.finish(extras.numpy(force=True).astype(np.float64))
-            self.summary.diagnosis = self.diagnosis.summary()
+            self._diagnosed()
+
+    def _diagnosed(self) -> None:
+        diagnosis = self.diagnosis.summary()
+        if diagnosis is not None:
+            self.emit(Diagnosed(diagnosis=diagnosis))
 
     def clip_only(self, params: Sequence[nn.Parameter]) -> None:
         """Clip without measuring for the record: a closure optimizer's later gradient evaluations."""
@@ -180,7 +227,7 @@ class StepPipeline:
         if self.topology.sharded:
             grads = local_grads(grads)
         with torch.no_grad():
-            batch = measure(grads, self.norm_type, reduction=self._reduction(with_grad),
+            batch = measure(grads, self.settings.norm_type, reduction=self._reduction(with_grad),
                             want_max_abs=self._wants_max_abs and self.topology.sharded,
                             weights=self._weights(with_grad, False))  # fmt: skip
             self.clip_policy.clip_(batch)
@@ -192,11 +239,18 @@ class StepPipeline:
         weights = [p.detach() for p in params]
         return local_grads(weights) if self.topology.sharded else weights
 
+    def _check_ranks(self, params: list[nn.Parameter]) -> None:
+        """A new set of parameters with a gradient: every rank must have the same (one collective, once)."""
+        names = frozenset(self.params.name_list(params))
+        if names != self._checked:
+            check_symmetric(sorted(names), self.topology.world_size, params[0].device)
+            self._checked = names
+
     def _reduction(self, params: list[nn.Parameter]) -> Reduce | None:
         reduction = self.topology.reduction
         if reduction is None:
             return None
-        norm_type = self.norm_type
+        norm_type = self.settings.norm_type
 
         def reduce(
             layer_norms: torch.Tensor, order: list[int], loss: torch.Tensor | None, local_max: torch.Tensor | None
@@ -205,6 +259,26 @@ class StepPipeline:
 
         return reduce
 
+    def _new_layout(self, ids: tuple[int, ...], params: list[nn.Parameter], order: list[int]) -> _Layout:
+        """Announce a new order of layers, and first the names of layers never reported before."""
+        names = self.params.names
+        positions = self.params.positions
+        ordered = [params[i] for i in order]
+        layer_names = [names[id(p)] for p in ordered]
+        in_model_order = sorted(ordered, key=lambda p: positions.get(id(p), 0))
+        new = list(dict.fromkeys(names[id(p)] for p in in_model_order if names[id(p)] not in self._table))
+        if new:
+            first = len(self._table)
+            self._table.update((name, first + offset) for offset, name in enumerate(new))
+            self.emit(LayersAnnounced(layers=LayersAdded(step=self.step, names=tuple(new)), first=first))
+        layout = _Layout(self._announced, list(order), layer_names, [positions.get(id(p), 0) for p in ordered])
+        self._announced += 1
+        self.emit(LayoutAnnounced(key=layout.key, positions=tuple(self._table[name] for name in layer_names)))
+        if len(self._layouts) >= KEPT_LAYOUTS:
+            del self._layouts[next(iter(self._layouts))]
+        self._layouts[ids] = layout
+        return layout
+
     # -- host work ----------------------------------------------------------------------------------
 
     def amp_skipped(self) -> None:
@@ -212,117 +286,68 @@ class StepPipeline:
         self.losses.clear()  # the skipped step's loss must not leak into the next step's value
         step = self.step
         self.step += 1
-        self.summary.add_amp_overflow()
-        diverged = self.divergence.verdict is not None
-        record = StepRecord(step, time.time(), math.nan, 1.0, False, 0, False, diverged, False, None, True,
-                            True, False, -1, None)  # fmt: skip
-        self.outbox.step(record, None)
+        self.emit(StepRecord(step=step, timestamp=time.time(), total_norm=math.nan, amp_overflow=True,
+                             diverged=self.judge.divergence.verdict is not None))  # fmt: skip
 
-    def _judge(self, params: Sequence[nn.Parameter], names: _LazyNames, host: HostStats) -> None:
+    def _judge(self, params: Sequence[nn.Parameter], layout: _Layout, host: HostStats, with_layers: bool) -> None:
         step, now = self.step, time.time()
         self.step += 1
-        nonfinite = int(host.layer_norms.size - np.count_nonzero(np.isfinite(host.layer_norms)))
+        total_norm, norms, settings = host.total_norm, host.layer_norms, self.settings
+        # A finite total means every layer is finite (a NaN or inf layer makes the total NaN or inf).
+        nonfinite = 0 if math.isfinite(total_norm) else int(norms.size - np.count_nonzero(np.isfinite(norms)))
+        clipped = host.clip_coef < 1.0
         if self.clip_policy is not None:
-            self.clip_policy.observe(host.total_norm, host.clip_coef)
-        jumps = self._history.jumps(names.args[2], host.layer_norms)
-        explosion = self._check_explosion(step, now, nonfinite, names, host, jumps)
-        param_norm = float(np.sqrt(np.square(host.weight_norms).sum())) if host.weight_norms is not None else None
-        divergence = self.divergence.update(
-            step, nonfinite, host.loss, now, explosion is not None, host.total_norm, self.detector.baseline,
-            host.clip_coef < 1.0, param_norm,
-        )  # fmt: skip
-        if divergence is not None:
-            self.summary.divergence = divergence
-        skipped = bool(nonfinite) and self.on_nonfinite == "skip"
-        skipped = skipped or (self.on_spike is not None and self.on_spike.skips(host.total_norm))
-        if skipped:
+            self.clip_policy.observe(total_norm, host.clip_coef)
+        weights = host.weight_norms
+        param_norm = math.sqrt(float(np.dot(weights, weights))) if weights is not None else None
+        verdict = self.judge.step(step=step, timestamp=now, total_norm=total_norm, nonfinite=nonfinite,
+                                  loss=host.loss, clipped=clipped, param_norm=param_norm)  # fmt: skip
+        explosion = None
+        if verdict.explosion is not None:
+            explosion = self._explosion(step, now, verdict.explosion, nonfinite, layout, host)
+        if step % LayerHistory.every == 0:
+            self._history.update(layout.key, norms)
+        if verdict.skip:
             for p in params:  # optimizers skip parameters without a gradient: the update is skipped
                 p.grad = None
-        clipped = host.clip_coef < 1.0
-        self.summary.add_step(step, host.total_norm, clipped, skipped, bool(nonfinite), explosion is not None)
-        self.summary.add_loss(host.loss)
-
-        reported = explosion is not None or divergence is not None or nonfinite > 0 or step % self.log_every == 0
-        with_layers = reported and self.layer_every is not None and step % self.layer_every == 0
-        layout, layer_names = self._layout(names) if with_layers else (-1, None)
-        weights = host.weight_norms.tobytes() if host.weight_norms is not None and reported else None
-        record = StepRecord(
-            step, now, host.total_norm, host.clip_coef, clipped, nonfinite, explosion is not None,
-            self.divergence.verdict is not None, skipped, host.loss, False, reported, with_layers, layout,
-            host.layer_norms.tobytes() if reported else None, weights,
-        )  # fmt: skip
-        self.outbox.step(record, layer_names)
+        divergence = verdict.divergence
+        reported = explosion is not None or divergence is not None or nonfinite > 0 or step % settings.log_every == 0
+        self.emit(StepRecord(
+            step=step, timestamp=now, total_norm=total_norm, clip_coef=host.clip_coef, nonfinite=nonfinite,
+            loss=host.loss, clipped=clipped, explosion=explosion is not None,
+            diverged=self.judge.divergence.verdict is not None, skipped=verdict.skip, reported=reported,
+            with_layers=reported and with_layers, layout=layout.key if reported else -1,
+            layer_norms=norms.tobytes() if reported else None,
+            weight_norms=weights.tobytes() if weights is not None and reported else None,
+        ))  # fmt: skip
         if explosion is not None:
-            self.outbox.explosion(explosion)
+            self.emit(ExplosionRaised(event=explosion))
             if self.diagnosis.due(step) and not self.topology.sharded:
-                by_name = {self.names[id(p)]: p for p in params}
-                self.diagnosis.start(step, [(o.name, by_name[o.name]) for o in explosion.offenders][: self.top_k])
+                by_name = {self.params.names[id(p)]: p for p in params}
+                self.diagnosis.start(step, [(o.name, by_name[o.name]) for o in explosion.offenders][: settings.top_k])
         if divergence is not None:
-            self.outbox.divergence(divergence)
-        if nonfinite and self.on_nonfinite == "raise":
+            self.emit(Diverged(event=divergence))
+        if nonfinite and self.judge.on_nonfinite == "raise":
             bad = [o.name for o in explosion.offenders if o.nonfinite] if explosion else []
             raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")
-        if divergence is not None and self.on_divergence == "raise":
+        if divergence is not None and settings.on_divergence == "raise":
             raise DivergenceError(f"gradtrack: the run diverged at step {step}: {divergence.reason}")
 
-    def _check_explosion(
-        self, step: int, now: float, nonfinite: int, names: _LazyNames, host: HostStats, jumps: np.ndarray | None
-    ) -> Explosion | None:
-        verdict = self.detector.check(host.total_norm)
-        if verdict is None and not nonfinite:
-            return None
-        kind, threshold = verdict or ("nonfinite", self.detector.explosion_threshold)
-        layer_names = names.get()
-        picked = offenders(host.layer_norms, layer_names, threshold, self.top_k)
+    def _explosion(
+        self, step: int, now: float, found: tuple[ExplosionKind, float], nonfinite: int, layout: _Layout,
+        host: HostStats,
+    ) -> Explosion:  # fmt: skip
+        kind, threshold = found
+        norms = host.layer_norms
+        picked = offenders(norms, layout.names, threshold, self.settings.top_k)
         origin, jump = None, math.nan
+        jumps = self._history.jumps(layout.key, norms)
         if jumps is not None and jumps.size:
             index = int(np.argmax(jumps))
-            origin, jump = layer_names[index], float(np.exp(min(jumps[index], 700.0)))
-        params, order, _ = names.args
-        growth = depth_growth(host.layer_norms, [self._positions[id(params[i])] for i in order])
-        explosion = Explosion(step, "nonfinite" if nonfinite else kind, host.total_norm, threshold, picked, now,
-                              origin, jump, growth)  # fmt: skip
+            origin, jump = layout.names[index], float(np.exp(min(jumps[index], 700.0)))
+        growth = depth_growth(norms, layout.positions)
+        explosion = Explosion(step=step, kind="nonfinite" if nonfinite else kind, total_norm=host.total_norm,
+                              threshold=threshold, offenders=picked, timestamp=now, origin=origin, origin_jump=jump,
+                              depth_growth=growth)  # fmt: skip
         self.events.append(explosion)
-        self.summary.add_explosion(explosion)
         return explosion
-
-    def names_for(self, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None) -> list[str]:
-        """Layer names in the order of the norms; cached while the same parameter list recurs."""
-        return self._layout_of(params, order, cache_key)[2]
-
-    def _layout(self, names: _LazyNames) -> tuple[int, list[str]]:
-        _, key, layer_names = self._layout_of(*names.args)
-        return key, layer_names
-
-    def _layout_of(
-        self, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None
-    ) -> tuple[list[int], int, list[str]]:
-        """(order, layout key, names); a layout seen for the first time is announced to the reporter."""
-        key: object = cache_key if cache_key is not None else tuple(id(params[i]) for i in order)
-        cached = self._layouts.get(key)
-        if cached is not None and cached[0] == order:
-            return cached
-        ids = [id(params[i]) for i in order]
-        layout = (order, len(self._layouts), [self.names[i] for i in ids])
-        self._layouts[key] = layout
-        self.outbox.layout(layout[1], [self._positions[i] for i in ids])
-        return layout
-
-
-@final
-class _LazyNames:
-    """Names are only needed on explosion steps and at the per-layer cadence: build them then."""
-
-    __slots__ = ("_names", "_pipeline", "args")
-
-    def __init__(
-        self, pipeline: StepPipeline, params: Sequence[nn.Parameter], order: list[int], cache_key: int | None
-    ) -> None:
-        self._pipeline = pipeline
-        self.args = (params, order, cache_key)
-        self._names: list[str] | None = None
-
-    def get(self) -> list[str]:
-        if self._names is None:
-            self._names = self._pipeline.names_for(*self.args)
-        return self._names

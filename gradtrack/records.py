@@ -1,10 +1,9 @@
-"""The compact per-step record the training process hands over, and how it becomes a ``StepStats``.
+"""Step records made into what backends receive, on the far side of the hand-over.
 
-The training thread builds a ``StepRecord`` of plain numbers and one ``bytes`` of per-layer norms,
-nothing more: the distribution of layer norms, the name of each layer and the ``StepStats`` object
-are made on the other side of the hand-over (the reporter process, or a backend's worker thread), so
-their cost never lands on the training loop. Layer names travel once, at run start; each step says
-which ordering of them (``layout``) its norms follow.
+The training thread hands over compact ``StepRecord``\\ s (``gradtrack.messages``): plain numbers and the
+per-layer norms as bytes. The distribution of layer norms, the layer names and the ``StepBatch`` are made
+here, in the reporter process (or on a backend's worker thread), many steps at a time with numpy, so
+their cost never lands on the training loop.
 
 No torch here: the reporter process imports this module.
 """
@@ -13,45 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 
-from gradtrack.events import StepStats
+from gradtrack.events import LayerNorms, StepBatch
+from gradtrack.messages import StepRecord
 
-__all__ = ["StepRecord", "sorted_quantile", "step_stats"]
+__all__ = ["layer_quantiles", "sorted_quantile", "step_batch"]
 
-
-class StepRecord(NamedTuple):
-    """One optimizer step, as the training thread knows it after the transfer.
-
-    ``reported``: at the ``log_every`` cadence or flagged, so backends get it (every step is still
-    handed over, so that a reporter left alone by a killed trainer can finish the run's summary).
-    ``with_layers``: at the ``layer_every`` cadence, so backends get the per-layer norms by name.
-    ``layer_norms``: float64 norms in the order of ``layout`` (reported steps only).
-    ``weight_norms``: the parameters' own norms, in the same order, when measured (per-layer steps).
-    """
-
-    step: int
-    timestamp: float
-    total_norm: float
-    clip_coef: float
-    clipped: bool
-    nonfinite: int
-    explosion: bool
-    diverged: bool
-    skipped: bool
-    loss: float | None
-    amp_overflow: bool
-    reported: bool
-    with_layers: bool
-    layout: int
-    layer_norms: bytes | None
-    weight_norms: bytes | None = None  # the parameters' own norms, same order, at the per-layer cadence
-
-    @property
-    def flagged(self) -> bool:
-        return self.explosion or self.diverged or self.nonfinite > 0 or self.skipped or self.amp_overflow
+_QUANTILES = (0.5, 0.95)
 
 
 def sorted_quantile(ordered: Sequence[float] | np.ndarray, q: float) -> float:
@@ -64,38 +33,77 @@ def sorted_quantile(ordered: Sequence[float] | np.ndarray, q: float) -> float:
     return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
-def step_stats(record: StepRecord, names: Sequence[str] | None) -> StepStats:
-    """The ``StepStats`` backends receive; ``names`` are the layer names in the record's layout."""
-    norms = np.frombuffer(record.layer_norms, dtype=np.float64) if record.layer_norms is not None else None
-    p50 = p95 = layer_max = math.nan
-    if norms is not None and norms.size:
-        finite = np.sort(norms[np.isfinite(norms)])
-        p50, p95 = sorted_quantile(finite, 0.5), sorted_quantile(finite, 0.95)
-        layer_max = math.inf if record.nonfinite else (float(finite[-1]) if finite.size else math.nan)
-    layer_norms = weight_norms = param_norm = None
-    if record.with_layers and norms is not None and names is not None:
-        layer_norms = dict(zip(names, norms.tolist(), strict=True))
-    if record.weight_norms is not None:
-        weights = np.frombuffer(record.weight_norms, dtype=np.float64)
-        param_norm = float(np.sqrt(np.square(weights).sum()))
-        if names is not None and record.with_layers:
-            weight_norms = dict(zip(names, weights.tolist(), strict=True))
-    return StepStats(
-        step=record.step,
-        total_norm=record.total_norm,
-        clip_coef=record.clip_coef,
-        clipped=record.clipped,
-        nonfinite=record.nonfinite,
-        explosion=record.explosion,
-        diverged=record.diverged,
-        skipped=record.skipped,
-        layer_p50=p50,
-        layer_p95=p95,
-        layer_max=layer_max,
-        loss=record.loss,
-        timestamp=record.timestamp,
-        layer_norms=layer_norms,
-        amp_overflow=record.amp_overflow,
-        weight_norms=weight_norms,
+def layer_quantiles(norms: np.ndarray, nonfinite: bool) -> tuple[float, float, float]:
+    """p50, p95 and max of one step's finite layer norms; the max is inf when a layer is not finite."""
+    finite = np.sort(norms[np.isfinite(norms)])
+    p50, p95 = (sorted_quantile(finite, q) for q in _QUANTILES)
+    layer_max = math.inf if nonfinite else (float(finite[-1]) if finite.size else math.nan)
+    return p50, p95, layer_max
+
+
+def _quantile_columns(ordered: np.ndarray, q: float) -> np.ndarray:
+    """``sorted_quantile`` of every row of a sorted matrix at once, with the same arithmetic."""
+    count = ordered.shape[1]
+    position = q * (count - 1)
+    low = int(position)
+    high = min(low + 1, count - 1)
+    return ordered[:, low] + (ordered[:, high] - ordered[:, low]) * (position - low)
+
+
+def step_batch(records: Sequence[StepRecord], names: Sequence[Sequence[str] | None]) -> StepBatch:
+    """The ``StepBatch`` of ``records``; ``names[i]`` are the layer names of record ``i``'s layout, where it
+    has per-layer norms to report by name (``with_layers``), else None."""
+    count = len(records)
+    columns = list(zip(*records, strict=True))  # StepRecord is a tuple: its fields, column by column
+    fields = StepRecord._fields
+    column = {name: columns[index] for index, name in enumerate(fields)}
+    quantiles = np.full((count, 3), math.nan)
+    param_norm = np.full(count, math.nan)
+    by_size: dict[int, list[int]] = {}
+    for row, record in enumerate(records):
+        if record.weight_norms is not None:
+            weights = np.frombuffer(record.weight_norms, dtype=np.float64)
+            param_norm[row] = math.sqrt(float(np.dot(weights, weights)))
+        if record.layer_norms is None or record.amp_overflow:
+            continue
+        if record.nonfinite:  # rare: the finite ones, one row at a time
+            quantiles[row] = layer_quantiles(np.frombuffer(record.layer_norms, dtype=np.float64), True)
+        else:
+            by_size.setdefault(len(record.layer_norms), []).append(row)
+    for rows in by_size.values():  # every layer finite: one sort for all the rows of one size
+        joined = b"".join([records[row].layer_norms for row in rows])  # type: ignore[misc]
+        ordered = np.sort(np.frombuffer(joined, dtype=np.float64).reshape(len(rows), -1), axis=1)
+        quantiles[rows, 0] = _quantile_columns(ordered, _QUANTILES[0])
+        quantiles[rows, 1] = _quantile_columns(ordered, _QUANTILES[1])
+        quantiles[rows, 2] = ordered[:, -1]
+    layers = []
+    for row, record in enumerate(records):
+        layer_names = names[row]
+        if layer_names is None or not record.with_layers or record.layer_norms is None:
+            continue
+        norms = np.frombuffer(record.layer_norms, dtype=np.float64).tolist()
+        by_name: dict[str, float] | None = None
+        if record.weight_norms is not None:
+            weight_norms = np.frombuffer(record.weight_norms, dtype=np.float64).tolist()
+            by_name = dict(zip(layer_names, weight_norms, strict=True))
+        layers.append(LayerNorms(row, dict(zip(layer_names, norms, strict=True)), by_name))
+    losses = column["loss"]
+    return StepBatch(
+        step=np.array(column["step"], dtype=np.int64),
+        timestamp=np.array(column["timestamp"], dtype=np.float64),
+        total_norm=np.array(column["total_norm"], dtype=np.float64),
+        clip_coef=np.array(column["clip_coef"], dtype=np.float64),
+        clipped=np.array(column["clipped"], dtype=bool),
+        nonfinite=np.array(column["nonfinite"], dtype=np.int64),
+        explosion=np.array(column["explosion"], dtype=bool),
+        diverged=np.array(column["diverged"], dtype=bool),
+        skipped=np.array(column["skipped"], dtype=bool),
+        amp_overflow=np.array(column["amp_overflow"], dtype=bool),
+        loss=np.array([math.nan if loss is None else loss for loss in losses], dtype=np.float64),
+        loss_observed=np.array([loss is not None for loss in losses], dtype=bool),
+        layer_p50=quantiles[:, 0],
+        layer_p95=quantiles[:, 1],
+        layer_max=quantiles[:, 2],
         param_norm=param_norm,
+        layers=tuple(layers),
     )

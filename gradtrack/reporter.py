@@ -8,9 +8,10 @@ that what was handed over survives a SIGKILL of the training process. Nothing he
 ``flush`` and ``close``, which the user asks for.
 
 When the reporter falls behind (or is still starting) and the pipe is full, bytes wait here, then
-records: past ``max_pending`` records routine steps are decimated by the rule of
-``gradtrack.dispatch``; run start, run end and divergence are always kept. A thread wakes every 0.2 s
-to write what is waiting while the training loop is busy elsewhere (a long evaluation).
+messages: past ``max_pending`` waiting messages routine steps are decimated by the rule of
+``gradtrack.dispatch`` (each message declares its class: run start, layer names, layouts, divergence and
+run end are always kept). A thread wakes every 0.2 s to write what is waiting while the training loop is
+busy elsewhere (a long evaluation).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, final
 
 from gradtrack.channel import ChannelClosed, Incoming, Outgoing, encode, pipe_capacity
 from gradtrack.dispatch import drops
+from gradtrack.messages import FlushRequested, Message, StepRecord
 from gradtrack.validate import join_timeout
 
 __all__ = ["Reporter", "ReporterStartError"]
@@ -35,8 +37,6 @@ __all__ = ["Reporter", "ReporterStartError"]
 _PUMP_EVERY = 0.2
 _MAX_BYTES = 16 << 20  # frames waiting for the pipe before records wait as records (and may be decimated)
 _DECIMATE = 10
-_HOOKS = {"step": "gradtrack_step", "start": "gradtrack_run_start", "end": "gradtrack_run_end",
-          "divergence": "gradtrack_divergence", "flush": "gradtrack_flush"}  # fmt: skip
 
 
 class ReporterStartError(RuntimeError):
@@ -58,8 +58,9 @@ class Reporter:
         self.max_pending = max_pending
         self.dropped = 0
         self._lock = threading.Lock()
-        self._messages: list[Any] = []
+        self._messages: list[Message] = []
         self._seq = 0
+        self.stats: dict[str, Any] | None = None  # the reporter's own account of its work, once it closed
         self._warnings: list[tuple[str, str, str]] = []
         self._acks_seen: dict[tuple[Any, ...], Any] = {}
         self._dead: str | None = None
@@ -89,16 +90,23 @@ class Reporter:
 
     # -- the training thread's calls -------------------------------------------------------------
 
-    def send(self, kind: str, *payload: Any) -> None:
+    def send(self, message: Message) -> None:
         """Hand one message to the pipe now (write-through: a record in the pipe survives a SIGKILL of
-        this process); when the pipe is full, keep it here, as bytes, then as a record."""
-        message = (kind, *payload)
+        this process); when the pipe is full, keep it here, as bytes, then as a message."""
         with self._lock:
             if self._dead is not None:
-                self.dropped += kind == "step"
+                self.dropped += type(message) is StepRecord
                 return
-            if self._messages or self._out.pending >= _MAX_BYTES:  # congested: wait as a record
-                if len(self._messages) >= self.max_pending and self._drops(message):
+            if self._messages or self._out.pending >= _MAX_BYTES:  # congested: wait as a message
+                step = message.step if type(message) is StepRecord else 0
+                if drops(message.keep, step, len(self._messages), self.max_pending, _DECIMATE):
+                    if not self.dropped:
+                        warnings.warn(
+                            "gradtrack's reporter process is falling behind; keeping one routine step record in "
+                            f"{_DECIMATE} until it catches up",
+                            RuntimeWarning,
+                            stacklevel=4,
+                        )
                     self.dropped += 1
                     return
                 self._messages.append(message)
@@ -114,7 +122,7 @@ class Reporter:
         with self._lock:
             self._seq += 1
             seq = self._seq
-        self.send("flush", seq, timeout)
+        self.send(FlushRequested(seq=seq, timeout=timeout))
         done = self._drain(deadline) and self._await(("flushed", seq), deadline) is not None
         self._reissue_warnings()
         return done
@@ -130,6 +138,8 @@ class Reporter:
         (and print their warnings to standard error, since nobody here reads them any more)."""
         closed = self._await(("closed",), deadline)
         self._reissue_warnings()
+        if closed is not None:
+            self.stats = closed[2]
         with contextlib.suppress(OSError):
             os.close(self._acks.fd)
         if closed is not None:
@@ -139,12 +149,6 @@ class Reporter:
         return [] if self._dead is not None else list(self.names)
 
     # -- internals --------------------------------------------------------------------------------
-
-    def _drops(self, message: tuple[Any, ...]) -> bool:
-        kind = message[0]
-        hook = _HOOKS.get(kind, f"gradtrack_{kind}")
-        record = message[1] if kind == "step" else None
-        return drops(hook, record, len(self._messages), self.max_pending, _DECIMATE)
 
     def _write(self) -> None:
         """Under the lock: frame the waiting messages (unless frames already pile up) and write."""
@@ -179,15 +183,14 @@ class Reporter:
 
     def _read_acks(self, timeout: float) -> None:
         try:
-            frames = list(self._acks.read(timeout))
+            acks = self._acks.read(timeout)
         except OSError:
             return
-        for frame in frames:
-            for message in frame:
-                if message[0] == "warning":
-                    self._warnings.append(message[1:])
-                else:
-                    self._acks_seen[_ack_key(message)] = message
+        for message in acks:
+            if message[0] == "warning":
+                self._warnings.append(message[1:])
+            else:
+                self._acks_seen[_ack_key(message)] = message
 
     def _await(self, key: tuple[Any, ...], deadline: float) -> Any:
         while True:
@@ -217,7 +220,7 @@ class Reporter:
         if self._dead is not None:
             return
         self._dead = f"exit code {self.process.poll()}"
-        self.dropped += sum(1 for message in self._messages if message[0] == "step")
+        self.dropped += sum(1 for message in self._messages if type(message) is StepRecord)
         self._messages = []
         warnings.warn(
             f"gradtrack's reporter process ended unexpectedly ({self._dead}); backends {self.names} receive "

@@ -1,9 +1,11 @@
 """The reporter process: runs the backends through pluggy, off the training process, and outlives it.
 
 ``python -m gradtrack.reporter_main DATA_FD ACK_FD PARENT_PID``, started by ``gradtrack.reporter``.
-It reads frames of messages from DATA_FD, feeds a ``Dispatcher`` (one worker thread per backend, as in
-the training process), and answers on ACK_FD (ready, flushed, closed, and the warnings its backends
-raise, which the training process raises again). It runs at the lowest CPU priority, so on a machine
+It reads the hand-over's messages from DATA_FD (everything the pipe holds at a time, then a pause of
+``COALESCE_S`` so that a fast loop's steps arrive hundreds at a time), feeds them to its ``RunSummary`` and
+to a ``Dispatcher`` (one worker thread per backend, as in the training process), and answers on ACK_FD
+(ready, flushed, closed with its CPU time, and the warnings its backends raise, which the training process
+raises again). It runs at the lowest CPU priority, so on a machine
 with no idle core it falls behind and catches up rather than slowing training, and it never imports
 torch: every record is plain numbers.
 
@@ -28,17 +30,19 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from gradtrack.channel import Incoming, encode
 from gradtrack.dispatch import Dispatcher
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart
-from gradtrack.records import StepRecord
+from gradtrack.events import RunEnd
+from gradtrack.messages import FlushRequested, Message, RunEnded, RunStarted, StepRecord
 from gradtrack.secrets import redact
 from gradtrack.summary import RunSummary
 
 _POLL = 0.5  # seconds between checks that the parent is alive
+COALESCE_S = 0.05  # after a read, let more records arrive: the reporter's work is per batch, not per record
 _TERM_GRACE = 5.0  # after SIGTERM, seconds to wait for the trainer to end the run before ending it killed
 LINGER_S = 600.0  # how long backends may take to finish the run, whoever is waiting for them
 BACKLOG_FACTOR = 20  # times the tracker's max_pending: each backend's queue bound in the reporter
@@ -77,59 +81,59 @@ class _Run:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self.summary = RunSummary()
-        self.layouts: dict[int, list[str]] = {}
-        self.names: tuple[str, ...] = ()
+        self.records = 0
         self.started = False
         self.ended = False
 
-    def handle(self, message: tuple[Any, ...], acks: _Acks) -> None:
-        kind = message[0]
-        if kind == "step":
-            record: StepRecord = message[1]
-            if record.amp_overflow:
-                self.summary.add_amp_overflow()
-            else:
-                self.summary.add_step(record.step, record.total_norm, record.clipped, record.skipped,
-                                      record.nonfinite > 0, record.explosion)  # fmt: skip
-            if record.reported:
-                self.dispatcher.emit_step(record, self.layouts.get(record.layout))
-        elif kind == "layout":
-            self.layouts[message[1]] = [self.names[i] for i in message[2]]
-        elif kind == "explosion":
-            event: Explosion = message[1]
-            self.summary.add_explosion(event)
-            self.dispatcher.emit("gradtrack_explosion", event=event)
-        elif kind == "divergence":
-            divergence: Divergence = message[1]
-            self.summary.divergence = divergence
-            self.dispatcher.emit("gradtrack_divergence", event=divergence)
-        elif kind == "start":
-            start: RunStart = message[1]
-            self.names, self.started = start.layer_names, True
-            self.dispatcher.emit("gradtrack_run_start", start=start)
-        elif kind == "end":
-            self.end(message[1])
-        elif kind == "flush":
-            _, seq, timeout = message
-            acks.send("flushed", seq, self.dispatcher.flush(timeout))
+    def handle(self, messages: Sequence[Message], acks: _Acks) -> bool:
+        """Take one read's messages, in order; True when one of them waits for an answer (a flush, the end)."""
+        urgent = False
+        start = 0
+        for index, message in enumerate(messages):
+            if type(message) is StepRecord:
+                self.records += 1
+                self.summary.add(message)
+                continue
+            self.summary.add(message)
+            if isinstance(message, RunStarted):
+                self.started = True
+            elif isinstance(message, FlushRequested | RunEnded):
+                self._send(messages[start:index])
+                start = index + 1
+                urgent = True
+                if isinstance(message, FlushRequested):
+                    acks.send("flushed", message.seq, self.dispatcher.flush(message.timeout))
+                else:
+                    self.end(message.end)
+        self._send(messages[start:])
+        return urgent
+
+    def _send(self, messages: Sequence[Message]) -> None:
+        try:
+            self.dispatcher.send(messages)
+        except Exception as exc:  # one bad message must not end the report of the whole run
+            warnings.warn(f"gradtrack's reporter could not hand {len(messages)} messages to its backends: {exc!r}",
+                          RuntimeWarning, stacklevel=1)  # fmt: skip
 
     def end(self, end: RunEnd) -> None:
         if self.ended or not self.started:
             return
         self.ended = True
         summary = replace(end.summary, dropped_records=end.summary.dropped_records + self.dispatcher.dropped)
-        self.dispatcher.emit("gradtrack_run_end", end=replace(end, summary=summary))
+        self.dispatcher.send([RunEnded(end=replace(end, summary=summary))])
 
     def end_killed(self) -> None:
         """The trainer is gone without ending the run: end it ``killed`` with what was received."""
         self.end(RunEnd("killed", self.summary.freeze(self.dispatcher.dropped), time.time()))
 
 
-def _start(incoming: Incoming, acks: _Acks) -> Dispatcher:
-    """Read the init message and create the backends; say ready, or say why not."""
+def _start(incoming: Incoming, acks: _Acks) -> tuple[Dispatcher, list[Message]]:
+    """Read the init message and create the backends; say ready, or say why not. Also returns whatever
+    came after the init message in the same read."""
     while not incoming.closed:
-        for frame in incoming.read(_POLL):
-            (kind, init), *_ = frame
+        messages = incoming.read(_POLL)
+        if messages:
+            kind, init = messages[0]
             assert kind == "init", kind
             backends = []
             for name, pickled in init["backends"]:
@@ -143,16 +147,16 @@ def _start(incoming: Incoming, acks: _Acks) -> Dispatcher:
             # machine catches up later).
             dispatcher = Dispatcher(backends, max_pending=init["max_pending"] * BACKLOG_FACTOR)
             acks.send("ready")
-            return dispatcher
+            return dispatcher, messages[1:]
     raise SystemExit(0)
 
 
-def _handle(run: _Run, message: tuple[Any, ...], acks: _Acks) -> None:
+def _handle(run: _Run, messages: Sequence[Message], acks: _Acks) -> bool:
     try:
-        run.handle(message, acks)
+        return run.handle(messages, acks)
     except Exception as exc:  # one bad message must not end the report of the whole run
-        warnings.warn(f"gradtrack's reporter could not handle a {message[0]!r} message: {exc!r}", RuntimeWarning,
-                      stacklevel=1)  # fmt: skip
+        warnings.warn(f"gradtrack's reporter could not handle a message: {exc!r}", RuntimeWarning, stacklevel=1)
+        return False
 
 
 def main(argv: list[str]) -> None:
@@ -164,24 +168,23 @@ def main(argv: list[str]) -> None:
         os.nice(19)  # with no idle core, fall behind and catch up instead of slowing training
     acks = _Acks(ack_fd)
     incoming = Incoming(data_fd)
-    dispatcher = _start(incoming, acks)
+    dispatcher, early = _start(incoming, acks)
     acks.forward_warnings()
     run = _Run(dispatcher)
+    _handle(run, early, acks)
     give_up = float("inf")
     while not incoming.closed and time.monotonic() < give_up:
-        for frame in incoming.read(_POLL):
-            for message in frame:
-                _handle(run, message, acks)
+        messages = incoming.read(_POLL)
+        if messages and not _handle(run, messages, acks):
+            time.sleep(COALESCE_S)
         if os.getppid() != parent:  # the trainer died but a child of it still holds the pipe open
             break
         if terminated.is_set() and give_up == float("inf"):  # preemption: the trainer got it too, most
             give_up = time.monotonic() + _TERM_GRACE  # likely; let it end the run itself if it can
-    for frame in incoming.read(0.0):  # whatever arrived with the end of file
-        for message in frame:
-            _handle(run, message, acks)
+    _handle(run, incoming.read(0.0), acks)  # whatever arrived with the end of file
     run.end_killed()  # a no-op when the trainer ended the run itself
     late = dispatcher.close(LINGER_S if not terminated.is_set() else _TERM_GRACE)
-    acks.send("closed", late)
+    acks.send("closed", late, {"cpu_s": time.process_time(), "records": run.records})
     sys.stdout.flush()
     sys.stderr.flush()
     if late:  # a backend stuck past the deadline must not keep the process alive

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, final
+from typing import NamedTuple, Protocol, final
 
 import numpy as np
 import torch
@@ -77,10 +77,9 @@ class GradBatch:
         return self.total_norm.device
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class HostStats:
-    """The step's numbers on the host, after the single transfer, widened to float64 there."""
+class HostStats(NamedTuple):
+    """The step's numbers on the host, after the single transfer, widened to float64 there (a tuple: made
+    at every step, it costs a tenth of a frozen dataclass)."""
 
     layer_norms: np.ndarray  # float64, in GradBatch.order
     total_norm: float
@@ -129,16 +128,25 @@ def measure(
     first_device = grads[0].device
     wide: list[torch.Tensor] = []  # fp32 or wider: what is reported
     native: list[torch.Tensor] = []  # in each gradient's dtype: what torch would clip with
+    measured: list[torch.Tensor] = []  # the weights' norms, when asked for
+    # The weights' norms in the same launch as the gradients' where they share its norm type and dtype.
+    together = weight_norms and weight_groups is not None and norm_type == 2.0
     narrow = False
-    for tensors in groups:
-        if tensors[0].dtype in _NARROW:
-            narrow = True
-            norms = _foreach_norm(tensors, norm_type, torch.float32)
-            wide.extend(norms)
+    for position, tensors in enumerate(groups):
+        count = len(tensors)
+        is_narrow = tensors[0].dtype in _NARROW
+        narrow = narrow or is_narrow
+        if together:
+            assert weight_groups is not None
+            both = _foreach_norm(tensors + weight_groups[position], norm_type, _wide(tensors[0].dtype))
+            norms, measured_here = both[:count], both[count:]
+            measured.extend(measured_here)
+        else:
+            norms = _foreach_norm(tensors, norm_type, _wide(tensors[0].dtype))
+        wide.extend(norms)
+        if is_narrow:
             native.extend(norm.to(tensors[0].dtype) for norm in norms)
         else:
-            norms = _foreach_norm(tensors, norm_type)
-            wide.extend(norms)
             native.extend(norms)
     if len(groups) > 1:
         wide = [norm.to(first_device) for norm in wide]
@@ -165,8 +173,9 @@ def measure(
             max_abs = max_abs / scale
     weight_norm = None
     if weight_norms and weight_groups is not None:  # the parameters' own norms, in fp32 or wider
-        measured = [n for group in weight_groups for n in _foreach_norm(group, 2.0, _wide(group[0].dtype))]
-        weight_norm = torch.stack([n.to(first_device) for n in measured])
+        if not together:
+            measured = [n for group in weight_groups for n in _foreach_norm(group, 2.0, _wide(group[0].dtype))]
+        weight_norm = torch.stack([n.to(first_device) for n in measured]) if len(groups) > 1 else torch.stack(measured)
     return GradBatch(
         groups, order, norm_type, layer_norms, total_norm, clip_norm, loss, overflow, grad_scale, max_abs,
         weight_groups, weight_norm,
@@ -210,7 +219,7 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, extras: torch.Ten
     device = batch.device
     parts = [batch.layer_norms, batch.total_norm.reshape(1)]
     if clip_coef is not None:
-        parts.append(clip_coef.reshape(1).to(device))
+        parts.append(clip_coef.reshape(1) if clip_coef.device == device else clip_coef.reshape(1).to(device))
     if batch.loss is not None:
         parts.append(batch.loss.detach().reshape(-1).to(device))  # a mean, or [sum, count] across ranks
     if batch.overflow is not None:
@@ -220,7 +229,7 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, extras: torch.Ten
         parts.append(batch.weight_norms.to(device))
     if extras is not None:
         parts.append(extras.reshape(-1).to(device))
-    host = torch.cat(parts).numpy(force=True).astype(np.float64)  # the one device-to-host transfer
+    host = torch.cat(parts).cpu().numpy().astype(np.float64)  # the one device-to-host transfer
     end = host.size
     extra_values = None
     if extras is not None:
@@ -243,4 +252,5 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, extras: torch.Ten
             loss_sum, observed = tail[position : position + 2]
             loss, position = (loss_sum / observed if observed else None), position + 2
     overflow = batch.overflow is not None and tail[position] > 0
-    return HostStats(host[:count], total_norm, coef, loss, overflow, weight_values, extra_values)
+    return HostStats(layer_norms=host[:count], total_norm=total_norm, clip_coef=coef, loss=loss, overflow=overflow,
+                     weight_norms=weight_values, extras=extra_values)  # fmt: skip

@@ -1,26 +1,34 @@
-"""Run-long statistics in fixed memory, whatever the number of steps.
+"""The run's summary, built from the hand-over's messages in fixed memory, whatever the number of steps.
 
-Total norms go into a log-spaced histogram (``BINS_PER_DECADE`` bins per decade from 1e-12 to 1e12),
-so quantiles carry at most about 1.2% relative error; mean and max are exact. The norm history over
-time is kept as ``HISTORY_BUCKETS`` max-pooled buckets that double their width when full.
+Both processes keep one and feed it the same way, with every message the training process hands over
+(``RunSummary.add``): the training process for ``tracker.summary()`` and the run's end, the reporter process
+for a run whose trainer died, which it ends ``killed`` with a summary equal to the one a finished run of
+the same steps would have had.
+
+Step records are folded ``CHUNK`` at a time with numpy (a list append per step on the training thread).
+Folding at the same record counts on both sides keeps their arithmetic identical to the bit.
+
+Total norms go into a log-spaced histogram (``BINS_PER_DECADE`` bins per decade from 1e-12 to 1e12), so
+quantiles carry at most about 1.2% relative error; mean and max are exact.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import Counter
 from typing import Any, final
 
 import numpy as np
 
-from gradtrack.events import Divergence, Explosion, Summary
+from gradtrack.events import Divergence, Summary
+from gradtrack.messages import Diagnosed, Diverged, ExplosionRaised, Message, StepRecord
 
-__all__ = ["BINS_PER_DECADE", "HISTORY_BUCKETS", "NormHistogram", "NormHistory", "RunSummary", "SpikeScore"]
+__all__ = ["BINS_PER_DECADE", "CHUNK", "NormHistogram", "RunSummary", "SpikeScore"]
 
 BINS_PER_DECADE = 200
 _LOW, _HIGH = -12, 12
-HISTORY_BUCKETS = 512
+CHUNK = 256  # step records folded at once
 
 
 @final
@@ -31,18 +39,19 @@ class NormHistogram:
         self.total = 0.0
         self.max = -math.inf
 
-    def add(self, value: float) -> None:
-        if not math.isfinite(value):
+    def add(self, values: np.ndarray) -> None:
+        """Add every finite value of ``values`` (float64)."""
+        values = values[np.isfinite(values)]
+        if not values.size:
             return
-        self.count += 1
-        self.total += value
-        self.max = max(self.max, value)
-        if value <= 0:
-            index = 0
-        else:
-            index = int((math.log10(value) - _LOW) * BINS_PER_DECADE) + 1
-            index = min(max(index, 0), self.counts.size - 1)
-        self.counts[index] += 1
+        self.count += int(values.size)
+        self.total += float(values.sum())
+        self.max = max(self.max, float(values.max()))
+        with np.errstate(divide="ignore"):
+            scaled = (np.log10(np.where(values > 0, values, 1.0)) - _LOW) * BINS_PER_DECADE
+        index = np.clip(scaled.astype(np.int64) + 1, 0, self.counts.size - 1)
+        index[values <= 0] = 0
+        np.add.at(self.counts, index, 1)
 
     def quantile(self, q: float) -> float | None:
         if not self.count:
@@ -56,67 +65,37 @@ class NormHistogram:
 
 
 @final
-class NormHistory:
-    """Max-pooled total norm over time: ``buckets()`` gives ``(first_step, max_norm)`` pairs."""
-
-    def __init__(self, size: int = HISTORY_BUCKETS) -> None:
-        self.size = size
-        self.width = 1
-        self._maxima: list[float] = []
-        self._first = 0
-
-    def add(self, step: int, value: float) -> None:
-        if not self._maxima:
-            self._first = step
-        slot = (step - self._first) // self.width
-        if slot >= self.size:
-            self._maxima = [_nanmax(self._maxima[i : i + 2]) for i in range(0, len(self._maxima), 2)]
-            self.width *= 2
-            slot = (step - self._first) // self.width
-        while len(self._maxima) <= slot:
-            self._maxima.append(-math.inf)
-        self._maxima[slot] = _nanmax((self._maxima[slot], value))
-
-    def buckets(self) -> list[tuple[int, float]]:
-        return [(self._first + i * self.width, v) for i, v in enumerate(self._maxima)]
-
-
-def _nanmax(values: Iterable[float]) -> float:
-    values = list(values)
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    return max(values)
-
-
-@final
 class SpikeScore:
     """OLMo 2's spike score: the share of values lying ``sigmas`` standard deviations or more from the
-    mean of the previous ``window`` values (O(1) a value: running sums over the window)."""
+    mean of the previous ``window`` values (at least ``min_values`` of them)."""
 
     def __init__(self, window: int = 1000, sigmas: float = 7.0, min_values: int = 20) -> None:
+        self.window = window
         self.sigmas = sigmas
         self.min_values = min_values
-        self._window: deque[float] = deque(maxlen=window)
-        self._sum = self._squares = 0.0
+        self._tail = np.zeros(0)
         self.values = 0
         self.spikes = 0
 
-    def add(self, value: float | None) -> None:
-        if value is None or not math.isfinite(value):
+    def add(self, values: np.ndarray) -> None:
+        """Judge each finite value of ``values`` in order, against the window before it."""
+        values = values[np.isfinite(values)]
+        if not values.size:
             return
-        window = self._window
-        if len(window) >= self.min_values:
-            mean = self._sum / len(window)
-            std = math.sqrt(max(self._squares / len(window) - mean * mean, 0.0))
-            self.values += 1
-            self.spikes += abs(value - mean) >= self.sigmas * std and std > 0
-        if len(window) == window.maxlen:
-            old = window[0]
-            self._sum -= old
-            self._squares -= old * old
-        window.append(value)
-        self._sum += value
-        self._squares += value * value
+        series = np.concatenate([self._tail, values])
+        shifted = series - series.mean()  # sums of squares of values near their mean: less cancellation
+        sums = np.concatenate([[0.0], np.cumsum(shifted)])
+        squares = np.concatenate([[0.0], np.cumsum(shifted * shifted)])
+        position = np.arange(self._tail.size, series.size)
+        low = np.maximum(position - self.window, 0)
+        counted = position - low
+        judged = counted >= self.min_values
+        position, low, counted = position[judged], low[judged], counted[judged]
+        mean = (sums[position] - sums[low]) / counted
+        std = np.sqrt(np.maximum((squares[position] - squares[low]) / counted - mean * mean, 0.0))
+        self.values += int(judged.sum())
+        self.spikes += int(((np.abs(shifted[position] - mean) >= self.sigmas * std) & (std > 0)).sum())
+        self._tail = series[-self.window :]
 
     @property
     def score(self) -> float | None:
@@ -125,7 +104,7 @@ class SpikeScore:
 
 @final
 class RunSummary:
-    """Accumulates what ``Summary`` reports; everything is O(1) or O(layers) in memory."""
+    """Accumulates what ``Summary`` reports from the hand-over's messages; O(1) or O(layers) in memory."""
 
     def __init__(self) -> None:
         self.steps = 0
@@ -138,61 +117,77 @@ class RunSummary:
         self.divergence: Divergence | None = None
         self.all_norms = NormHistogram()
         self.healthy_norms = NormHistogram()
-        self.history = NormHistory()
         self.offender_counts: Counter[str] = Counter()
         self.norm_spikes = SpikeScore()
         self.loss_spikes = SpikeScore()
         self.diagnosis: dict[str, Any] | None = None
+        self._pending: list[StepRecord] = []
 
-    def add_step(
-        self, step: int, total_norm: float, clipped: bool, skipped: bool, nonfinite: bool, exploded: bool
-    ) -> None:
-        self.steps += 1
-        self.clipped_steps += clipped
-        self.skipped_steps += skipped
-        self.nonfinite_steps += nonfinite
-        self.all_norms.add(total_norm)
-        if not exploded:
-            self.healthy_norms.add(total_norm)
-        self.history.add(step, total_norm)
-        self.norm_spikes.add(total_norm)
+    def add(self, message: Message) -> None:
+        """Take one message of the hand-over (messages that say nothing about the run's health are ignored)."""
+        if type(message) is StepRecord:
+            self._pending.append(message)
+            if len(self._pending) == CHUNK:
+                self._fold(self._pending)
+                self._pending = []
+        elif isinstance(message, ExplosionRaised):
+            event = message.event
+            self.explosions += 1
+            if self.first_explosion_step is None:
+                self.first_explosion_step = event.step
+            self.offender_counts.update(o.name for o in event.offenders)
+        elif isinstance(message, Diverged):
+            self.divergence = message.event
+        elif isinstance(message, Diagnosed):
+            self.diagnosis = dict(message.diagnosis)
 
-    def add_loss(self, loss: float | None) -> None:
-        self.loss_spikes.add(loss)
-
-    def add_amp_overflow(self) -> None:
-        """A step the AMP scaler skipped: counted, but no norm enters the statistics."""
-        self.steps += 1
-        self.amp_overflow_steps += 1
-
-    def add_explosion(self, event: Explosion) -> None:
-        self.explosions += 1
-        if self.first_explosion_step is None:
-            self.first_explosion_step = event.step
-        self.offender_counts.update(o.name for o in event.offenders)
+    def _fold(self, records: list[StepRecord]) -> None:
+        fields = StepRecord._fields
+        columns = dict(zip(fields, zip(*records, strict=True), strict=True))
+        overflow = np.array(columns["amp_overflow"], dtype=bool)
+        judged = ~overflow  # an AMP-overflow step is counted, and nothing of it enters the statistics
+        self.steps += len(records)
+        self.amp_overflow_steps += int(overflow.sum())
+        self.clipped_steps += int(np.array(columns["clipped"], dtype=bool)[judged].sum())
+        self.skipped_steps += int(np.array(columns["skipped"], dtype=bool)[judged].sum())
+        self.nonfinite_steps += int((np.array(columns["nonfinite"], dtype=np.int64)[judged] > 0).sum())
+        norms = np.array(columns["total_norm"], dtype=np.float64)[judged]
+        exploded = np.array(columns["explosion"], dtype=bool)[judged]
+        self.all_norms.add(norms)
+        self.healthy_norms.add(norms[~exploded])
+        self.norm_spikes.add(norms)
+        losses = [loss for loss, skip in zip(columns["loss"], overflow, strict=True) if loss is not None and not skip]
+        self.loss_spikes.add(np.array(losses, dtype=np.float64))
 
     def freeze(self, dropped_records: int = 0, top: int = 10) -> Summary:
-        norms = self.all_norms
+        """The summary so far; steps not yet folded are folded into a copy, so that the folds of this
+        summary stay where the other process makes them."""
+        folded = self
+        if self._pending:
+            folded = copy.deepcopy(self)
+            folded._fold(folded._pending)
+            folded._pending = []
+        norms = folded.all_norms
         return Summary(
-            steps=self.steps,
-            clipped_steps=self.clipped_steps,
-            skipped_steps=self.skipped_steps,
-            nonfinite_steps=self.nonfinite_steps,
-            explosions=self.explosions,
-            first_explosion_step=self.first_explosion_step,
-            diverged=self.divergence is not None,
-            diverged_step=self.divergence.step if self.divergence else None,
-            diverged_reason=self.divergence.reason if self.divergence else None,
+            steps=folded.steps,
+            clipped_steps=folded.clipped_steps,
+            skipped_steps=folded.skipped_steps,
+            nonfinite_steps=folded.nonfinite_steps,
+            explosions=folded.explosions,
+            first_explosion_step=folded.first_explosion_step,
+            diverged=folded.divergence is not None,
+            diverged_step=folded.divergence.step if folded.divergence else None,
+            diverged_reason=folded.divergence.reason if folded.divergence else None,
             norm_mean=norms.total / norms.count if norms.count else None,
             norm_median=norms.quantile(0.5),
             norm_p95=norms.quantile(0.95),
             norm_p99=norms.quantile(0.99),
             norm_max=norms.max if norms.count else None,
-            recommended_max_norm=self.healthy_norms.quantile(0.95),
-            top_offenders=tuple(self.offender_counts.most_common(top)),
+            recommended_max_norm=folded.healthy_norms.quantile(0.95),
+            top_offenders=tuple(folded.offender_counts.most_common(top)),
             dropped_records=dropped_records,
-            amp_overflow_steps=self.amp_overflow_steps,
-            spike_score=self.norm_spikes.score,
-            loss_spike_score=self.loss_spikes.score,
-            diagnosis=self.diagnosis,
+            amp_overflow_steps=folded.amp_overflow_steps,
+            spike_score=folded.norm_spikes.score,
+            loss_spike_score=folded.loss_spikes.score,
+            diagnosis=folded.diagnosis,
         )

@@ -21,35 +21,29 @@ from torch.utils.hooks import RemovableHandle
 from gradtrack._version import __version__
 from gradtrack.amp import AmpState, ScalerWatch, amp_state, check_scaler
 from gradtrack.clipping import ClipPolicy, make_clip_policy
-from gradtrack.detection import DivergenceDetector, ExplosionDetector, SpikeSkip
+from gradtrack.detection import DivergenceDetector, ExplosionDetector, Judge, SpikeSkip
 from gradtrack.distributed import topology
 from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, Summary
+from gradtrack.messages import RunEnded, RunStarted
 from gradtrack.outbox import Outbox
-from gradtrack.pipeline import DivergenceError, NonFiniteGradientError, OnDivergence, OnNonfinite, StepPipeline
+from gradtrack.params import ParameterSet, clean_name, registrations
+from gradtrack.pipeline import (
+    DivergenceError,
+    NonFiniteGradientError,
+    OnDivergence,
+    OnNonfinite,
+    Settings,
+    StepPipeline,
+)
 from gradtrack.plugins import BackendSpec, check_backend_spec, requested_names, resolve_backends
 from gradtrack.validate import count, mapping, optional_count, seconds
 
-__all__ = ["DivergenceError", "GradTracker", "NonFiniteGradientError"]
+__all__ = ["DivergenceError", "GradTracker", "NonFiniteGradientError", "clean_name"]
 
 _ON_NONFINITE = ("skip", "raise", "continue")
 _NORM_TYPES = (1.0, 2.0, math.inf)
-_LEADING_WRAPPERS = ("module.",)  # DDP's, only in front: "module" is also a common name of a layer
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")  # anywhere
 
 _tracked_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-def clean_name(name: str) -> str:
-    """Drop the prefixes DDP, ``torch.compile``, FSDP and activation checkpointing add."""
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _LEADING_WRAPPERS:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix) :], True
-    return name
 
 
 def _norm_type(value: float | str) -> float:
@@ -92,6 +86,7 @@ class GradTracker:
         layer_every: int | None = 10,
         top_k: int = 5,
         weight_norms: bool = True,
+        weight_every: int = 100,
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
         close_timeout: float = 10.0,
         max_pending: int = 1000,
@@ -100,8 +95,8 @@ class GradTracker:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
+        parameters = ParameterSet(model)
+        if not parameters.trainable():
             raise ValueError(f"model ({type(model).__name__}) has no trainable parameters to track")
         on_nonfinite = on_nonfinite or ("continue" if clip is None else "skip")
         if on_nonfinite not in _ON_NONFINITE:
@@ -116,38 +111,42 @@ class GradTracker:
         self.optimizer = optimizer
         self.scaler = check_scaler(scaler)
         self.close_timeout = seconds("close_timeout", close_timeout, allow_inf=True)
-        self._pipeline = StepPipeline(
-            names={id(p): name for name, p in named},
+        settings = Settings(
             norm_type=_norm_type(norm_type),
             clip_policy=make_clip_policy(clip, max_norm, clip_value),
-            on_nonfinite=on_nonfinite,
-            detector=ExplosionDetector(explosion_threshold, spike_factor),
-            divergence=DivergenceDetector(nonfinite_patience, loss_blowup, loss_patience),
             log_every=count("log_every", log_every),
             layer_every=optional_count("layer_every", layer_every),
             top_k=count("top_k", top_k),
-            on_spike=SpikeSkip() if on_spike == "skip" else None,
-            on_divergence=on_divergence,
             weight_norms=weight_norms,
+            weight_every=count("weight_every", weight_every),
+            on_divergence=on_divergence,
         )
+        judge = Judge(
+            explosions=ExplosionDetector(explosion_threshold, spike_factor),
+            divergence=DivergenceDetector(nonfinite_patience, loss_blowup, loss_patience),
+            on_nonfinite=on_nonfinite,
+            on_spike=SpikeSkip() if on_spike == "skip" else None,
+        )
+        self._parameters = parameters
+        self._pipeline = StepPipeline(parameters, settings, judge)
         self._backend_spec = check_backend_spec(backend)
         self._backend_options = {
             name: mapping(f"backend_options[{name!r}]", options)
             for name, options in mapping("backend_options", backend_options).items()
         }
         self._max_pending = count("max_pending", max_pending)
-        self._params = [p for _, p in named]
-        self._iteration = _Iteration(self._pipeline.names)
+        self._iteration = _Iteration(parameters)
         self._handle: RemovableHandle | None = None
         self._scaler_watch: ScalerWatch | None = None
         self._stepped_since_update = False
         self._active = False
+        self._watching = False
 
     # -- public state -----------------------------------------------------------------------------
 
     @property
     def norm_type(self) -> float:
-        return self._pipeline.norm_type
+        return self._pipeline.settings.norm_type
 
     @property
     def clip_policy(self) -> ClipPolicy | None:
@@ -155,15 +154,15 @@ class GradTracker:
 
     @property
     def on_nonfinite(self) -> OnNonfinite:
-        return self._pipeline.on_nonfinite
+        return self._pipeline.judge.on_nonfinite
 
     @property
     def diverged(self) -> bool:
-        return self._pipeline.divergence.verdict is not None
+        return self._pipeline.judge.divergence.verdict is not None
 
     @property
     def divergence_event(self) -> Divergence | None:
-        return self._pipeline.divergence.verdict
+        return self._pipeline.judge.divergence.verdict
 
     @property
     def explosions(self) -> tuple[Explosion, ...]:
@@ -180,21 +179,20 @@ class GradTracker:
     def config(self) -> dict[str, Any]:
         """The settings reported to backends at run start."""
         pipeline = self._pipeline
+        settings = pipeline.settings
         config: dict[str, Any] = {"gradtrack_version": __version__, "clip": "none"}
         if pipeline.clip_policy is not None:
             config.update(pipeline.clip_policy.config())
         config.update(
-            norm_type=pipeline.norm_type,
-            on_nonfinite=pipeline.on_nonfinite,
-            log_every=pipeline.log_every,
-            layer_every=pipeline.layer_every or 0,
-            top_k=pipeline.top_k,
+            norm_type=settings.norm_type,
+            on_nonfinite=pipeline.judge.on_nonfinite,
+            log_every=settings.log_every,
+            layer_every=settings.layer_every or 0,
+            top_k=settings.top_k,
+            weight_every=settings.weight_every if settings.weight_norms else 0,
         )
-        config.update(pipeline.detector.config())
-        config.update(pipeline.divergence.config())
-        config.update(on_spike="skip" if pipeline.on_spike else "none", on_divergence=pipeline.on_divergence)
-        if pipeline.on_spike is not None:
-            config.update(pipeline.on_spike.config())
+        config.update(pipeline.judge.config())
+        config.update(on_divergence=settings.on_divergence)
         config.update(strategy=pipeline.topology.strategy, world_size=pipeline.topology.world_size)
         return config
 
@@ -209,7 +207,11 @@ class GradTracker:
                 "exit that one first"
             )
         pipeline = self._pipeline
-        pipeline.topology = topology(self.model, self._params, list(pipeline.names.values()))
+        self._parameters.refresh()
+        trainable = self._parameters.trainable()
+        names = [name for name, _ in trainable]
+        pipeline.topology = topology(self.model, [p for _, p in trainable], names)
+        pipeline.start(names)
         if pipeline.topology.reports:
             pipeline.outbox = Outbox.open(
                 resolve_backends(self._backend_spec, self._backend_options),
@@ -218,6 +220,8 @@ class GradTracker:
             )
         try:
             _tracked_models.add(self.model)
+            registrations.watch()
+            self._watching = True
             if self.optimizer is None:
                 self._handle = register_optimizer_step_pre_hook(self._on_optimizer_step)
             else:
@@ -226,15 +230,14 @@ class GradTracker:
                 self._scaler_watch = ScalerWatch(self.scaler, self._on_scaler_update)
                 self._scaler_watch.install()
             self._active = True
-            pipeline.outbox.start(
-                RunStart(
-                    config=self.config(),
-                    layer_names=tuple(pipeline.names.values()),
-                    num_parameters=sum(p.numel() for p in self._params),
-                    model_class=type(self.model).__name__,
-                    timestamp=time.time(),
-                ),
+            start = RunStart(
+                config=self.config(),
+                layer_names=tuple(names),
+                num_parameters=sum(p.numel() for _, p in trainable),
+                model_class=type(self.model).__name__,
+                timestamp=time.time(),
             )
+            pipeline.emit(RunStarted(start=start))
         except BaseException:  # leave nothing behind: no hook, no reporter, the model free to track again
             self._release()
             pipeline.outbox.close(0.0)
@@ -250,7 +253,7 @@ class GradTracker:
             status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
         self._pipeline.finish_diagnosis()
         outbox = self._pipeline.outbox
-        outbox.end(RunEnd(status, self.summary(), time.time()))
+        outbox.send(RunEnded(end=RunEnd(status, self.summary(), time.time())))
         late = outbox.close(self.close_timeout)
         if late:
             warnings.warn(
@@ -269,6 +272,9 @@ class GradTracker:
         if self._scaler_watch is not None:
             self._scaler_watch.remove()
             self._scaler_watch = None
+        if self._watching:
+            registrations.unwatch()
+            self._watching = False
         _tracked_models.discard(self.model)
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -290,17 +296,19 @@ class GradTracker:
         """Do the per-step work by hand (loops without a torch.optim optimizer)."""
         if not self._active:
             raise RuntimeError("tracker.step() must be called inside `with GradTracker(...) as tracker:`")
-        self._measure(self._params, None, None)
+        self._parameters.refresh()
+        self._measure(self._parameters.params, None, None)
 
     # -- hooks ------------------------------------------------------------------------------------
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if not self._active:
             return None
-        params = self._iteration.params_of(optimizer)
+        self._parameters.refresh()
+        params = self._parameters.of(optimizer)
         if not params:
             return None
-        measured = self._params if self.optimizer is None else params
+        measured = self._parameters.params if self.optimizer is None else params
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
         if callable(closure):  # the gradients do not exist yet: measure them where the closure makes them
             return self._with_measuring_closure(closure, measured, optimizer, args, kwargs)
@@ -361,33 +369,28 @@ class _Iteration:
     or when the gradients of its parameters changed since gradtrack measured them (their first
     gradient is another tensor, or was written since: autograd and ``zero_grad`` bump its version).
     Otherwise it belongs to the iteration already measured, which measured and clipped every
-    parameter of the model. An optimizer seen for the first time joins the current iteration.
+    parameter of the model. An optimizer seen for the first time joins the current iteration if the
+    model's gradients are still those measured (a second optimizer over another part of the model), and
+    starts a new one if they changed (an optimizer made anew mid-run, say after a parameter was replaced).
     """
 
-    def __init__(self, tracked: Mapping[int, str]) -> None:
-        self._tracked = tracked
-        self._params: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, list[nn.Parameter]]] = (
-            weakref.WeakKeyDictionary()
-        )
+    def __init__(self, parameters: ParameterSet) -> None:
+        self._parameters = parameters
         self._marks: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int] | None] = (
             weakref.WeakKeyDictionary()
         )
         self._stepped: set[int] = set()
+        self._model_mark: tuple[int, int] | None = None
         self._open = False
-
-    def params_of(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
-        """The tracked model's parameters this optimizer updates; cached while its groups keep their size."""
-        count = sum(len(group["params"]) for group in optimizer.param_groups)
-        cached = self._params.get(optimizer)
-        if cached is None or cached[0] != count:
-            params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in self._tracked]
-            cached = self._params[optimizer] = (count, params)
-        return cached[1]
 
     def starts(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> bool:
         mark = _mark(params)
-        known = optimizer in self._marks
-        if not self._open or id(optimizer) in self._stepped or (known and self._marks[optimizer] != mark):
+        if not self._open or id(optimizer) in self._stepped:
+            return True
+        if optimizer in self._marks:
+            if self._marks[optimizer] != mark:
+                return True
+        elif _mark(self._parameters.params) != self._model_mark:
             return True
         self._stepped.add(id(optimizer))
         self._marks[optimizer] = mark
@@ -397,12 +400,16 @@ class _Iteration:
         """After a measurement (clipping rewrote the gradients): the marks of every known optimizer move."""
         self._open = True
         self._stepped = {id(optimizer)} if optimizer is not None else set()
-        for known, (_, params) in self._params.items():
-            self._marks[known] = _mark(params)
+        if optimizer is not None:
+            self._marks.setdefault(optimizer, None)
+        for known in list(self._marks):
+            self._marks[known] = _mark(self._parameters.of(known))
+        self._model_mark = _mark(self._parameters.params)
 
 
 def _mark(params: Sequence[nn.Parameter]) -> tuple[int, int] | None:
+    """The identity and version of the first trainable gradient: both move when the gradients change."""
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and p.requires_grad:
             return id(p.grad), p.grad._version
     return None

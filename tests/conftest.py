@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gradtrack import hookimpl
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepStats
 
 
 def missing_system_dependency(reason: str) -> NoReturn:
@@ -43,6 +43,10 @@ class RecordingBackend:
     @hookimpl
     def gradtrack_step(self, stats: StepStats) -> None:
         self._record("step", stats)
+
+    @hookimpl
+    def gradtrack_layers_added(self, layers: LayersAdded) -> None:
+        self._record("layers_added", layers)
 
     @hookimpl
     def gradtrack_explosion(self, event: Explosion) -> None:

@@ -28,8 +28,9 @@ def main(uri: str, experiment: str, run_name: str, steps: int, out: str) -> None
     backend = None if uri == "none" else "mlflow"
     times = []
     cpu = []
+    # Per-layer norms and the weights' norms every step: the heaviest load a trainer can put on the server.
     with GradTracker(model, backend=backend, backend_options=options if backend else None, layer_every=1,
-                     close_timeout=180.0) as tracker:  # fmt: skip
+                     weight_every=1, close_timeout=180.0) as tracker:  # fmt: skip
         for _ in range(steps):
             began, began_cpu = time.perf_counter(), time.process_time()
             optimizer.zero_grad()

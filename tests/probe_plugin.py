@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from gradtrack import hookimpl
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats
+from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepStats
 
 
 class Probe:
@@ -46,6 +46,10 @@ class Probe:
             time.sleep(self.delay_s)
         self._write("step", step=stats.step, total_norm=stats.total_norm, loss=stats.loss,
                     layer_norms=stats.layer_norms, layer_p95=stats.layer_p95, amp_overflow=stats.amp_overflow)
+
+    @hookimpl
+    def gradtrack_layers_added(self, layers: LayersAdded) -> None:
+        self._write("layers_added", step=layers.step, names=list(layers.names))
 
     @hookimpl
     def gradtrack_explosion(self, event: Explosion) -> None:

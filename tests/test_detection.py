@@ -46,24 +46,24 @@ def test_offenders_lists_every_nonfinite_layer_then_the_top_k() -> None:
 
 def test_nonfinite_loss_diverges_at_once() -> None:
     detector = DivergenceDetector()
-    assert detector.update(0, 0, 1.0, 0.0) is None
-    verdict = detector.update(1, 0, math.inf, 0.0)
+    assert detector.update(step=0, nonfinite=0, loss=1.0, timestamp=0.0) is None
+    verdict = detector.update(step=1, nonfinite=0, loss=math.inf, timestamp=0.0)
     assert verdict is not None and verdict.step == 1 and verdict.reason == "loss is inf"
-    assert detector.update(2, 0, math.nan, 0.0) is None  # raised once
+    assert detector.update(step=2, nonfinite=0, loss=math.nan, timestamp=0.0) is None  # raised once
 
 
 def test_nonfinite_gradients_must_persist() -> None:
     detector = DivergenceDetector(nonfinite_patience=3)
     for step, bad in enumerate([1, 1, 0, 1, 1]):
-        assert detector.update(step, bad, None, 0.0) is None
-    assert detector.update(5, 2, None, 0.0) is not None
+        assert detector.update(step=step, nonfinite=bad, loss=None, timestamp=0.0) is None
+    assert detector.update(step=5, nonfinite=2, loss=None, timestamp=0.0) is not None
 
 
 def test_loss_blowup_must_be_sustained_and_far_above_the_start() -> None:
     detector = DivergenceDetector(loss_blowup=10.0, loss_patience=3, loss_smoothing=1.0)
     losses = [2.0, 1.0, 0.5, 0.1, 15.0, 0.1, 30.0, 30.0]
-    assert all(detector.update(i, 0, loss, 0.0) is None for i, loss in enumerate(losses))
-    assert detector.update(8, 0, 30.0, 0.0) is not None
+    assert all(detector.update(step=i, loss=loss, timestamp=0.0) is None for i, loss in enumerate(losses))
+    assert detector.update(step=8, nonfinite=0, loss=30.0, timestamp=0.0) is not None
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -72,7 +72,7 @@ def test_noisy_but_stable_losses_never_diverge(seed: int) -> None:
     detector = DivergenceDetector()
     base = np.concatenate([np.linspace(3.0, 1e-4, 500), np.full(2000, 1e-4)])
     noisy = base * rng.lognormal(0.0, 1.0, base.size)  # factor-of-e noise around the trend
-    assert all(detector.update(i, 0, float(v), 0.0) is None for i, v in enumerate(noisy))
+    assert all(detector.update(step=i, loss=float(v), timestamp=0.0) is None for i, v in enumerate(noisy))
 
 
 def test_a_smooth_geometric_blowup_is_a_growth_explosion_once_per_episode() -> None:
@@ -103,23 +103,23 @@ def test_noisy_stable_norms_never_count_as_growth() -> None:
 def test_nonfinite_gradients_right_after_explosions_diverge_at_once() -> None:
     detector = DivergenceDetector(nonfinite_patience=3)
     for step, exploded in enumerate([False] * 10 + [True, True]):
-        assert detector.update(step, 0, None, 0.0, exploded=exploded, total_norm=1.0, baseline=1.0) is None
-    verdict = detector.update(12, 4, None, 0.0, exploded=True, baseline=1.0)
+        assert detector.update(step=step, timestamp=0.0, exploded=exploded, total_norm=1.0, baseline=1.0) is None
+    verdict = detector.update(step=12, nonfinite=4, loss=None, timestamp=0.0, exploded=True, baseline=1.0)
     assert verdict is not None and "after explosions" in verdict.reason
     isolated = DivergenceDetector(nonfinite_patience=3)  # a single bad batch in a healthy run: patience
     for step in range(10):
-        isolated.update(step, 0, None, 0.0, total_norm=1.0, baseline=1.0)
-    assert isolated.update(10, 2, None, 0.0, exploded=True, baseline=1.0) is None
+        isolated.update(step=step, timestamp=0.0, total_norm=1.0, baseline=1.0)
+    assert isolated.update(step=10, nonfinite=2, loss=None, timestamp=0.0, exploded=True, baseline=1.0) is None
 
 
 def test_divergence_from_gradients_alone_needs_dense_explosions_far_above_the_baseline() -> None:
     blowing_up = DivergenceDetector()
-    verdicts = [blowing_up.update(step, 0, None, 0.0, exploded=step >= 5, total_norm=10.0 ** max(0, step - 4),
+    verdicts = [blowing_up.update(step=step, timestamp=0.0, exploded=step >= 5, total_norm=10.0 ** max(0, step - 4),
                                   baseline=1.0) for step in range(20)]  # fmt: skip
     first = next(v for v in verdicts if v is not None)
     assert "explosions on" in first.reason and first.step <= 15
     clipped_but_training = DivergenceDetector()  # a third of the steps spike 100x, the rest stay healthy
     for step in range(300):
         spike = step % 3 == 0
-        assert clipped_but_training.update(step, 0, None, 0.0, exploded=spike, total_norm=100.0 if spike else 1.0,
-                                           baseline=1.0) is None  # fmt: skip
+        assert clipped_but_training.update(step=step, timestamp=0.0, exploded=spike,
+                                           total_norm=100.0 if spike else 1.0, baseline=1.0) is None  # fmt: skip

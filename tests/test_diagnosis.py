@@ -45,10 +45,15 @@ def test_explosions_name_where_they_start_and_the_summary_diagnoses_the_recurren
 
 def test_layer_history_and_depth_growth_on_hand_made_norms() -> None:
     history = LayerHistory(smoothing=0.5)
-    assert history.jumps(1, np.array([1.0, 1.0, 1.0])) is None  # the first step only starts the history
+    assert history.jumps(1, np.array([1.0, 1.0, 1.0])) is None  # no history yet
+    history.update(1, np.array([1.0, 1.0, 1.0]))
     jumps = history.jumps(1, np.array([1.0, 8.0, 2.0]))
     assert jumps is not None and int(np.argmax(jumps)) == 1 and math.exp(jumps[1]) == pytest.approx(8.0)
     assert np.isinf(history.jumps(1, np.array([1.0, math.nan, 1.0]))[1])  # non-finite: the largest jump
+    assert np.isneginf(history.jumps(1, np.array([1.0, 0.0, 1.0]))[1])  # a zero gradient did not jump
+    assert history.jumps(2, np.array([1.0, 8.0, 2.0])) is None  # another layout: no history of it
+    history.update(1, np.array([4.0, 4.0, 4.0]))  # the EMA moves half way (in log space)
+    assert math.exp(history.jumps(1, np.array([2.0, 2.0, 2.0]))[0]) == pytest.approx(1.0)
     norms = np.array([8.0, 4.0, 2.0, 1.0])  # halving at each layer towards the output
     assert depth_growth(norms, [0, 1, 2, 3]) == pytest.approx(2.0)
 
@@ -105,11 +110,24 @@ def test_diverging_without_the_loss_is_seen_from_the_gradients() -> None:
     assert tracker.diverged
 
 
-def test_weight_norms_come_at_the_per_layer_cadence_and_the_spike_score_in_the_summary(
+def test_weight_norms_come_at_their_cadence_and_more_often_in_trouble(recorder: RecordingBackend) -> None:
+    model = mlp()
+    with GradTracker(model, backend=recorder, layer_every=5) as tracker:  # default weight_every=100
+        for step, (x, y) in enumerate(regression_batches(60)):
+            model.zero_grad()
+            (nn.functional.mse_loss(model(x).squeeze(-1), y) * (1e4 if step == 30 else 1.0)).backward()
+            tracker.step()
+    measured = [s.step for s in recorder.of("step") if s.param_norm is not None]
+    assert measured == [0, 40]  # the run's start, then every 10 steps while an explosion is recent (step 30)
+    by_name = [s.step for s in recorder.of("step") if s.weight_norms is not None]
+    assert by_name == [0, 40]  # by name: those that are per-layer steps too
+
+
+def test_weight_norms_by_name_at_the_per_layer_cadence_and_the_spike_score_in_the_summary(
     recorder: RecordingBackend,
 ) -> None:
     model = mlp()
-    with GradTracker(model, backend=recorder, layer_every=5) as tracker:
+    with GradTracker(model, backend=recorder, layer_every=5, weight_every=5) as tracker:
         for step, (x, y) in enumerate(regression_batches(60)):
             model.zero_grad()
             scale = 1e4 if step == 50 else 1.0

@@ -12,6 +12,7 @@ from conftest import RecordingBackend, mlp
 from gradtrack import GradTracker, hookimpl
 from gradtrack.dispatch import Dispatcher
 from gradtrack.events import StepStats
+from gradtrack.messages import StepRecord
 
 
 class Gate(RecordingBackend):
@@ -54,7 +55,7 @@ def test_a_stuck_backend_neither_blocks_training_nor_its_sibling(recorder: Recor
 def test_close_returns_within_its_timeout_when_a_backend_hangs() -> None:
     gate = Gate()
     dispatcher = Dispatcher([("gate", gate)])
-    dispatcher.emit("gradtrack_step", stats=None)
+    dispatcher.send([StepRecord(step=0, timestamp=0.0, total_norm=1.0)])
     started = time.monotonic()
     assert dispatcher.close(timeout=0.3) == ["gate"]
     assert time.monotonic() - started < 5

@@ -273,3 +273,38 @@ def test_importing_gradtrack_imports_no_framework() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class Finetuned(Regression):
+    """A backbone that Lightning's ``BackboneFinetuning`` freezes at setup and unfreezes at epoch 1."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.01)
+        self.backbone = self.net[:2]
+        self.head = self.net[2:]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def test_backbone_finetuning_unfreezes_layers_that_gradtrack_measures_and_clips(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    probe, recorder = Probe(), RecordingBackend()
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path, accumulate_grad_batches=ACCUMULATE,
+        callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0, verbose=False),
+                   probe, GradTrackerCallback(backend=recorder, max_norm=1.0, layer_every=1)],
+    )  # fmt: skip
+    trainer.fit(Finetuned(), loader())
+    steps = recorder.of("step")
+    per_epoch = len(steps) // 2
+    assert len(steps) == 8 and [s.total_norm for s in steps] == pytest.approx(probe.before, rel=1e-6)
+    assert all(norm <= 1.0 + 1e-5 for norm in probe.stepped)  # clipped, the unfrozen backbone included
+    backbone = {"net.0.weight", "net.0.bias"}
+    assert all(not backbone & set(s.layer_norms or {}) for s in steps[:per_epoch])  # frozen: no gradient
+    assert all(backbone <= set(s.layer_norms or {}) for s in steps[per_epoch:])
+    assert set(recorder.of("run_start")[0].layer_names) == {"net.2.weight", "net.2.bias"}
+    (added,) = recorder.of("layers_added")
+    assert set(added.names) == backbone and added.step == per_epoch

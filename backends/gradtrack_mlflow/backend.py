@@ -22,11 +22,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, final
 
+import numpy as np
+
 from gradtrack import hookimpl
 from gradtrack._version import __version__
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats, Summary
+from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepBatch, Summary
 from gradtrack.history import RunHistory
-from gradtrack.naming import sanitize_names
+from gradtrack.naming import extend_names, sanitize_names
 from gradtrack.notes import divergence_note, summary_note
 from gradtrack.secrets import strip_userinfo
 from gradtrack.validate import mapping, seconds, text
@@ -182,28 +184,41 @@ class MLflowBackend:
         self._write("events.jsonl", "")
 
     @hookimpl
-    def gradtrack_step(self, stats: StepStats) -> None:
-        if not stats.amp_overflow:
-            self._history.add_step(stats.step, stats.total_norm, stats.layer_norms)
-        timestamp = int(stats.timestamp * 1000)
-        values = stats.metrics()
-        loss = values.pop("loss", None)
-        if loss is not None and self.loss_key is not None:
-            values[self.loss_key] = loss
-        metrics = [[k, encode_value(v), timestamp, stats.step] for k, v in values.items()]
-        if stats.layer_norms:
-            keys = self._layer_keys
-            if not set(stats.layer_norms) <= keys.keys():
-                keys = self._layer_keys = sanitize_names([*keys, *stats.layer_norms], prefix="grad_norm/")
-            metrics.extend([keys[n], encode_value(v), timestamp, stats.step] for n, v in stats.layer_norms.items())
-        if stats.weight_norms:  # the same keys under weight_norm/: grad_norm/ is 10 characters, weight_norm/ 12
-            for name, value in stats.weight_norms.items():
-                key = "weight_norm/" + self._layer_keys[name].removeprefix("grad_norm/")
-                metrics.append([key[:250], encode_value(value), timestamp, stats.step])
+    def gradtrack_layers_added(self, layers: LayersAdded) -> None:
+        self._layer_keys = extend_names(self._layer_keys, layers.names, prefix="grad_norm/")
+
+    @hookimpl
+    def gradtrack_steps(self, batch: StepBatch) -> None:
+        """Every step of the batch as metric rows, column by column, in one fragment for the sender."""
+        steps, timestamps = batch.step, (batch.timestamp * 1000).astype(np.int64)
+        measured = ~batch.amp_overflow
+        self._history.add_steps(steps[measured], batch.total_norm[measured])
+        metrics: list[list[Any]] = []
+        for key, rows, values in batch.metric_columns():
+            if key == "loss":
+                if self.loss_key is None:
+                    continue
+                key = self.loss_key
+            metrics += _rows(key, values, timestamps[rows], steps[rows])
+        for layer in batch.layers:
+            step, timestamp = int(steps[layer.row]), int(timestamps[layer.row])
+            self._history.add_layer_values(step, layer.norms)
+            keys = self._keys_for(layer.norms)
+            metrics.extend([keys[n], encode_value(v), timestamp, step] for n, v in layer.norms.items())
+            if layer.weights:  # the same keys under weight_norm/: grad_norm/ is 10 characters, weight_norm/ 12
+                for name, value in layer.weights.items():
+                    key = "weight_norm/" + keys[name].removeprefix("grad_norm/")
+                    metrics.append([key[:250], encode_value(value), timestamp, step])
         fragment: dict[str, Any] = {"op": "fragment", "metrics": metrics}
         if self._explosion_tag_due and time.monotonic() - self._tags_sent_at >= self.tag_interval_s:
             fragment["tags"] = self._explosion_tags()
         self._send(fragment)
+
+    def _keys_for(self, norms: Mapping[str, float]) -> dict[str, str]:
+        """The metric keys of these layers (a name never announced gets one now, the others keep theirs)."""
+        if not norms.keys() <= self._layer_keys.keys():
+            self._layer_keys = extend_names(self._layer_keys, norms, prefix="grad_norm/")
+        return self._layer_keys
 
     @hookimpl
     def gradtrack_explosion(self, event: Explosion) -> None:
@@ -330,6 +345,15 @@ class MLflowBackend:
         self._tags_sent_at = time.monotonic()
         self._explosion_tag_due = False
         return {"gradtrack.explosions": str(self._explosions)}
+
+
+def _rows(key: str, values: np.ndarray, timestamps: np.ndarray, steps: np.ndarray) -> list[list[Any]]:
+    """``[key, value, timestamp, step]`` metric rows of one column; NaN and inf spelt for JSON."""
+    if np.isfinite(values).all():
+        return [[key, value, timestamp, step] for value, timestamp, step in
+                zip(values.tolist(), timestamps.tolist(), steps.tolist(), strict=True)]  # fmt: skip
+    return [[key, encode_value(value), timestamp, step] for value, timestamp, step in
+            zip(values.tolist(), timestamps.tolist(), steps.tolist(), strict=True)]  # fmt: skip
 
 
 def _training_context() -> dict[str, str]:

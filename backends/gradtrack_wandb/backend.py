@@ -24,10 +24,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, final
 
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepStats, format_norm
+from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepBatch, format_norm
 from gradtrack.history import RunHistory
 from gradtrack.hookspecs import hookimpl
-from gradtrack.naming import sanitize_names
+from gradtrack.naming import extend_names, sanitize_names
 from gradtrack.notes import divergence_note, merge_note, summary_note
 from gradtrack.validate import count, mapping, seconds, text, texts
 
@@ -210,21 +210,32 @@ class WandbBackend:
     # -- per step ---------------------------------------------------------------------------------
 
     @hookimpl
-    def gradtrack_step(self, stats: StepStats) -> None:
+    def gradtrack_layers_added(self, layers: LayersAdded) -> None:
+        self._keys = _wandb_keys(layers.names, self._keys)
+
+    @hookimpl
+    def gradtrack_steps(self, batch: StepBatch) -> None:
+        """One history row per step (W&B logs rows one by one), built column by column."""
         run = self._run
         if run is None:
             return
-        if not stats.amp_overflow:
-            self._history.add_step(stats.step, stats.total_norm, stats.layer_norms)
-        row: dict[str, Any] = stats.metrics()
-        loss = row.pop("loss", None)
-        if loss is not None and self.loss_key:
-            row[self.loss_key] = loss
-        row[STEP_KEY] = stats.step
-        if stats.layer_norms is not None:
-            row.update(self._layer_rows(stats.layer_norms, stats.weight_norms or {}))
-        self._last_norm = stats.total_norm
-        run.log(row)
+        measured = ~batch.amp_overflow
+        self._history.add_steps(batch.step[measured], batch.total_norm[measured])
+        rows: list[dict[str, Any]] = [{STEP_KEY: step} for step in batch.step.tolist()]
+        for key, indices, values in batch.metric_columns():
+            if key == "loss":
+                if not self.loss_key:
+                    continue
+                key = self.loss_key
+            for index, value in zip(indices.tolist(), values.tolist(), strict=True):
+                rows[index][key] = value
+        for layer in batch.layers:
+            self._history.add_layer_values(int(batch.step[layer.row]), layer.norms)
+            rows[layer.row].update(self._layer_rows(layer.norms, layer.weights or {}))
+        if measured.any():
+            self._last_norm = float(batch.total_norm[measured][-1])
+        for row in rows:
+            run.log(row)
 
     def _layer_rows(self, layer_norms: Mapping[str, float], weight_norms: Mapping[str, float]) -> dict[str, Any]:
         """The histogram, the per-layer scalars and those layers' weight norms, at one per-layer step."""
@@ -251,8 +262,8 @@ class WandbBackend:
 
     def _key(self, name: str) -> str:
         key = self._keys.get(name)
-        if key is None:  # a layer first seen after run start (added parameters): name it now, stably
-            self._keys = _wandb_keys([*self._keys, name])
+        if key is None:  # a layer never announced: name it now, the others keep their keys
+            self._keys = _wandb_keys([name], self._keys)
             key = self._keys[name]
         return key
 
@@ -350,6 +361,9 @@ def _merged(tags: Sequence[str] | None, *extra: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*(tags or ()), *extra]))
 
 
-def _wandb_keys(names: Sequence[str]) -> dict[str, str]:
-    """``grad_norm/<name>`` keys, distinct even under W&B's case-insensitive metric names."""
-    return sanitize_names(names, prefix="grad_norm/", invalid=WANDB_INVALID, max_length=_MAX_KEY, fold_case=True)
+def _wandb_keys(names: Sequence[str], keys: dict[str, str] | None = None) -> dict[str, str]:
+    """``grad_norm/<name>`` keys, distinct even under W&B's case-insensitive metric names; with ``keys``,
+    those keys kept and keys added for ``names``."""
+    options: dict[str, Any] = {"prefix": "grad_norm/", "invalid": WANDB_INVALID, "max_length": _MAX_KEY,
+                               "fold_case": True}  # fmt: skip
+    return sanitize_names(names, **options) if keys is None else extend_names(keys, names, **options)

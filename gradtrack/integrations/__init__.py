@@ -171,8 +171,11 @@ class HandDriven:
         tracker = self.tracker
         if amp is None and params is None:
             tracker.step()
+        elif params is not None:
+            tracker._measure(params, None, amp)
         else:
-            tracker._measure(params if params is not None else tracker._params, None, amp)
+            tracker._parameters.refresh()
+            tracker._measure(tracker._parameters.params, None, amp)
 
     def close(self, exc: BaseException | None = None) -> None:
         """Leave the tracker as its ``with`` block would: ``failed`` (``killed`` for a KeyboardInterrupt) on ``exc``."""
