@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _models import detect_exploding_gradients
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing.seed import detect_exploding_gradients
 
 __all__ = ["CONFIGS", "Config", "backend_problem", "mlflow_server"]
 

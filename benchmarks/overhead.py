@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 from _configs import CONFIGS, Config, Tracked, TrackedMlflowHttp, backend_problem, mlflow_server
-from _models import MODELS, detect_exploding_gradients, tensor_list
+from _models import MODELS, tensor_list
 from _timing import Clock, Samples, count_syncs, interleave, table
 
 from gradtrack import GradTracker
+from gradtrack_testing.seed import detect_exploding_gradients
 
 LABELS = {
     "bare": "1", "clip": "2", "seed": "3", "watch": "4", "gradtrack": "5", "gradtrack-l10": "5b",
