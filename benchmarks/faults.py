@@ -39,6 +39,7 @@ from _models import fast_mlp, timed_steps  # noqa: E402
 from mlflow_support import MlflowServer  # noqa: E402
 
 from gradtrack import GradTracker  # noqa: E402
+from gradtrack_testing import probe_plugin  # noqa: E402
 
 Fault = Callable[[int], None]
 
@@ -125,12 +126,6 @@ def main() -> None:
     (workdir / "server").mkdir()
     server.start()
     proxy = ProxyProcess(server.uri)
-    probe_dir = workdir / "plugins"
-    dist_info = probe_dir / "gradtrack_probe-1.0.dist-info"  # tests/probe_plugin.py, installed as a plugin
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: gradtrack-probe\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[gradtrack]\nprobe = probe_plugin\n")
-    sys.path.insert(0, str(probe_dir))
 
     def during(start: Callable[[], None], stop: Callable[[], None]) -> Fault:
         def fault(step: int) -> None:
@@ -160,22 +155,23 @@ def main() -> None:
     }
     baseline = [train(steps, None, None, None)]
     rows = []
-    for name, (uri, fault, extra) in cases.items():
-        proxy.mode = "pass"
-        experiment = f"faults-{uuid.uuid4().hex[:8]}"
-        spool_dir = workdir / f"spool-{experiment}"
-        mlflow = {"tracking_uri": uri, "experiment_name": experiment, "spool_dir": str(spool_dir)}
-        options: dict[str, Any] = {"mlflow": {**mlflow, "request_timeout": 1.0, **extra}}
-        backend: Any = "mlflow"
-        if name.startswith("a plugin"):
-            backend = ["mlflow", "probe"]
-            options["probe"] = {"path": str(workdir / "probe.jsonl"), "fail_in": "*"}
-        result = train(steps, backend, options, fault)
-        baseline.append(train(steps, None, None, None))  # interleaved: the machine drifts
-        proxy.mode = "pass"
-        time.sleep(1.0)
-        on_server, runs, replayed = delivered(server.uri, experiment, Path(options["mlflow"]["spool_dir"]))
-        rows.append((name, result, on_server, runs, replayed))
+    with probe_plugin.installed(workdir / "plugins"):  # the last case's failing plugin, found as users' are
+        for name, (uri, fault, extra) in cases.items():
+            proxy.mode = "pass"
+            experiment = f"faults-{uuid.uuid4().hex[:8]}"
+            spool_dir = workdir / f"spool-{experiment}"
+            mlflow = {"tracking_uri": uri, "experiment_name": experiment, "spool_dir": str(spool_dir)}
+            options: dict[str, Any] = {"mlflow": {**mlflow, "request_timeout": 1.0, **extra}}
+            backend: Any = "mlflow"
+            if name.startswith("a plugin"):
+                backend = ["mlflow", "probe"]
+                options["probe"] = {"path": str(workdir / "probe.jsonl"), "fail_in": "*"}
+            result = train(steps, backend, options, fault)
+            baseline.append(train(steps, None, None, None))  # interleaved: the machine drifts
+            proxy.mode = "pass"
+            time.sleep(1.0)
+            on_server, runs, replayed = delivered(server.uri, experiment, Path(options["mlflow"]["spool_dir"]))
+            rows.append((name, result, on_server, runs, replayed))
     proxy.close()
     server.stop()
     shutil.rmtree(workdir, ignore_errors=True)

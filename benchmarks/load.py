@@ -35,7 +35,8 @@ TESTS = HERE.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
 from mlflow_support import FaultProxy, MlflowServer  # noqa: E402
-from postgres_support import Postgres  # noqa: E402
+
+from gradtrack_testing.postgres import Postgres  # noqa: E402
 
 TRAINERS = 8
 

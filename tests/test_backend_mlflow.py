@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import mlp, regression_batches
 from mlflow_support import MlflowServer, SilentServer
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing.models import mlp, regression_batches
 
 mlflow = pytest.importorskip("mlflow")
 from gradtrack_mlflow.backend import MLflowBackend, SpoolLeftWarning  # noqa: E402

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
 from torch import nn
 
 from gradtrack import GradTracker
 from gradtrack.secrets import redact, strip_userinfo
+from gradtrack_testing.models import mlp
 
 SECRETS = {
     "MLFLOW_TRACKING_TOKEN": "tok-5e5a7e1b9c2d",
