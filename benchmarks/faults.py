@@ -31,15 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _models import fast_mlp, timed_steps
+
+from gradtrack import GradTracker
+from gradtrack_testing import probe_plugin
+from gradtrack_testing.mlflow_server import MlflowServer
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from _models import fast_mlp, timed_steps  # noqa: E402
-from mlflow_support import MlflowServer  # noqa: E402
-
-from gradtrack import GradTracker  # noqa: E402
-from gradtrack_testing import probe_plugin  # noqa: E402
 
 Fault = Callable[[int], None]
 
@@ -123,7 +121,6 @@ def main() -> None:
     torch.set_num_threads(1)
     workdir = Path(tempfile.mkdtemp(prefix="gradtrack-faults-"))
     server = MlflowServer(workdir / "server")
-    (workdir / "server").mkdir()
     server.start()
     proxy = ProxyProcess(server.uri)
 

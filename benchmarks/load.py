@@ -34,8 +34,9 @@ HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-from mlflow_support import FaultProxy, MlflowServer  # noqa: E402
+from mlflow_support import FaultProxy  # noqa: E402
 
+from gradtrack_testing.mlflow_server import MlflowServer  # noqa: E402
 from gradtrack_testing.postgres import Postgres  # noqa: E402
 
 TRAINERS = 8
@@ -77,7 +78,6 @@ def main() -> None:
         raise SystemExit(f"cannot run: {reason}")
     database.start()
     server = MlflowServer(workdir / "server", store=database.uri)
-    (workdir / "server").mkdir()
     server.start(timeout=180)
     assert server.process is not None
     nice_everything(("postgres",), [server.process.pid])

@@ -70,10 +70,12 @@ from typing import Any
 
 import psutil
 import torch
-from _configs import Tracked, backend_problem, mlflow_server
+from _configs import Tracked, backend_problem
 from _models import MODELS
 from _timing import Clock, Samples, interleave, table
 from overhead import machine
+
+from gradtrack_testing.mlflow_server import MlflowServer
 
 EXPERIMENT = "gradtrack-slow-server"
 LABELS = {"none": "a", "direct": "b", "slow": "c", "silent": "d"}
@@ -734,9 +736,6 @@ def create_experiment(server: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # The server's job runner (8 helper processes importing MLflow) serves no tracking request and
-    # costs a 2-core machine most of its CPU for ~20 s after start: leave it off.
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
     problem = backend_problem("mlflow-http")
@@ -755,8 +754,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="gradtrack-slow-") as tmp:
         workdir = Path(tmp)
-        with mlflow_server(workdir) as server:
-            port = int(server.rsplit(":", 1)[1])
+        with MlflowServer(workdir / "mlflow-server") as running:  # its job runner off (see MlflowServer)
+            server, port = running.uri, running.port
             quiet_s = wait_quiet(server)
             create_experiment(server)
             with Loopback(port, args.delay_ms / 1e3) as loopback:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from gradtrack_testing import probe_plugin
+from gradtrack_testing.mlflow_server import MlflowServer
 from gradtrack_testing.recording import RecordingBackend
 
 
@@ -57,9 +58,5 @@ def probe(tmp_path: Any) -> Any:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One real ``mlflow server`` on loopback for the whole session (it takes seconds to start)."""
     pytest.importorskip("mlflow")
-    from mlflow_support import MlflowServer
-
-    running = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    running.start()
-    yield running
-    running.stop()
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as running:
+        yield running

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from mlflow_support import MlflowServer, SilentServer
+from mlflow_support import SilentServer
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing.mlflow_server import MlflowServer
 from gradtrack_testing.models import mlp, regression_batches
 
 mlflow = pytest.importorskip("mlflow")

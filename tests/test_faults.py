@@ -26,12 +26,13 @@ import torch
 from gradtrack import GradTracker
 from gradtrack_testing import probe_plugin
 from gradtrack_testing.fault_training import EXPLODES_AT, FAULT, STEPS, mlflow_options, train
+from gradtrack_testing.mlflow_server import MlflowServer
 from gradtrack_testing.models import mlp
 
 mlflow = pytest.importorskip("mlflow")
 from gradtrack_mlflow.backend import SpoolLeftWarning  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow_support import FaultProxy, MlflowServer  # noqa: E402
+from mlflow_support import FaultProxy  # noqa: E402
 
 
 @pytest.fixture

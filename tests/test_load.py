@@ -16,8 +16,8 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow_support import MlflowServer  # noqa: E402
 
+from gradtrack_testing.mlflow_server import MlflowServer  # noqa: E402
 from gradtrack_testing.postgres import Postgres  # noqa: E402
 from gradtrack_testing.skips import missing_system_dependency  # noqa: E402
 

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mlflow_support import FaultProxy, MlflowServer, free_port
+from mlflow_support import FaultProxy
+
+from gradtrack_testing.mlflow_server import MlflowServer
+from gradtrack_testing.ports import free_port
 
 pytest.importorskip("mlflow")
 from gradtrack_mlflow import watch

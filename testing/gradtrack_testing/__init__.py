@@ -3,6 +3,7 @@
 A distribution of its own (``testing/pyproject.toml``, installed by ``make``), never shipped in
 gradtrack's wheel. Import from the module that holds a helper:
 
+* ``mlflow_server``: ``MlflowServer``, a real ``mlflow server`` on 127.0.0.1 (sqlite or a given store);
 * ``seed``: the seed's reference functions, as the seed wrote them;
 * ``models``: the tests' tiny models, batches and training loop;
 * ``recording``: ``RecordingBackend``, a plugin that keeps every hook call;
