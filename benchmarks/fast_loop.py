@@ -40,10 +40,8 @@ from gradtrack.events import RunStart
 from gradtrack.outbox import Outbox
 from gradtrack.records import StepRecord
 from gradtrack.reporter import Reporter
+from gradtrack_testing.fault_server import FaultServer
 from gradtrack_testing.mlflow_server import MlflowServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from mlflow_support import SilentServer
 
 
 def run(backend: Any, options: dict[str, Any] | None, steps: int, warmup: int) -> dict[str, float]:
@@ -67,7 +65,7 @@ def run(backend: Any, options: dict[str, Any] | None, steps: int, warmup: int) -
 
 @contextlib.contextmanager
 def configurations(workdir: Path, quick: bool) -> Iterator[dict[str, tuple[Any, dict[str, Any] | None]]]:
-    silent = SilentServer()
+    silent = FaultServer()  # no upstream: accepts, never answers
     spool = str(workdir / "spool")
     with contextlib.ExitStack() as stack:
         configs: dict[str, tuple[Any, dict[str, Any] | None]] = {

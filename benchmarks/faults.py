@@ -35,18 +35,14 @@ from _models import fast_mlp, timed_steps
 
 from gradtrack import GradTracker
 from gradtrack_testing import probe_plugin
+from gradtrack_testing.fault_server import FaultServer
 from gradtrack_testing.mlflow_server import MlflowServer
-
-HERE = Path(__file__).resolve().parent
 
 Fault = Callable[[int], None]
 
 
-def _serve_proxy(upstream: str, control: Any, tests_dir: str) -> None:
-    sys.path.insert(0, tests_dir)
-    from mlflow_support import FaultProxy
-
-    proxy = FaultProxy(upstream)
+def _serve_proxy(upstream: str, control: Any) -> None:
+    proxy = FaultServer(upstream)
     control.send(proxy.uri)
     while (mode := control.recv()) is not None:
         proxy.mode = mode
@@ -55,13 +51,12 @@ def _serve_proxy(upstream: str, control: Any, tests_dir: str) -> None:
 
 
 class ProxyProcess:
-    """``FaultProxy`` in a process of its own; setting ``mode`` returns once the proxy has switched."""
+    """``FaultServer`` in a process of its own; setting ``mode`` returns once the proxy has switched."""
 
     def __init__(self, upstream: str) -> None:
         context = multiprocessing.get_context("spawn")
         self._control, child = context.Pipe()
-        self._process = context.Process(target=_serve_proxy, args=(upstream, child, str(HERE.parent / "tests")),
-                                        daemon=True)  # fmt: skip
+        self._process = context.Process(target=_serve_proxy, args=(upstream, child), daemon=True)
         self._process.start()
         self.uri: str = self._control.recv()
         self._mode = "pass"

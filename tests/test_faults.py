@@ -25,6 +25,7 @@ import torch
 
 from gradtrack import GradTracker
 from gradtrack_testing import probe_plugin
+from gradtrack_testing.fault_server import FaultServer
 from gradtrack_testing.fault_training import EXPLODES_AT, FAULT, STEPS, mlflow_options, train
 from gradtrack_testing.mlflow_server import MlflowServer
 from gradtrack_testing.models import mlp
@@ -32,12 +33,11 @@ from gradtrack_testing.models import mlp
 mlflow = pytest.importorskip("mlflow")
 from gradtrack_mlflow.backend import SpoolLeftWarning  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow_support import FaultProxy  # noqa: E402
 
 
 @pytest.fixture
-def proxy(server: MlflowServer) -> Iterator[FaultProxy]:
-    running = FaultProxy(server.uri)
+def proxy(server: MlflowServer) -> Iterator[FaultServer]:
+    running = FaultServer(server.uri)
     yield running
     running.close()
 
@@ -78,7 +78,7 @@ def _during_fault(start: Callable[[], None], stop: Callable[[], None]) -> Callab
 
 @pytest.mark.slow
 @pytest.mark.parametrize("status", [500, 503])
-def test_http_errors_for_a_while(status: int, proxy: FaultProxy, tmp_path: Path) -> None:
+def test_http_errors_for_a_while(status: int, proxy: FaultServer, tmp_path: Path) -> None:
     def start() -> None:
         proxy.status, proxy.mode = status, "status"
 
@@ -89,7 +89,7 @@ def test_http_errors_for_a_while(status: int, proxy: FaultProxy, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_a_silent_server_for_a_while(proxy: FaultProxy, tmp_path: Path) -> None:
+def test_a_silent_server_for_a_while(proxy: FaultServer, tmp_path: Path) -> None:
     options = mlflow_options(proxy.uri, tmp_path)
     fault = _during_fault(lambda: setattr(proxy, "mode", "silent"), lambda: setattr(proxy, "mode", "pass"))
     _, exit_s = train(options, fault)
@@ -98,7 +98,7 @@ def test_a_silent_server_for_a_while(proxy: FaultProxy, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_every_request_500_ms_late(proxy: FaultProxy, tmp_path: Path) -> None:
+def test_every_request_500_ms_late(proxy: FaultServer, tmp_path: Path) -> None:
     proxy.mode, proxy.delay_s = "delay", 0.5
     options = mlflow_options(proxy.uri, tmp_path, exit_timeout=30.0)
     _, exit_s = train(options, close_timeout=40.0)
@@ -120,7 +120,7 @@ def test_the_server_killed_mid_run_and_restarted(server: MlflowServer, tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("endpoint", ["runs/create", "runs/log-batch"])
-def test_a_lost_answer_is_retried_without_duplicates(endpoint: str, proxy: FaultProxy, tmp_path: Path) -> None:
+def test_a_lost_answer_is_retried_without_duplicates(endpoint: str, proxy: FaultServer, tmp_path: Path) -> None:
     proxy.drop_response(endpoint, times=2)
     options = mlflow_options(proxy.uri, tmp_path)
     train(options)
@@ -135,7 +135,7 @@ def test_a_lost_answer_is_retried_without_duplicates(endpoint: str, proxy: Fault
 
 
 @pytest.mark.slow
-def test_a_server_gone_at_the_end_is_caught_up_by_replay_without_duplicates(proxy: FaultProxy, tmp_path: Path) -> None:
+def test_a_server_gone_at_the_end_is_caught_up_by_replay_without_duplicates(proxy: FaultServer, tmp_path: Path) -> None:
     options = mlflow_options(proxy.uri, tmp_path, exit_timeout=2.0)
     with pytest.warns(SpoolLeftWarning, match="Replay it with"):
         _, exit_s = train(options, lambda step: setattr(proxy, "mode", "silent") if step == 30 else None)
@@ -153,7 +153,7 @@ def test_a_server_gone_at_the_end_is_caught_up_by_replay_without_duplicates(prox
 
 
 @pytest.mark.slow
-def test_an_unwritable_spool_directory_costs_a_warning_not_the_run(proxy: FaultProxy, tmp_path: Path) -> None:
+def test_an_unwritable_spool_directory_costs_a_warning_not_the_run(proxy: FaultServer, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the spool directory should be")
     options = mlflow_options(proxy.uri, tmp_path, spool_dir=str(blocker / "spool"))
@@ -181,7 +181,7 @@ def test_a_full_disk_costs_a_warning_not_the_run(server: MlflowServer, tmp_path:
     def small_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
 
-    proxy = FaultProxy(server.uri)
+    proxy = FaultServer(server.uri)
     proxy.mode = "status"  # the server fails throughout: everything goes towards the spool
     try:
         done = subprocess.run([sys.executable, "-c", code, proxy.uri, str(tmp_path)], cwd=tmp_path,
