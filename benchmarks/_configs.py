@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _models import detect_exploding_gradients
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing.seed import detect_exploding_gradients
 
-__all__ = ["CONFIGS", "Config", "backend_problem", "mlflow_server"]
+__all__ = ["CONFIGS", "Config", "backend_problem"]
 
 
 class Config:
@@ -215,50 +207,3 @@ def backend_problem(key: str) -> str | None:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def mlflow_server(workdir: Path, timeout: float = 90.0) -> Iterator[str]:
-    """An MLflow tracking server on 127.0.0.1 (sqlite store), killed with its process group."""
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    command = [
-        str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}", "--artifacts-destination", str(workdir / "art"),
-    ]  # fmt: skip
-    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
-    # MLflow 3 starts job-runner processes that load both cores for ~20 s after /health answers.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(uri, process, timeout)
-        yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 15)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-        log.close()
-
-
-def _wait_healthy(uri: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with code {process.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.25)
-    raise TimeoutError(f"mlflow server at {uri} not healthy after {timeout:.0f}s")
-

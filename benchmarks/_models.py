@@ -1,4 +1,4 @@
-"""The benchmark's models, their fixed data, and the seed's per-parameter check (issue 5)."""
+"""The benchmark's models, their fixed data and the fast loop's timed steps (issue 5)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "ModelSpec", "Net", "detect_exploding_gradients", "fast_mlp", "tensor_list", "timed_steps"]
+__all__ = ["MODELS", "ModelSpec", "Net", "fast_mlp", "tensor_list", "timed_steps"]
 
 
 class Net(nn.Module):
@@ -96,23 +96,6 @@ def tensor_list(count: int, numel: int, device: torch.device) -> nn.ParameterLis
     for param in params:
         param.grad = torch.randn_like(param)
     return params
-
-
-def detect_exploding_gradients(model: nn.Module, threshold: float = 10.0) -> dict[str, Any]:
-    """The seed's check, as written there: three host reads per parameter tensor."""
-    results: dict[str, Any] = {"has_explosion": False, "problematic_layers": []}
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        grad_norm = param.grad.norm().item()
-        has_nan = torch.isnan(param.grad).any().item()
-        has_inf = torch.isinf(param.grad).any().item()
-        if has_nan or has_inf or grad_norm > threshold:
-            results["has_explosion"] = True
-            results["problematic_layers"].append(
-                {"name": name, "grad_norm": grad_norm, "has_nan": has_nan, "has_inf": has_inf}
-            )
-    return results
 
 
 def fast_mlp() -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:

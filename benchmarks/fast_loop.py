@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from _configs import mlflow_server
 from _models import fast_mlp, timed_steps
 
 from gradtrack import GradTracker
@@ -41,9 +40,8 @@ from gradtrack.events import RunStart
 from gradtrack.outbox import Outbox
 from gradtrack.records import StepRecord
 from gradtrack.reporter import Reporter
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from mlflow_support import SilentServer
+from gradtrack_testing.fault_server import FaultServer
+from gradtrack_testing.mlflow_server import MlflowServer
 
 
 def run(backend: Any, options: dict[str, Any] | None, steps: int, warmup: int) -> dict[str, float]:
@@ -67,7 +65,7 @@ def run(backend: Any, options: dict[str, Any] | None, steps: int, warmup: int) -
 
 @contextlib.contextmanager
 def configurations(workdir: Path, quick: bool) -> Iterator[dict[str, tuple[Any, dict[str, Any] | None]]]:
-    silent = SilentServer()
+    silent = FaultServer()  # no upstream: accepts, never answers
     spool = str(workdir / "spool")
     with contextlib.ExitStack() as stack:
         configs: dict[str, tuple[Any, dict[str, Any] | None]] = {
@@ -76,7 +74,7 @@ def configurations(workdir: Path, quick: bool) -> Iterator[dict[str, tuple[Any, 
             "MLflow local store (sqlite:///mlflow.db)": ("mlflow", {"mlflow": {"spool_dir": spool}}),
         }
         if not quick:
-            uri = stack.enter_context(mlflow_server(workdir))
+            uri = stack.enter_context(MlflowServer(workdir / "mlflow-server")).uri
             configs["MLflow server on loopback"] = ("mlflow", {"mlflow": {"tracking_uri": uri, "spool_dir": spool}})
         configs["MLflow server that never answers"] = ("mlflow", {"mlflow": {
             "tracking_uri": silent.uri, "spool_dir": spool, "exit_timeout": 2.0, "request_timeout": 1.0}})  # fmt: skip

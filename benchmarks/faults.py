@@ -31,23 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _models import fast_mlp, timed_steps
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from _models import fast_mlp, timed_steps  # noqa: E402
-from mlflow_support import MlflowServer  # noqa: E402
-
-from gradtrack import GradTracker  # noqa: E402
+from gradtrack import GradTracker
+from gradtrack_testing import probe_plugin
+from gradtrack_testing.fault_server import FaultServer
+from gradtrack_testing.mlflow_server import MlflowServer
 
 Fault = Callable[[int], None]
 
 
-def _serve_proxy(upstream: str, control: Any, tests_dir: str) -> None:
-    sys.path.insert(0, tests_dir)
-    from mlflow_support import FaultProxy
-
-    proxy = FaultProxy(upstream)
+def _serve_proxy(upstream: str, control: Any) -> None:
+    proxy = FaultServer(upstream)
     control.send(proxy.uri)
     while (mode := control.recv()) is not None:
         proxy.mode = mode
@@ -56,13 +51,12 @@ def _serve_proxy(upstream: str, control: Any, tests_dir: str) -> None:
 
 
 class ProxyProcess:
-    """``FaultProxy`` in a process of its own; setting ``mode`` returns once the proxy has switched."""
+    """``FaultServer`` in a process of its own; setting ``mode`` returns once the proxy has switched."""
 
     def __init__(self, upstream: str) -> None:
         context = multiprocessing.get_context("spawn")
         self._control, child = context.Pipe()
-        self._process = context.Process(target=_serve_proxy, args=(upstream, child, str(HERE.parent / "tests")),
-                                        daemon=True)  # fmt: skip
+        self._process = context.Process(target=_serve_proxy, args=(upstream, child), daemon=True)
         self._process.start()
         self.uri: str = self._control.recv()
         self._mode = "pass"
@@ -122,15 +116,8 @@ def main() -> None:
     torch.set_num_threads(1)
     workdir = Path(tempfile.mkdtemp(prefix="gradtrack-faults-"))
     server = MlflowServer(workdir / "server")
-    (workdir / "server").mkdir()
     server.start()
     proxy = ProxyProcess(server.uri)
-    probe_dir = workdir / "plugins"
-    dist_info = probe_dir / "gradtrack_probe-1.0.dist-info"  # tests/probe_plugin.py, installed as a plugin
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: gradtrack-probe\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[gradtrack]\nprobe = probe_plugin\n")
-    sys.path.insert(0, str(probe_dir))
 
     def during(start: Callable[[], None], stop: Callable[[], None]) -> Fault:
         def fault(step: int) -> None:
@@ -160,22 +147,23 @@ def main() -> None:
     }
     baseline = [train(steps, None, None, None)]
     rows = []
-    for name, (uri, fault, extra) in cases.items():
-        proxy.mode = "pass"
-        experiment = f"faults-{uuid.uuid4().hex[:8]}"
-        spool_dir = workdir / f"spool-{experiment}"
-        mlflow = {"tracking_uri": uri, "experiment_name": experiment, "spool_dir": str(spool_dir)}
-        options: dict[str, Any] = {"mlflow": {**mlflow, "request_timeout": 1.0, **extra}}
-        backend: Any = "mlflow"
-        if name.startswith("a plugin"):
-            backend = ["mlflow", "probe"]
-            options["probe"] = {"path": str(workdir / "probe.jsonl"), "fail_in": "*"}
-        result = train(steps, backend, options, fault)
-        baseline.append(train(steps, None, None, None))  # interleaved: the machine drifts
-        proxy.mode = "pass"
-        time.sleep(1.0)
-        on_server, runs, replayed = delivered(server.uri, experiment, Path(options["mlflow"]["spool_dir"]))
-        rows.append((name, result, on_server, runs, replayed))
+    with probe_plugin.installed(workdir / "plugins"):  # the last case's failing plugin, found as users' are
+        for name, (uri, fault, extra) in cases.items():
+            proxy.mode = "pass"
+            experiment = f"faults-{uuid.uuid4().hex[:8]}"
+            spool_dir = workdir / f"spool-{experiment}"
+            mlflow = {"tracking_uri": uri, "experiment_name": experiment, "spool_dir": str(spool_dir)}
+            options: dict[str, Any] = {"mlflow": {**mlflow, "request_timeout": 1.0, **extra}}
+            backend: Any = "mlflow"
+            if name.startswith("a plugin"):
+                backend = ["mlflow", "probe"]
+                options["probe"] = {"path": str(workdir / "probe.jsonl"), "fail_in": "*"}
+            result = train(steps, backend, options, fault)
+            baseline.append(train(steps, None, None, None))  # interleaved: the machine drifts
+            proxy.mode = "pass"
+            time.sleep(1.0)
+            on_server, runs, replayed = delivered(server.uri, experiment, Path(options["mlflow"]["spool_dir"]))
+            rows.append((name, result, on_server, runs, replayed))
     proxy.close()
     server.stop()
     shutil.rmtree(workdir, ignore_errors=True)

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import psutil
 
-HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent / "tests"
-sys.path.insert(0, str(TESTS))
+from gradtrack_testing.fault_server import FaultServer
+from gradtrack_testing.mlflow_server import MlflowServer
+from gradtrack_testing.postgres import Postgres
 
-from mlflow_support import FaultProxy, MlflowServer  # noqa: E402
-from postgres_support import Postgres  # noqa: E402
+TESTS = Path(__file__).resolve().parent.parent / "tests"  # load_trainer.py, run as a script as the load test does
 
 TRAINERS = 8
 
@@ -76,11 +75,10 @@ def main() -> None:
         raise SystemExit(f"cannot run: {reason}")
     database.start()
     server = MlflowServer(workdir / "server", store=database.uri)
-    (workdir / "server").mkdir()
     server.start(timeout=180)
     assert server.process is not None
     nice_everything(("postgres",), [server.process.pid])
-    proxy = FaultProxy(server.uri)
+    proxy = FaultServer(server.uri)  # passes everything through, counting the log-batch requests
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(server.uri)

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _configs import CONFIGS, Config, Tracked, TrackedMlflowHttp, backend_problem, mlflow_server
-from _models import MODELS, detect_exploding_gradients, tensor_list
+from _configs import CONFIGS, Config, Tracked, TrackedMlflowHttp, backend_problem
+from _models import MODELS, tensor_list
 from _timing import Clock, Samples, count_syncs, interleave, table
 
 from gradtrack import GradTracker
+from gradtrack_testing.mlflow_server import MlflowServer
+from gradtrack_testing.seed import detect_exploding_gradients
 
 LABELS = {
     "bare": "1", "clip": "2", "seed": "3", "watch": "4", "gradtrack": "5", "gradtrack-l10": "5b",
@@ -280,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             uri = ""
             if "mlflow-http" in keys:
                 try:
-                    uri = stack.enter_context(mlflow_server(workdir))
+                    uri = stack.enter_context(MlflowServer(workdir / "mlflow-server")).uri
                 except Exception as exc:
                     keys.remove("mlflow-http")
                     notes.append(f"(6a) skipped: MLflow server did not start: {exc}")

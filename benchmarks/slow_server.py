@@ -3,10 +3,11 @@
 Issue 5's target: "A tracking server 500 ms slow per request (a loopback proxy that delays), or not
 answering at all: step time stays within 1.05x of no backend; the queue stays bounded."
 
-One real ``mlflow server`` runs on 127.0.0.1; in front of it a loopback TCP proxy holds every chunk a
-client sends for ``--delay-ms`` before forwarding it (so each request is answered that much later), and
-a silent server accepts connections and never answers. Four configurations, each a GradTracker with its
-own copy of the model and its own optimizer, all open at once:
+One real ``mlflow server`` runs on 127.0.0.1; in front of it a loopback proxy (``gradtrack_testing``'s
+``FaultServer`` in delay mode) holds every piece of a request for ``--delay-ms`` before forwarding it (so
+each request is answered that much later), and a second one with no upstream accepts connections and
+never answers. Four configurations, each a GradTracker with its own copy of the model and its own
+optimizer, all open at once:
 
 * (a) gradtrack, ``backend=None``;
 * (b) gradtrack + ``backend="mlflow"`` straight to the server;
@@ -48,7 +49,6 @@ psutil, shows whether it holds: both processes' RSS are in the tables.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import copy
 import json
@@ -70,10 +70,13 @@ from typing import Any
 
 import psutil
 import torch
-from _configs import Tracked, backend_problem, mlflow_server
+from _configs import Tracked, backend_problem
 from _models import MODELS
 from _timing import Clock, Samples, interleave, table
 from overhead import machine
+
+from gradtrack_testing.fault_server import FaultServer
+from gradtrack_testing.mlflow_server import MlflowServer
 
 EXPERIMENT = "gradtrack-slow-server"
 LABELS = {"none": "a", "direct": "b", "slow": "c", "silent": "d"}
@@ -82,110 +85,6 @@ PIPE_BYTES = 1 << 20  # the pipe gradtrack asks Linux for: what the reporter may
 BYTES_BOUND = 32 << 20  # gradtrack's reporter keeps 16 MiB of frames before records wait as records, plus one frame
 REPORTER_RSS_GROWTH_MB = 64.0  # soak: the reporter's RSS in the last third at most this above the first third
 SPOOL_IN_WARNING = re.compile(r"kept in (\S+spool\.jsonl)")  # SpoolLeftWarning's text names the spool
-MAX_OPEN = 64  # connections each loopback server keeps open at most
-
-
-# -- loopback servers -----------------------------------------------------------------------------
-
-
-class Loopback:
-    """A delaying TCP proxy to ``upstream_port`` and a silent server, on 127.0.0.1, in one asyncio thread.
-
-    The proxy holds each chunk the client sends for ``delay_s`` after it arrived (order kept), then
-    forwards it; answers come back at once. Each connection buffers at most 64 chunks: a client sending
-    faster is slowed by TCP's own flow control. The silent server reads and discards, never answers.
-    Both keep at most ``MAX_OPEN`` connections and refuse more.
-    """
-
-    def __init__(self, upstream_port: int, delay_s: float) -> None:
-        self.upstream_port, self.delay_s = upstream_port, delay_s
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="loopback-servers", daemon=True)
-        self.proxy_port = self.silent_port = 0
-        self.open = {"proxy": 0, "silent": 0}
-        self.accepted = {"proxy": 0, "silent": 0}
-        self._servers: list[asyncio.AbstractServer] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def __enter__(self) -> Loopback:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-    async def _start(self) -> None:
-        proxy = await asyncio.start_server(self._proxy, "127.0.0.1", 0)
-        silent = await asyncio.start_server(self._silent, "127.0.0.1", 0)
-        self._servers = [proxy, silent]
-        self.proxy_port = proxy.sockets[0].getsockname()[1]
-        self.silent_port = silent.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        for server in self._servers:
-            server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    @contextlib.asynccontextmanager
-    async def _connection(self, kind: str, writer: asyncio.StreamWriter) -> Any:
-        """Count the connection and its task; refuse it (yield False) beyond ``MAX_OPEN``."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.accepted[kind] += 1
-        self.open[kind] += 1
-        try:
-            yield self.open[kind] <= MAX_OPEN
-        except asyncio.CancelledError:  # stopping: end quietly
-            pass
-        finally:
-            self.open[kind] -= 1
-            self._tasks.discard(task)
-            writer.close()
-
-    async def _silent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async with self._connection("silent", writer) as allowed:
-            while allowed and await reader.read(65536):
-                pass
-
-    async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async with self._connection("proxy", writer) as allowed:
-            if not allowed:
-                return
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-            held: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=64)
-
-            async def hold() -> None:
-                while data := await reader.read(65536):
-                    await held.put((self.loop.time() + self.delay_s, data))
-                await held.put(None)
-
-            async def forward() -> None:
-                while (item := await held.get()) is not None:
-                    await asyncio.sleep(max(0.0, item[0] - self.loop.time()))
-                    up_writer.write(item[1])
-                    await up_writer.drain()
-                up_writer.write_eof()
-
-            async def answer() -> None:
-                while data := await up_reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-                writer.close()
-
-            try:
-                await asyncio.gather(hold(), forward(), answer())
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                up_writer.close()
 
 
 def _group_cpu_s(pgid: int) -> float:
@@ -734,9 +633,6 @@ def create_experiment(server: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # The server's job runner (8 helper processes importing MLflow) serves no tracking request and
-    # costs a 2-core machine most of its CPU for ~20 s after start: leave it off.
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
     problem = backend_problem("mlflow-http")
@@ -755,13 +651,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="gradtrack-slow-") as tmp:
         workdir = Path(tmp)
-        with mlflow_server(workdir) as server:
-            port = int(server.rsplit(":", 1)[1])
+        with MlflowServer(workdir / "mlflow-server") as running:  # its job runner off (see MlflowServer)
+            server = running.uri
             quiet_s = wait_quiet(server)
             create_experiment(server)
-            with Loopback(port, args.delay_ms / 1e3) as loopback:
-                slow = f"http://127.0.0.1:{loopback.proxy_port}"
-                silent = f"http://127.0.0.1:{loopback.silent_port}"
+            with FaultServer(server, mode="delay", delay_s=args.delay_ms / 1e3) as proxy, FaultServer() as hung:
+                slow, silent = proxy.uri, hung.uri
                 direct_ms = statistics.median(request_ms(f"{server}/health", 5) for _ in range(3))
                 slow_ms = statistics.median(request_ms(f"{slow}/health", 5) for _ in range(3))
                 silent_ms = request_ms(f"{silent}/health", args.request_timeout)
@@ -780,9 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rounds.append(result)
                     print(f"## layer_every={layer_every} ({time.monotonic() - start:.0f} s)\n")
                     print(round_tables(result, args) + "\n", flush=True)
-                print(
-                    f"proxy connections {loopback.accepted['proxy']}, silent connections {loopback.accepted['silent']}"
-                )
+                print(f"proxy connections {proxy.accepted}, silent connections {hung.accepted}")
     print("\n## Targets (issue 5: slow or silent server)\n")
     for line in targets(rounds, args):
         print(line)

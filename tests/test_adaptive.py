@@ -8,13 +8,13 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from conftest import mlp
 
 from gradtrack import GradTracker
 from gradtrack.adaptive import AGC, AdaGC, AutoClip, ZClip
 from gradtrack.clipping import make_clip_policy
 from gradtrack.policy import ClipPolicy
 from gradtrack.stats import measure
+from gradtrack_testing.models import mlp
 
 
 def _norm(values: list[torch.Tensor]) -> float:

@@ -8,11 +8,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import RecordingBackend, mlp, regression_batches
 from torch import nn
 
 from gradtrack import GradTracker
 from gradtrack.clipping import AdaptiveClip
+from gradtrack_testing.models import mlp, regression_batches
+from gradtrack_testing.recording import RecordingBackend
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import mlp, regression_batches
-from mlflow_support import MlflowServer, SilentServer
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing.fault_server import FaultServer
+from gradtrack_testing.mlflow_server import MlflowServer
+from gradtrack_testing.models import mlp, regression_batches
 
 mlflow = pytest.importorskip("mlflow")
 from gradtrack_mlflow.backend import MLflowBackend, SpoolLeftWarning  # noqa: E402
@@ -207,7 +208,7 @@ def test_outage_mid_run_loses_nothing(server: MlflowServer, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_silent_server_never_blocks_and_leaves_a_replayable_spool(server: MlflowServer, tmp_path: Path) -> None:
-    silent = SilentServer()
+    silent = FaultServer()  # no upstream: accepts, never answers
     opts = options(silent.uri, tmp_path, request_timeout=0.5, exit_timeout=2.0, flush_every_s=0.1)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

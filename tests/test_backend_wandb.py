@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches
 from torch import nn
 
 from gradtrack import GradTracker
 from gradtrack.events import StepStats, format_norm
+from gradtrack_testing.models import VanillaRNN, mlp, regression_batches
+from gradtrack_testing.recording import RecordingBackend
 
 wandb = pytest.importorskip("wandb")
 
@@ -29,7 +30,8 @@ from gradtrack_wandb.backend import (  # noqa: E402  (after the importorskip)
     WandbBackend,
     _wandb_keys,
 )
-from wandb_support import WandbRun, run_files  # noqa: E402
+
+from gradtrack_testing.wandb_files import WandbRun, run_files  # noqa: E402
 
 CONTRACT = (
     "grad/total_norm",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 
 import torch
-from conftest import mlp
 
 from gradtrack import GradTracker
+from gradtrack_testing.models import mlp
 
 
 def test_console_lines() -> None:

@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches, rnn_batch, train_steps
 from torch import nn
 
 from gradtrack import DivergenceError, GradTracker, calibrate
 from gradtrack.detection import SpikeSkip
 from gradtrack.diagnosis import LayerHistory, depth_growth
+from gradtrack_testing.models import VanillaRNN, mlp, regression_batches, rnn_batch, train_steps
+from gradtrack_testing.recording import RecordingBackend
 
 
 def _rnn_steps(tracker: GradTracker, model: nn.Module, steps: int, lr: float = 0.5) -> None:

@@ -7,12 +7,13 @@ import time
 
 import pytest
 import torch
-from conftest import RecordingBackend, mlp
 
 from gradtrack import GradTracker, hookimpl
 from gradtrack.dispatch import Dispatcher
 from gradtrack.events import StepStats
 from gradtrack.messages import StepRecord
+from gradtrack_testing.models import mlp
+from gradtrack_testing.recording import RecordingBackend
 
 
 class Gate(RecordingBackend):

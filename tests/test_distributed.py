@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _spawn(worker: Callable[..., None], world: int, out: Path) -> list[dict[str, Any]]:
@@ -43,10 +40,11 @@ def _run(rank: int, worker: Callable[..., dict[str, Any]], world: int, out: str)
 
 
 def _ddp(rank: int, world: int) -> dict[str, Any]:
-    from conftest import RecordingBackend, mlp, regression_batches
     from torch import nn
 
     from gradtrack import GradTracker
+    from gradtrack_testing.models import mlp, regression_batches
+    from gradtrack_testing.recording import RecordingBackend
 
     model = nn.parallel.DistributedDataParallel(mlp(seed=0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -116,10 +114,10 @@ def _reference_clip(model: torch.nn.Module, max_norm: float, norm_type: float) -
 
 
 def _fsdp2(rank: int, world: int) -> dict[str, Any]:
-    from conftest import RecordingBackend
     from torch.distributed.tensor.debug import CommDebugMode
 
     from gradtrack import GradTracker
+    from gradtrack_testing.recording import RecordingBackend
 
     result: dict[str, Any] = {}
     for norm_type in (1.0, 2.0, math.inf):
@@ -181,9 +179,8 @@ def _nan_on_one_rank(rank: int) -> dict[str, Any]:
 
 
 def _value_clip(rank: int) -> dict[str, Any]:
-    from conftest import RecordingBackend
-
     from gradtrack import GradTracker
+    from gradtrack_testing.recording import RecordingBackend
 
     model = _sharded_mlp()
     recorder = RecordingBackend()
@@ -222,7 +219,6 @@ def test_fsdp2_norms_are_global_with_one_collective_and_every_rank_decides_alike
 
 
 def _fsdp2_tp(rank: int, world: int) -> dict[str, Any]:
-    from conftest import RecordingBackend
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -230,6 +226,7 @@ def _fsdp2_tp(rank: int, world: int) -> dict[str, Any]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     from gradtrack import GradTracker
+    from gradtrack_testing.recording import RecordingBackend
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
@@ -261,11 +258,11 @@ def test_fsdp2_with_tensor_parallel_on_a_2d_mesh(tmp_path: Path) -> None:
 
 
 def _refusals(rank: int, world: int) -> dict[str, Any]:
-    from conftest import mlp
     from torch import nn
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     from gradtrack import GradTracker
+    from gradtrack_testing.models import mlp
 
     errors = {}
     # FSDP1 cannot be constructed without an accelerator: an instance of the class, not initialised by it

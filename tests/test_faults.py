@@ -16,63 +16,30 @@ import resource
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import probe_plugin
 import pytest
 import torch
-from conftest import mlp
-from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing import probe_plugin
+from gradtrack_testing.fault_server import FaultServer
+from gradtrack_testing.fault_training import EXPLODES_AT, FAULT, STEPS, mlflow_options, train
+from gradtrack_testing.mlflow_server import MlflowServer
+from gradtrack_testing.models import mlp
 
 mlflow = pytest.importorskip("mlflow")
 from gradtrack_mlflow.backend import SpoolLeftWarning  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow_support import FaultProxy, MlflowServer  # noqa: E402
-
-STEPS, EXPLODES_AT, FAULT = 40, 15, range(10, 25)
-HERE = Path(__file__).parent
 
 
 @pytest.fixture
-def proxy(server: MlflowServer) -> Iterator[FaultProxy]:
-    running = FaultProxy(server.uri)
+def proxy(server: MlflowServer) -> Iterator[FaultServer]:
+    running = FaultServer(server.uri)
     yield running
     running.close()
-
-
-def _options(uri: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    return {"tracking_uri": uri, "experiment_name": f"fault-{uuid.uuid4().hex[:8]}",
-            "spool_dir": str(tmp_path / "spool"), "request_timeout": 1.0, "flush_every_s": 0.2, **extra}  # fmt: skip
-
-
-def _train(options: dict[str, Any], fault: Callable[[int], None] | None = None, backend: Any = "mlflow",
-           **tracker: Any) -> tuple[GradTracker, float]:  # fmt: skip
-    """The 40 steps; ``fault(step)`` runs before each; returns the tracker and the exit time."""
-    model = mlp(seed=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    generator = torch.Generator().manual_seed(4)
-    opened = GradTracker(model, backend=backend, backend_options={"mlflow": options}, layer_every=5, **tracker)
-    with opened as tracked:
-        assert tracked.flush(60.0)  # the reporter imported MLflow and sent the run start: faults hit live traffic
-        for step in range(STEPS):
-            if fault is not None:
-                fault(step)
-            x = torch.randn(16, 8, generator=generator)
-            optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x).squeeze(-1), x.sum(-1))
-            loss.backward()
-            if step == EXPLODES_AT:
-                model[0].weight.grad.mul_(1e7)  # type: ignore[index, union-attr]
-            tracked.observe(loss)
-            optimizer.step()
-            time.sleep(0.02)
-        leaving = time.monotonic()
-    return opened, time.monotonic() - leaving
 
 
 def _check_server(uri: str, options: dict[str, Any], tmp_path: Path, status: str = "FINISHED") -> None:
@@ -111,30 +78,30 @@ def _during_fault(start: Callable[[], None], stop: Callable[[], None]) -> Callab
 
 @pytest.mark.slow
 @pytest.mark.parametrize("status", [500, 503])
-def test_http_errors_for_a_while(status: int, proxy: FaultProxy, tmp_path: Path) -> None:
+def test_http_errors_for_a_while(status: int, proxy: FaultServer, tmp_path: Path) -> None:
     def start() -> None:
         proxy.status, proxy.mode = status, "status"
 
-    options = _options(proxy.uri, tmp_path)
-    _, exit_s = _train(options, _during_fault(start, lambda: setattr(proxy, "mode", "pass")))
+    options = mlflow_options(proxy.uri, tmp_path)
+    _, exit_s = train(options, _during_fault(start, lambda: setattr(proxy, "mode", "pass")))
     assert exit_s < 10.0
     _check_server(proxy.uri, options, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_silent_server_for_a_while(proxy: FaultProxy, tmp_path: Path) -> None:
-    options = _options(proxy.uri, tmp_path)
+def test_a_silent_server_for_a_while(proxy: FaultServer, tmp_path: Path) -> None:
+    options = mlflow_options(proxy.uri, tmp_path)
     fault = _during_fault(lambda: setattr(proxy, "mode", "silent"), lambda: setattr(proxy, "mode", "pass"))
-    _, exit_s = _train(options, fault)
+    _, exit_s = train(options, fault)
     assert exit_s < 10.0
     _check_server(proxy.uri, options, tmp_path)
 
 
 @pytest.mark.slow
-def test_every_request_500_ms_late(proxy: FaultProxy, tmp_path: Path) -> None:
+def test_every_request_500_ms_late(proxy: FaultServer, tmp_path: Path) -> None:
     proxy.mode, proxy.delay_s = "delay", 0.5
-    options = _options(proxy.uri, tmp_path, exit_timeout=30.0)
-    _, exit_s = _train(options, close_timeout=40.0)
+    options = mlflow_options(proxy.uri, tmp_path, exit_timeout=30.0)
+    _, exit_s = train(options, close_timeout=40.0)
     assert exit_s < 40.0
     proxy.mode = "pass"
     _check_server(proxy.uri, options, tmp_path)
@@ -142,8 +109,8 @@ def test_every_request_500_ms_late(proxy: FaultProxy, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_server_killed_mid_run_and_restarted(server: MlflowServer, tmp_path: Path) -> None:
-    options = _options(server.uri, tmp_path, exit_timeout=60.0)
-    _, exit_s = _train(options, _during_fault(server.stop, server.start), close_timeout=60.0)
+    options = mlflow_options(server.uri, tmp_path, exit_timeout=60.0)
+    _, exit_s = train(options, _during_fault(server.stop, server.start), close_timeout=60.0)
     assert exit_s < 60.0
     _check_server(server.uri, options, tmp_path)
 
@@ -153,10 +120,10 @@ def test_the_server_killed_mid_run_and_restarted(server: MlflowServer, tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("endpoint", ["runs/create", "runs/log-batch"])
-def test_a_lost_answer_is_retried_without_duplicates(endpoint: str, proxy: FaultProxy, tmp_path: Path) -> None:
+def test_a_lost_answer_is_retried_without_duplicates(endpoint: str, proxy: FaultServer, tmp_path: Path) -> None:
     proxy.drop_response(endpoint, times=2)
-    options = _options(proxy.uri, tmp_path)
-    _train(options)
+    options = mlflow_options(proxy.uri, tmp_path)
+    train(options)
     if endpoint == "runs/create":  # the retry looked for the run its lost answer had made, and found it
         assert proxy.requests["/api/2.0/mlflow/runs/search"] >= 1
     else:  # the server took the same batch more than once
@@ -168,10 +135,10 @@ def test_a_lost_answer_is_retried_without_duplicates(endpoint: str, proxy: Fault
 
 
 @pytest.mark.slow
-def test_a_server_gone_at_the_end_is_caught_up_by_replay_without_duplicates(proxy: FaultProxy, tmp_path: Path) -> None:
-    options = _options(proxy.uri, tmp_path, exit_timeout=2.0)
+def test_a_server_gone_at_the_end_is_caught_up_by_replay_without_duplicates(proxy: FaultServer, tmp_path: Path) -> None:
+    options = mlflow_options(proxy.uri, tmp_path, exit_timeout=2.0)
     with pytest.warns(SpoolLeftWarning, match="Replay it with"):
-        _, exit_s = _train(options, lambda step: setattr(proxy, "mode", "silent") if step == 30 else None)
+        _, exit_s = train(options, lambda step: setattr(proxy, "mode", "silent") if step == 30 else None)
     assert exit_s < 10.0
     proxy.mode = "pass"
     (spool,) = (tmp_path / "spool").glob("*/spool.jsonl")
@@ -186,13 +153,13 @@ def test_a_server_gone_at_the_end_is_caught_up_by_replay_without_duplicates(prox
 
 
 @pytest.mark.slow
-def test_an_unwritable_spool_directory_costs_a_warning_not_the_run(proxy: FaultProxy, tmp_path: Path) -> None:
+def test_an_unwritable_spool_directory_costs_a_warning_not_the_run(proxy: FaultServer, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the spool directory should be")
-    options = _options(proxy.uri, tmp_path, spool_dir=str(blocker / "spool"))
+    options = mlflow_options(proxy.uri, tmp_path, spool_dir=str(blocker / "spool"))
     fault = _during_fault(lambda: setattr(proxy, "mode", "status"), lambda: setattr(proxy, "mode", "pass"))
     with pytest.warns(RuntimeWarning, match="cannot write its MLflow spool") as warned:
-        tracker, _ = _train(options, fault)
+        tracker, _ = train(options, fault)
     assert tracker.steps == STEPS
     assert any("cannot write events.jsonl" in str(w.message) for w in warned)
     client = MlflowClient(proxy.uri)
@@ -206,18 +173,18 @@ def test_an_unwritable_spool_directory_costs_a_warning_not_the_run(proxy: FaultP
 def test_a_full_disk_costs_a_warning_not_the_run(server: MlflowServer, tmp_path: Path) -> None:
     """The trainer (and its reporter) may write 8 KiB per file: the spool hits the limit, like a full disk."""
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import test_faults as t;"
-        "t._train(t._options(sys.argv[2], t.Path(sys.argv[3]), exit_timeout=5.0));"
+        "import sys; from pathlib import Path; from gradtrack_testing.fault_training import mlflow_options, train;"
+        "train(mlflow_options(sys.argv[1], Path(sys.argv[2]), exit_timeout=5.0));"
         "print('trained')"
     )
 
     def small_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
 
-    proxy = FaultProxy(server.uri)
+    proxy = FaultServer(server.uri)
     proxy.mode = "status"  # the server fails throughout: everything goes towards the spool
     try:
-        done = subprocess.run([sys.executable, "-c", code, str(HERE), proxy.uri, str(tmp_path)], cwd=tmp_path,
+        done = subprocess.run([sys.executable, "-c", code, proxy.uri, str(tmp_path)], cwd=tmp_path,
                               capture_output=True, text=True, timeout=240, preexec_fn=small_disk)  # fmt: skip
     finally:
         proxy.close()
@@ -233,7 +200,7 @@ def test_a_full_disk_costs_a_warning_not_the_run(server: MlflowServer, tmp_path:
 def test_a_plugin_raising_in_every_hook_spares_training_and_mlflow(
     probe: Path, server: MlflowServer, tmp_path: Path
 ) -> None:
-    options = _options(server.uri, tmp_path)
+    options = mlflow_options(server.uri, tmp_path)
     backend_options = {"mlflow": options, "probe": {"path": str(probe), "fail_in": "*"}}
     with pytest.warns(RuntimeWarning, match="'probe' failed in gradtrack_") as warned:
         model = mlp(seed=4)
@@ -274,9 +241,9 @@ def test_unexpected_errors_are_retried_a_few_times_then_set_aside(tmp_path: Path
 
 
 def test_infinite_timeouts_wait_as_long_as_it_takes(server: MlflowServer, tmp_path: Path) -> None:
-    options = _options(server.uri, tmp_path, exit_timeout=float("inf"))
+    options = mlflow_options(server.uri, tmp_path, exit_timeout=float("inf"))
     with contextlib.ExitStack():
-        _train(options, close_timeout=float("inf"))
+        train(options, close_timeout=float("inf"))
     _check_server(server.uri, options, tmp_path)
 
 

@@ -16,12 +16,12 @@ from torch import nn
 pytest.importorskip("lightning")
 
 import lightning.pytorch as pl
-from conftest import RecordingBackend
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from gradtrack import GradTracker
 from gradtrack.integrations.lightning import GradTrackerCallback
+from gradtrack_testing.recording import RecordingBackend
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
@@ -147,7 +147,8 @@ def test_mlflow_logger_run_holds_gradtrack_one_point_per_optimizer_step(tmp_path
 @pytest.mark.slow
 def test_wandb_logger_run_holds_gradtrack(tmp_path: Path, wandb_dir: Path) -> None:
     import wandb
-    from wandb_support import WandbRun, run_files
+
+    from gradtrack_testing.wandb_files import WandbRun, run_files
 
     logger = WandbLogger(project="gradtrack-lightning", save_dir=str(wandb_dir), offline=True)
     probe = Probe()

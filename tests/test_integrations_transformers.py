@@ -12,7 +12,6 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from conftest import RecordingBackend
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -23,6 +22,7 @@ from transformers import (
 
 from gradtrack import GradTracker
 from gradtrack.integrations.transformers import GradTrackerCallback
+from gradtrack_testing.recording import RecordingBackend
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

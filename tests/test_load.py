@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 mlflow = pytest.importorskip("mlflow")
-from conftest import missing_system_dependency  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow_support import MlflowServer  # noqa: E402
-from postgres_support import Postgres  # noqa: E402
+
+from gradtrack_testing.mlflow_server import MlflowServer  # noqa: E402
+from gradtrack_testing.postgres import Postgres  # noqa: E402
+from gradtrack_testing.skips import missing_system_dependency  # noqa: E402
 
 HERE = Path(__file__).parent
 TRAINERS, STEPS = 8, 150

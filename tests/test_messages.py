@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import probe_plugin
 import pytest
 import torch
 from hypothesis import given
@@ -24,6 +23,7 @@ from gradtrack.channel import decode, encode
 from gradtrack.dispatch import drops
 from gradtrack.events import LayersAdded
 from gradtrack.messages import Diverged, Keep, LayersAnnounced, LayoutAnnounced, RunEnded, StepRecord
+from gradtrack_testing import probe_plugin
 
 floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
 norms = st.none() | st.lists(st.floats(0, 1e30), max_size=5).map(lambda v: np.array(v, dtype=np.float64).tobytes())

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RecordingBackend, VanillaRNN
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing.models import VanillaRNN
+from gradtrack_testing.recording import RecordingBackend
 
 wandb = pytest.importorskip("wandb")
 mlflow = pytest.importorskip("mlflow")
 
-from wandb_support import WandbRun, run_files  # noqa: E402
+from gradtrack_testing.wandb_files import WandbRun, run_files  # noqa: E402
 
 
 def test_mlflow_and_wandb_log_the_same_run(wandb_dir: Path, tmp_path: Path) -> None:

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import RecordingBackend
 from torch import nn
 
 from gradtrack import GradTracker
 from gradtrack.params import RESCAN_EVERY
+from gradtrack_testing.recording import RecordingBackend
 
 
 class Net(nn.Module):

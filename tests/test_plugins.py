@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pluggy
 import pytest
-from conftest import RecordingBackend, mlp
 
 from gradtrack import BackendUnavailableError, GradTracker, UnknownBackendError, available_backends, hookimpl
 from gradtrack.console import ConsoleBackend
 from gradtrack.events import StepStats
 from gradtrack.plugins import AUTOLOAD_ENV, resolve_backends
+from gradtrack_testing.models import mlp
+from gradtrack_testing.recording import RecordingBackend
 
 PLUGIN_SOURCE = '''
 import os

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import RecordingBackend
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing.recording import RecordingBackend
 
 _DTYPES = {
     "fp32": [torch.float32] * 3,

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import VanillaRNN, missing_system_dependency, rnn_batch, train_steps
 
 from gradtrack import GradTracker
 from gradtrack.cli import main, parser
 from gradtrack.history import RunHistory
 from gradtrack.notes import MARKER, merge_note
 from gradtrack.plots import _hold_between_samples, draw_layers, rows_to_show
+from gradtrack_testing.models import VanillaRNN, rnn_batch, train_steps
+from gradtrack_testing.skips import missing_system_dependency
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402

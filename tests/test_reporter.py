@@ -11,14 +11,15 @@ import types
 import uuid
 from pathlib import Path
 
-import probe_plugin
 import pytest
 import torch
-from conftest import RecordingBackend, VanillaRNN, mlp, rnn_batch, train_steps
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from gradtrack import GradTracker
 from gradtrack.reporter import ReporterStartError
+from gradtrack_testing import probe_plugin
+from gradtrack_testing.models import VanillaRNN, mlp, rnn_batch, train_steps
+from gradtrack_testing.recording import RecordingBackend
 
 HERE = Path(__file__).parent
 
@@ -174,7 +175,7 @@ def test_a_killed_trainer_leaves_a_killed_mlflow_run_with_every_step_it_reported
 
 @pytest.mark.slow
 def test_a_killed_trainer_leaves_a_killed_wandb_run_and_a_console_line(wandb_dir: Path, tmp_path: Path) -> None:
-    from wandb_support import WandbRun, run_files
+    from gradtrack_testing.wandb_files import WandbRun, run_files
 
     finished, _ = _train_until_killed("wandb", str(wandb_dir), "killed", signal.SIGKILL, tmp_path)
     deadline = time.monotonic() + 60

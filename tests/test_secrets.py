@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
 from torch import nn
 
 from gradtrack import GradTracker
 from gradtrack.secrets import redact, strip_userinfo
+from gradtrack_testing.models import mlp
 
 SECRETS = {
     "MLFLOW_TRACKING_TOKEN": "tok-5e5a7e1b9c2d",
@@ -44,12 +44,13 @@ def test_no_credential_anywhere_gradtrack_writes(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     from mlflow.tracking import MlflowClient
-    from mlflow_support import FaultProxy
+
+    from gradtrack_testing.fault_server import FaultServer
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "someone")  # a name is no secret (MLflow's mlflow.user)
-    proxy = FaultProxy(server.uri)  # type: ignore[attr-defined]
+    proxy = FaultServer(server.uri)  # type: ignore[attr-defined]
     host = proxy.uri.removeprefix("http://")
     uri = f"http://{URI_USER}:{URI_PASSWORD}@{host}"
     experiment = f"secrets-{uuid.uuid4().hex[:8]}"

@@ -120,11 +120,11 @@ def test_a_killed_runs_summary_equals_a_finished_runs(probe: Path, tmp_path: Pat
     import subprocess
     import sys
 
-    import probe_plugin
+    from gradtrack_testing import probe_plugin
 
     script = tmp_path / "trainer.py"
     script.write_text(_TRAINER)
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])}
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}  # where the probe plugin's entry point is
     ends = {}
     for mode in ("finish", "kill"):
         path = tmp_path / f"{mode}.jsonl"

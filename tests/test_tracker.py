@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingBackend, VanillaRNN, mlp, regression_batches
 from torch import nn
 
 from gradtrack import GradTracker, NonFiniteGradientError, hookimpl
 from gradtrack.events import StepStats
 from gradtrack.tracker import clean_name
+from gradtrack_testing.models import VanillaRNN, mlp, regression_batches
+from gradtrack_testing.recording import RecordingBackend
 
 
 def train(model: nn.Module, tracker: GradTracker | None, steps: int = 20, lr: float = 0.05, seed: int = 0,

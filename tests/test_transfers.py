@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradtrack import GradTracker
 from gradtrack.stats import GradBatch
+from gradtrack_testing.seed import detect_exploding_gradients
 
 _TO_HOST = {
     torch.Tensor.item,
@@ -112,21 +113,6 @@ def _backward(model: nn.Module, scale: float = 1.0) -> torch.Tensor:
     loss = model(x).square().mean() * scale
     loss.backward()
     return loss
-
-
-def detect_exploding_gradients(model: nn.Module, threshold: float = 10.0) -> dict[str, Any]:
-    """The seed's per-parameter loop (../shared/seeds/000_*.txt), kept verbatim in spirit."""
-    results: dict[str, Any] = {"has_explosion": False, "problematic_layers": []}
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        grad_norm = param.grad.norm().item()
-        has_nan = torch.isnan(param.grad).any().item()
-        has_inf = torch.isinf(param.grad).any().item()
-        if has_nan or has_inf or grad_norm > threshold:
-            results["has_explosion"] = True
-            results["problematic_layers"].append({"name": name, "grad_norm": grad_norm})
-    return results
 
 
 class LeakyClip:

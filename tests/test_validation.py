@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import RecordingBackend, mlp
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from gradtrack import GradTracker
 from gradtrack.tracker import _tracked_models
+from gradtrack_testing.models import mlp
+from gradtrack_testing.recording import RecordingBackend
 
 _BAD_NUMBERS = (0, -1, math.nan, "1", True, None)
 

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mlflow_support import FaultProxy, MlflowServer, free_port
+
+from gradtrack_testing.fault_server import FaultServer
+from gradtrack_testing.mlflow_server import MlflowServer
+from gradtrack_testing.ports import free_port
 
 pytest.importorskip("mlflow")
 from gradtrack_mlflow import watch
@@ -390,7 +393,7 @@ def test_server_outage_while_watching(
     """The loop survives a server answering 503 and then one that hangs; the alert goes out once it is back."""
     name, experiment_id = experiment
     make_run(client, experiment_id, "r", diverged="true", diverged_step="3", diverged_reason="nan")
-    proxy = FaultProxy(server.uri)
+    proxy = FaultServer(server.uri)
     proxy.mode = "status"
     log = tmp_path / "watch.log"
     process = _start_watcher(proxy.uri, name, tmp_path / "state.json", receiver.url, log)

@@ -4,18 +4,30 @@
 ``path``, so a test in the training process can read what the reporter process delivered. It can also
 misbehave on purpose: sleep in every step (``delay_s``), raise in one hook (``fail_in``), or take its
 whole process down at a given step (``crash_at_step``).
+
+Why it exists: what runs in the reporter process can only be observed from outside it, and a plugin
+reaches the reporter only as users' plugins do, through the ``gradtrack`` entry-point group. It is not
+registered by this distribution (every test would then load it): ``installed(directory)`` writes a
+distribution that names it and puts it on ``sys.path`` for as long as the ``with`` block lasts, and a
+reporter process started meanwhile inherits that path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from gradtrack import hookimpl
 from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepStats
+
+__all__ = ["Probe", "gradtrack_make_backend", "installed", "read"]
 
 
 class Probe:
@@ -79,3 +91,19 @@ def read(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             return [json.loads(line) for line in file if line.strip()]
     except FileNotFoundError:
         return []
+
+
+@contextlib.contextmanager
+def installed(directory: Path) -> Iterator[None]:
+    """The probe installed as the ``probe`` backend while inside: a distribution written to ``directory``."""
+    dist_info = directory / "gradtrack_probe-1.0.dist-info"
+    dist_info.mkdir(parents=True, exist_ok=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: gradtrack-probe\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(f"[gradtrack]\nprobe = {__name__}\n")
+    sys.path.insert(0, str(directory))
+    importlib.invalidate_caches()  # importlib.metadata caches what each path entry holds
+    try:
+        yield
+    finally:
+        sys.path.remove(str(directory))
+        importlib.invalidate_caches()

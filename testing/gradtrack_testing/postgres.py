@@ -1,5 +1,8 @@
 """A throwaway PostgreSQL server on loopback for the load test: Debian's ``postgresql``, run as its user.
 
+Why it exists: the load test and ``benchmarks/load.py`` put eight trainers against an MLflow server whose
+store is a real PostgreSQL, as a shared team server is; both start it the same way.
+
 ``.ci/run`` installs the package when it is missing; ``Postgres.find()`` says why it cannot run here
 (no binaries, no ``postgres`` user to run them as) so the test is skipped with that reason, never passed.
 """
@@ -15,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from mlflow_support import free_port
+from gradtrack_testing.ports import free_port
 
 __all__ = ["Postgres"]
 
