@@ -155,7 +155,71 @@ def _fsdp2(rank: int, world: int) -> dict[str, Any]:
         }
     result["nan_on_one_rank"] = _nan_on_one_rank(rank)
     result["value_clip"] = _value_clip(rank)
+    result["changing_set"] = _changing_set(rank)
     return result
+
+
+def _changing_set(rank: int) -> dict[str, Any]:
+    """The first layer frozen, then unfrozen at step 2 (alone, or with ``add_param_group``): clipped like torch."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from gradtrack import GradTracker
+    from gradtrack_testing.recording import RecordingBackend
+
+    results: dict[str, Any] = {}
+    for change in ("unfreeze", "add_param_group"):
+        for clip in ("norm", "value", "none"):
+            models = _sharded_mlp(), _sharded_mlp()
+            for model in models:
+                model[0].requires_grad_(False)
+            if change == "unfreeze":
+                optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+            else:
+                optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in models]
+            options = {"norm": {"max_norm": 0.05}, "value": {"clip": "value", "clip_value": 0.01},
+                       "none": {"clip": None}}[clip]  # fmt: skip
+            recorder = RecordingBackend()
+            collectives, alike, expected = [], True, []
+            with GradTracker(models[0], backend=recorder, layer_every=1, **options) as tracker:  # type: ignore[arg-type]
+                for step in range(4):
+                    if step == 2:
+                        for model, optimizer in zip(models, optimizers, strict=True):
+                            model[0].requires_grad_(True)
+                            if change == "add_param_group":
+                                optimizer.add_param_group({"params": list(model[0].parameters())})
+                    torch.manual_seed(100 * step + rank)
+                    x = torch.randn(4, 8)
+                    for model, optimizer in zip(models, optimizers, strict=True):
+                        optimizer.zero_grad()
+                        (model(x).square().mean() * 10).backward()
+                    reference = models[1]
+                    expected.append(math.sqrt(sum(v * v for v in _full_norms_with_grad(reference).values())))
+                    if clip == "norm":
+                        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+                    elif clip == "value":
+                        for p in reference.parameters():
+                            if p.grad is not None:
+                                p.grad.to_local().clamp_(-0.01, 0.01)
+                    with CommDebugMode() as comm:
+                        optimizers[0].step()
+                    collectives.append(comm.get_total_counts())
+                    optimizers[1].step()
+                    alike &= all(torch.allclose(a.to_local(), b.to_local(), rtol=1e-5, atol=1e-7)
+                                 for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True))
+            steps = recorder.of("step")
+            results[f"{change}-{clip}"] = {
+                "alike": alike, "collectives": collectives, "expected": expected,
+                "totals": [s.total_norm for s in steps],
+                "last_layers": sorted(steps[-1].layer_norms or {}) if steps else None,
+                "added": [list(event.names) for event in recorder.of("layers_added")],
+                "clipped": tracker.summary().clipped_steps,
+            }  # fmt: skip
+    return results
+
+
+def _full_norms_with_grad(model: torch.nn.Module) -> dict[str, float]:
+    return {name: torch.linalg.vector_norm(p.grad.full_tensor()).item()
+            for name, p in model.named_parameters() if p.grad is not None}
 
 
 def _nan_on_one_rank(rank: int) -> dict[str, Any]:
@@ -213,6 +277,13 @@ def test_fsdp2_norms_are_global_with_one_collective_and_every_rank_decides_alike
     value0, value1 = rank0["value_clip"], rank1["value_clip"]
     assert value0["bounded"] and value1["bounded"]
     assert value0["coef"] == [pytest.approx(0.01 / value0["largest"], rel=1e-5)]
+    for case, other in zip(rank0["changing_set"].values(), rank1["changing_set"].values(), strict=True):
+        assert case["alike"] and other["alike"]  # trained as torch's clipping over model.parameters()
+        assert case["collectives"] == other["collectives"] == [1, 1, 2, 1]  # the new set checked once
+        assert case["totals"] == pytest.approx(case["expected"], rel=1e-5)
+        assert "0.weight" in case["last_layers"] and case["added"] == [["0.weight", "0.bias"]]
+        assert other["totals"] == [] and other["added"] == []  # rank 1 reports nothing
+    assert rank0["changing_set"]["unfreeze-norm"]["clipped"] == 4
 
 
 # -- FSDP2 + tensor parallel on a 2-D mesh --------------------------------------------------------------
