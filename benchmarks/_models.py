@@ -14,16 +14,22 @@ __all__ = ["MODELS", "ModelSpec", "Net", "fast_mlp", "tensor_list", "timed_steps
 
 
 class Net(nn.Module):
-    """``depth`` square linear layers of ``width`` (2 tensors each), residual so deep stacks train."""
+    """``depth`` square linear layers of ``width`` (2 tensors each), residual so deep stacks train.
+
+    Residual branches are scaled by ``1/sqrt(depth)`` (GPT-2's scaled residual initialisation): unscaled,
+    500 residual layers start at a gradient norm of 37,000, above gradtrack's absolute explosion floor, and
+    every benchmarked step was an explosion rather than the healthy step the tables mean to measure.
+    """
 
     def __init__(self, depth: int, width: int, residual: bool) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.residual = residual
+        self.branch_scale = depth**-0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = x + torch.tanh(layer(x)) if self.residual else torch.tanh(layer(x))
+            x = x + self.branch_scale * torch.tanh(layer(x)) if self.residual else torch.tanh(layer(x))
         return x
 
 

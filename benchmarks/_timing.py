@@ -27,14 +27,27 @@ class Clock:
 
 @dataclass
 class Samples:
-    """Per-call seconds of one configuration, plus the untimed settle time after its blocks."""
+    """Per-call wall and thread-CPU seconds of one configuration, plus the untimed settle time after its blocks.
+
+    Thread CPU time (``time.thread_time``) counts only what the calling thread itself computed: it is what a
+    configuration costs the training thread, unaffected by whatever else the machine's cores were doing.
+    """
 
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     settle: float = 0.0
 
     @property
     def median_ms(self) -> float:
         return statistics.median(self.times) * 1e3
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.times) * 1e3
+
+    @property
+    def cpu_mean_ms(self) -> float:
+        return statistics.fmean(self.cpu) * 1e3
 
     @property
     def settle_ms_per_call(self) -> float:
@@ -73,11 +86,12 @@ def interleave(
                     break
                 if name in prepare:
                     prepare[name]()
-                begin = clock()
+                begin, begin_cpu = clock(), time.thread_time()
                 tasks[name]()
-                elapsed = clock() - begin
+                elapsed, cpu = clock() - begin, time.thread_time() - begin_cpu
                 if done[name] >= 0:
                     samples[name].times.append(elapsed)
+                    samples[name].cpu.append(cpu)
                 done[name] += 1
             if name in settle:
                 begin = clock()

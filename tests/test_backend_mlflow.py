@@ -310,3 +310,23 @@ def test_routine_steps_reach_the_server_while_training_runs(server: MlflowServer
                 seen = steps_of(server.uri, found[0].info.run_id, "grad/total_norm") if found else []
             time.sleep(0.1)
         assert seen == [0, 1, 2]  # live, not only when the run ends
+
+
+def test_coalesce_fills_batches_within_mlflows_limits_in_order() -> None:
+    from gradtrack_mlflow.sender import MAX_ENTITIES, MAX_PARAMS_OR_TAGS, coalesce
+
+    fragments: list[dict[str, Any]] = [
+        {"op": "fragment", "metrics": [[f"m{i}", float(i), 0, i] for i in range(1500)], "tags": {"a": "1"}},
+        {"op": "fragment", "params": {f"p{i}": str(i) for i in range(150)}},
+        {"op": "log_artifact", "local_path": "x", "artifact_path": "gradtrack"},
+        {"op": "fragment", "metrics": [["late", 1.0, 0, 0]] * 999},
+    ]
+    ops = coalesce(fragments, "key", None, "http://127.0.0.1")
+    batches = [op for op in ops if op["op"] == "log_batch"]
+    assert all(len(b["metrics"]) + len(b["params"]) + len(b["tags"]) <= MAX_ENTITIES for b in batches)
+    assert all(len(b["params"]) <= MAX_PARAMS_OR_TAGS and len(b["tags"]) <= MAX_PARAMS_OR_TAGS for b in batches)
+    artifact = [op["op"] for op in ops].index("log_artifact")
+    before = [m for b in ops[:artifact] if b["op"] == "log_batch" for m in b["metrics"]]
+    assert before == fragments[0]["metrics"]  # every metric once, in order, before the artifact
+    assert sum(len(b["params"]) for b in ops[:artifact] if b["op"] == "log_batch") == 150
+    assert [m for b in ops[artifact + 1 :] for m in b["metrics"]] == fragments[3]["metrics"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import gradtrack.params
 from gradtrack import GradTracker
 from gradtrack.params import RESCAN_EVERY
 from gradtrack_testing.recording import RecordingBackend
@@ -154,12 +155,14 @@ def test_noticing_costs_no_walk_over_the_model_on_a_step_where_nothing_changed()
         assert tracker.steps == 60 and RESCAN_EVERY > 60
 
 
-def test_a_parameter_written_behind_torchs_back_is_found_by_the_periodic_walk() -> None:
+def test_a_parameter_written_behind_torchs_back_is_found_by_the_periodic_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gradtrack.params, "RESCAN_EVERY", 25)
     net = Net()
     with GradTracker(net, layer_every=1, backend=(recorder := RecordingBackend())) as tracker:
         net.head._parameters["bias"] = nn.Parameter(torch.zeros(1))  # no registration hook sees this
-        steps = RESCAN_EVERY + 1
-        for step in range(steps):
+        for step in range(26):
             x, y = _batch(step)
             net.zero_grad()
             nn.functional.mse_loss(net(x), y).backward()

@@ -74,10 +74,15 @@ def coalesce(items: Sequence[Op], run_key: str, run_id: str | None, tracking_uri
             close_batch()
             ops.append({"run_key": run_key, "run_id": run_id, "tracking_uri": tracking_uri, **item})
             continue
-        for metric in item.get("metrics", ()):
-            if size(open_batch()) >= MAX_ENTITIES:
+        metrics = item.get("metrics", ())
+        start = 0
+        while start < len(metrics):  # as many as the open batch takes, a slice at a time
+            room = MAX_ENTITIES - size(open_batch())
+            if room <= 0:
                 close_batch()
-            open_batch()["metrics"].append(metric)
+                continue
+            open_batch()["metrics"].extend(metrics[start : start + room])
+            start += room
         for kind in ("params", "tags"):
             for key, value in item.get(kind, {}).items():
                 current = open_batch()
