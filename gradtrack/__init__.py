@@ -10,7 +10,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from gradtrack._version import __version__
-from gradtrack.events import Divergence, Explosion, Offender, RunEnd, RunStart, StepStats, Summary
+from gradtrack.events import (
+    Divergence,
+    Explosion,
+    LayerNorms,
+    LayersAdded,
+    Offender,
+    RunEnd,
+    RunStart,
+    StepBatch,
+    StepStats,
+    Summary,
+)
 from gradtrack.hookspecs import hookimpl, hookspec
 from gradtrack.naming import sanitize_names
 from gradtrack.plugins import BackendUnavailableError, UnknownBackendError, available_backends
@@ -32,11 +43,14 @@ __all__ = [
     "DivergenceError",
     "Explosion",
     "GradTracker",
+    "LayerNorms",
+    "LayersAdded",
     "NonFiniteGradientError",
     "NormClip",
     "Offender",
     "RunEnd",
     "RunStart",
+    "StepBatch",
     "StepStats",
     "Summary",
     "UnknownBackendError",

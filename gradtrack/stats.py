@@ -229,7 +229,7 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, extras: torch.Ten
         parts.append(batch.weight_norms.to(device))
     if extras is not None:
         parts.append(extras.reshape(-1).to(device))
-    host = torch.cat(parts).cpu().numpy().astype(np.float64)  # the one device-to-host transfer
+    host = torch.cat(parts).numpy(force=True).astype(np.float64)  # the one device-to-host transfer
     end = host.size
     extra_values = None
     if extras is not None:

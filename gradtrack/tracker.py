@@ -376,11 +376,9 @@ class _Iteration:
 
     def __init__(self, parameters: ParameterSet) -> None:
         self._parameters = parameters
-        self._marks: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int] | None] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._marks: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Mark] = weakref.WeakKeyDictionary()
         self._stepped: set[int] = set()
-        self._model_mark: tuple[int, int] | None = None
+        self._model_mark: _Mark = None
         self._open = False
 
     def starts(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> bool:
@@ -388,9 +386,9 @@ class _Iteration:
         if not self._open or id(optimizer) in self._stepped:
             return True
         if optimizer in self._marks:
-            if self._marks[optimizer] != mark:
+            if not _same(self._marks[optimizer], mark):
                 return True
-        elif _mark(self._parameters.params) != self._model_mark:
+        elif not _same(_mark(self._parameters.params), self._model_mark):
             return True
         self._stepped.add(id(optimizer))
         self._marks[optimizer] = mark
@@ -407,9 +405,20 @@ class _Iteration:
         self._model_mark = _mark(self._parameters.params)
 
 
-def _mark(params: Sequence[nn.Parameter]) -> tuple[int, int] | None:
-    """The identity and version of the first trainable gradient: both move when the gradients change."""
+_Mark = tuple["weakref.ref[torch.Tensor]", int] | None
+
+
+def _mark(params: Sequence[nn.Parameter]) -> _Mark:
+    """The first trainable gradient and its version: one moves when the gradients change. A weak reference,
+    not ``id()``: a gradient freed by ``zero_grad`` and the one made by the next ``backward`` can share an id."""
     for p in params:
-        if p.grad is not None and p.requires_grad:
-            return id(p.grad), p.grad._version
+        grad = p.grad
+        if grad is not None and p.requires_grad:
+            return weakref.ref(grad), grad._version
     return None
+
+
+def _same(first: _Mark, second: _Mark) -> bool:
+    if first is None or second is None:
+        return first is second
+    return first[0]() is second[0]() is not None and first[1] == second[1]
