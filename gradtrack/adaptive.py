@@ -24,7 +24,7 @@ from typing import Any, final
 import torch
 
 from gradtrack.detection import ExplosionDetector
-from gradtrack.policy import scale_, scale_each_
+from gradtrack.policy import clip_coefficient, scale_, scale_each_
 from gradtrack.records import sorted_quantile
 from gradtrack.stats import GradBatch
 from gradtrack.validate import count, number
@@ -60,6 +60,9 @@ class AdaptiveClip:
 
     def clip_(self, batch: GradBatch) -> torch.Tensor:
         return scale_(batch, self.threshold)
+
+    def clip_coefficient(self, batch: GradBatch) -> torch.Tensor:
+        return clip_coefficient(batch, self.threshold)
 
     def observe(self, total_norm: float, clip_coef: float) -> None:
         if not math.isfinite(total_norm):
@@ -109,16 +112,25 @@ class ZClip:
         return self.ceiling
 
     def clip_(self, batch: GradBatch) -> torch.Tensor | None:
+        bound = self._bound(batch)
+        return None if bound is None else scale_(batch, bound)
+
+    def clip_coefficient(self, batch: GradBatch) -> torch.Tensor | None:
+        bound = self._bound(batch)
+        return None if bound is None else clip_coefficient(batch, bound)
+
+    def _bound(self, batch: GradBatch) -> float | torch.Tensor | None:
+        """This step's norm bound: the ceiling alone while warming up, then ZClip's adaptive bound."""
         ceiling = self.threshold_ceiling()
         if self.mean is None:
-            return None if ceiling is None else scale_(batch, ceiling)
+            return ceiling
         norm = batch.total_norm
         std = max(math.sqrt(self.var), self.eps)
         z = (norm - self.mean) / std
         bound = torch.where(z > self.z_thresh, self.mean + self.z_thresh**2 * std / z.clamp(min=self.eps), norm)
         if ceiling is not None:
             bound = bound.clamp(max=ceiling)
-        return scale_(batch, bound)
+        return bound
 
     def observe(self, total_norm: float, clip_coef: float) -> None:
         if not math.isfinite(total_norm):

@@ -13,7 +13,7 @@ from typing import Any, final
 import torch
 
 from gradtrack.adaptive import AGC, AdaGC, AdaptiveClip, AutoClip, ZClip
-from gradtrack.policy import ClipPolicy, scale_
+from gradtrack.policy import ClipPolicy, clip_coefficient, scale_
 from gradtrack.stats import GradBatch
 from gradtrack.validate import number
 
@@ -42,6 +42,9 @@ class NormClip:
 
     def clip_(self, batch: GradBatch) -> torch.Tensor:
         return scale_(batch, self.max_norm)
+
+    def clip_coefficient(self, batch: GradBatch) -> torch.Tensor:
+        return clip_coefficient(batch, self.max_norm)
 
     def observe(self, total_norm: float, clip_coef: float) -> None:
         pass

@@ -1,7 +1,10 @@
 """One training step, top to bottom: measure, clip, one transfer, judge, hand over.
 
 Everything up to the transfer runs on the gradients' device without a host synchronisation
-(``gradtrack.stats``, the clip policy, and under ``torch.distributed`` one collective). Everything after
+(``gradtrack.stats``, the clip policy, and under ``torch.distributed`` one collective). A policy that
+scales every gradient by one factor (norm clipping, ``adaptive``, ``zscore``, ``auto``) has it applied
+right after the transfer, and only when it is not exactly 1: a step within ``max_norm`` is one pass over
+the gradients, where ``clip_grad_norm_`` always makes two. Everything after
 it is host arithmetic on the transferred numbers, the same on every rank (``gradtrack.detection.Judge``),
 and ends in the hand-over's messages (``gradtrack.messages``), which feed the run's summary and go to the
 outbox: the reporter process, and backends kept in this one.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, final
 
@@ -41,8 +44,8 @@ from gradtrack.messages import (
 )
 from gradtrack.outbox import Outbox
 from gradtrack.params import ParameterSet
-from gradtrack.policy import ClipPolicy
-from gradtrack.stats import HostStats, Reduce, measure, transfer
+from gradtrack.policy import ClipPolicy, multiply_
+from gradtrack.stats import GradBatch, HostStats, Reduce, measure, transfer
 from gradtrack.summary import RunSummary
 
 __all__ = ["DivergenceError", "NonFiniteGradientError", "OnDivergence", "OnNonfinite", "Settings", "StepPipeline"]
@@ -148,6 +151,9 @@ class StepPipeline:
         self._history = LayerHistory()
         self._wants_max_abs = bool(getattr(settings.clip_policy, "needs_max_abs", False))
         self._wants_weights = bool(getattr(settings.clip_policy, "needs_weights", False))
+        self._coefficient: Callable[[GradBatch], torch.Tensor | None] | None = getattr(
+            settings.clip_policy, "clip_coefficient", None
+        )
 
     def start(self, names: Sequence[str]) -> None:
         """The run's first name table: the layers that train when the tracker starts (checked across ranks)."""
@@ -191,8 +197,14 @@ class StepPipeline:
                 weights=self._weights(with_grad, weights_due),
                 weight_norms=weights_due,
             )
-            clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
+            deferred = None
+            if self._coefficient is not None:  # one factor for every gradient: applied below, unless it is 1
+                clip_coef = deferred = self._coefficient(batch)
+            else:
+                clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
             host = transfer(batch, clip_coef, self.diagnosis.extras())
+            if deferred is not None and host.clip_coef != 1.0:  # NaN included: torch multiplies by it too
+                multiply_(batch, deferred)
         # From here on only host numbers: nothing below touches the device.
         layout = known
         if layout is None or layout.order != batch.order:

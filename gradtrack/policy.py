@@ -14,7 +14,7 @@ import torch
 
 from gradtrack.stats import GradBatch
 
-__all__ = ["ClipPolicy", "scale_", "scale_each_"]
+__all__ = ["ClipPolicy", "clip_coefficient", "multiply_", "scale_", "scale_each_"]
 
 
 @runtime_checkable
@@ -22,8 +22,12 @@ class ClipPolicy(Protocol):
     """What the tracker needs of a clip policy.
 
     Optional attributes the tracker reads: ``needs_weights`` (True: ``batch.weights`` holds the
-    parameters, grouped like the gradients) and ``needs_max_abs`` (True: under sharding, the reduction
-    brings the largest element in its one collective).
+    parameters, grouped like the gradients), ``needs_max_abs`` (True: under sharding, the reduction
+    brings the largest element in its one collective) and ``clip_coefficient(batch)``: for a policy that
+    scales every gradient by one factor, that factor (0-dim, on the device) without applying it. The
+    tracker then applies it after the step's transfer, and only when it is not exactly 1: a step that
+    needs no clipping costs no pass over the gradients (multiplying by 1 changes no bit, so the result is
+    the same).
     """
 
     name: str
@@ -41,18 +45,28 @@ class ClipPolicy(Protocol):
         ...
 
 
-def scale_(batch: GradBatch, max_norm: float | torch.Tensor) -> torch.Tensor:
-    """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))``: the ops of ``clip_grads_with_norm_``.
+def clip_coefficient(batch: GradBatch, max_norm: float | torch.Tensor) -> torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` as ``clip_grads_with_norm_`` computes it, on the device.
 
-    No ``if coef < 1``, so no host sync. Where 16-bit arithmetic made torch's own total overflow,
-    the wide total is used instead.
+    Where 16-bit arithmetic made torch's own total overflow, the wide total is used instead.
     """
     clip_coef = torch.clamp(max_norm / (batch.clip_norm + 1e-6), max=1.0)
     if batch.clip_norm is not batch.total_norm:  # 16-bit arithmetic: the wide total where it overflowed
         wide = torch.clamp(max_norm / (batch.total_norm + 1e-6), max=1.0)
         clip_coef = torch.where(torch.isfinite(batch.clip_norm), clip_coef, wide)
+    return clip_coef
+
+
+def multiply_(batch: GradBatch, clip_coef: torch.Tensor) -> None:
+    """Every gradient times ``clip_coef``, no ``if coef < 1``, so no host sync."""
     for grads in batch.groups:
         torch._foreach_mul_(grads, clip_coef.to(grads[0].device))
+
+
+def scale_(batch: GradBatch, max_norm: float | torch.Tensor) -> torch.Tensor:
+    """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))``: the ops of ``clip_grads_with_norm_``."""
+    clip_coef = clip_coefficient(batch, max_norm)
+    multiply_(batch, clip_coef)
     return clip_coef
 
 

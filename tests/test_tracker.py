@@ -456,3 +456,20 @@ def test_closure_optimizers_are_measured_on_the_gradients_the_closure_makes(reco
     assert all(s.loss is not None for s in steps)  # the closure's loss, observed for you
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b)  # every evaluation clipped as by hand
+
+
+@pytest.mark.parametrize("clip", ["norm", "adaptive", "zscore", "auto"])
+def test_a_step_within_the_bound_is_one_pass_over_the_gradients(clip: str) -> None:
+    """Multiplying by exactly 1 changes no bit: gradtrack leaves such gradients unwritten (their version stays)."""
+    model = mlp()
+    with GradTracker(model, clip=clip, max_norm=1e6 if clip != "zscore" else None) as tracker:
+        model(torch.randn(4, 8)).sum().backward()
+        versions = [p.grad._version for p in model.parameters()]  # type: ignore[union-attr]
+        tracker.step()
+        assert [p.grad._version for p in model.parameters()] == versions  # type: ignore[union-attr]
+    with GradTracker(model, clip="norm", max_norm=1e-6) as tracker:
+        model.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        tracker.step()
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])  # type: ignore[misc]
+        assert total.item() == pytest.approx(1e-6, rel=1e-3)  # clipped: scaled to the bound
