@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"gradtrack overhead benchmark on {device}: {machine(device)}")
     print(
         f"{'quick' if args.quick else 'full'} run: {args.steps} timed steps and {args.hook_calls} hook calls per "
-        f"configuration, {args.warmup} warm-up, interleaved in blocks of {args.block}; medians\n"
+        f"configuration, {args.warmup} warm-up, interleaved in blocks of {args.block}; means over every timed call\n"
     )
     keys, notes = [], []
     for key in args.configs:

@@ -139,7 +139,10 @@ class Incoming:
         if not self.closed:
             ready, _, _ = select.select([self.fd], [], [], timeout)
             while ready:
-                chunk = os.read(self.fd, 1 << 20)
+                try:
+                    chunk = os.read(self.fd, 1 << 20)
+                except BlockingIOError:  # a non-blocking pipe another reader emptied since the select
+                    break
                 if not chunk:
                     self.closed = True
                     break

@@ -76,7 +76,9 @@ class Reporter:
         os.close(data_read)
         os.close(ack_write)
         self._out = Outgoing(data_write)
+        os.set_blocking(ack_read, False)  # never stuck in a read: see _read_acks
         self._acks = Incoming(ack_read)
+        self._acks_lock = threading.Lock()
         init = {"backends": list(backends), "max_pending": max_pending}
         self._out.push(encode([("init", init)]))
         try:
@@ -182,8 +184,11 @@ class Reporter:
             self._read_acks(0.0)
 
     def _read_acks(self, timeout: float) -> None:
+        # The pump thread and a waiting flush or exit both read the acks: one at a time, or one of them could
+        # take the bytes the other's select saw and leave it waiting for an answer already received.
         try:
-            acks = self._acks.read(timeout)
+            with self._acks_lock:
+                acks = self._acks.read(timeout)
         except OSError:
             return
         for message in acks:

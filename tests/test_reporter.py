@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
+import gradtrack.channel
 from gradtrack import GradTracker
 from gradtrack.reporter import ReporterStartError
 from gradtrack_testing import probe_plugin
@@ -202,3 +203,21 @@ def _lines(path: Path) -> list[str]:
         return [line for line in path.read_text().splitlines() if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def test_a_reader_whose_bytes_another_thread_took_is_not_left_blocked(
+    probe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads read the reporter's answers (the pump thread, and a flush waiting for its own). One can take
+    the bytes the other's select had seen; the other's read must then come back empty, not block for good (a
+    benchmark's flush hung on it once)."""
+    model = mlp()
+    with GradTracker(model, backend="probe", backend_options={"probe": {"path": str(probe)}}) as tracker:
+        reporter = tracker._pipeline.outbox.reporter  # private: the answers' pipe
+        assert reporter is not None and not os.get_blocking(reporter._acks.fd)
+        with monkeypatch.context() as patch:
+            patch.setattr(gradtrack.channel.select, "select", lambda r, w, x, t=None: (list(r), [], []))
+            started = time.monotonic()
+            assert reporter._acks.read(0.1) == []  # "ready", but empty: nothing to wait for
+            assert time.monotonic() - started < 1.0
+        assert tracker.flush(timeout=10.0)
