@@ -42,7 +42,7 @@ from gradtrack.secrets import redact
 from gradtrack.summary import RunSummary
 
 _POLL = 0.5  # seconds between checks that the parent is alive
-COALESCE_S = 0.05  # after a read, let more records arrive: the reporter's work is per batch, not per record
+COALESCE_S = 0.2  # after a read, let more records arrive: the reporter's work is per batch, not per record
 _TERM_GRACE = 5.0  # after SIGTERM, seconds to wait for the trainer to end the run before ending it killed
 LINGER_S = 600.0  # how long backends may take to finish the run, whoever is waiting for them
 BACKLOG_FACTOR = 20  # times the tracker's max_pending: each backend's queue bound in the reporter
