@@ -198,7 +198,23 @@ class StepBatch:
     def each_stats(self) -> list[StepStats]:
         """Every row as a ``StepStats``, for a backend that only implements ``gradtrack_step``."""
         by_row = {entry.row: entry for entry in self.layers}
-        return [self.stats(row, by_row.get(row)) for row in range(len(self))]
+        columns = (self.step, self.total_norm, self.clip_coef, self.clipped, self.nonfinite, self.explosion,
+                   self.diverged, self.skipped, self.layer_p50, self.layer_p95, self.layer_max, self.loss,
+                   self.loss_observed, self.timestamp, self.amp_overflow, self.param_norm)  # fmt: skip
+        stats = []
+        rows = zip(*(column.tolist() for column in columns), strict=True)
+        for row, (step, total, coef, clipped, nonfinite, explosion, diverged, skipped, p50, p95, top, loss, observed,
+                  timestamp, overflow, param_norm) in enumerate(rows):  # fmt: skip
+            layer = by_row.get(row)
+            stats.append(StepStats(
+                step=step, total_norm=total, clip_coef=coef, clipped=clipped, nonfinite=nonfinite,
+                explosion=explosion, diverged=diverged, skipped=skipped, layer_p50=p50, layer_p95=p95,
+                layer_max=top, loss=loss if observed else None, timestamp=timestamp,
+                layer_norms=layer.norms if layer is not None else None, amp_overflow=overflow,
+                weight_norms=layer.weights if layer is not None else None,
+                param_norm=None if math.isnan(param_norm) else param_norm,
+            ))  # fmt: skip
+        return stats
 
     def stats(self, row: int, layer: LayerNorms | None = None) -> StepStats:
         """Row ``row``; ``layer`` is its entry of ``layers`` (looked up when not given)."""
