@@ -283,7 +283,9 @@ def test_exec_gets_the_event_on_stdin_and_in_the_environment(
     experiment: tuple[str, str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("GRADTRACK_REQUIRE_ALL_TESTS", raising=False)  # CI's own; the command inherits the environment
     name, experiment_id = experiment
     reason = 'said "stop"\nthen $(rm -rf /) `x` ; <!channel>'
     run_id = make_run(
