@@ -16,6 +16,7 @@ from gradtrack.events import (
     LayerNorms,
     LayersAdded,
     Offender,
+    Resumed,
     RunEnd,
     RunStart,
     StepBatch,
@@ -25,6 +26,7 @@ from gradtrack.events import (
 from gradtrack.hookspecs import hookimpl, hookspec
 from gradtrack.naming import sanitize_names
 from gradtrack.plugins import BackendUnavailableError, UnknownBackendError, available_backends
+from gradtrack.state import StateError
 
 if TYPE_CHECKING:
     from gradtrack.calibration import Calibration, calibrate
@@ -48,9 +50,11 @@ __all__ = [
     "NonFiniteGradientError",
     "NormClip",
     "Offender",
+    "Resumed",
     "RunEnd",
     "RunStart",
     "StepBatch",
+    "StateError",
     "StepStats",
     "Summary",
     "UnknownBackendError",

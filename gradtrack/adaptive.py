@@ -19,6 +19,7 @@ import bisect
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, final
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from gradtrack.detection import ExplosionDetector
 from gradtrack.policy import clip_coefficient, scale_, scale_each_
 from gradtrack.records import sorted_quantile
+from gradtrack.state import flag, flags, floats, integer, optional, part, real
 from gradtrack.stats import GradBatch
 from gradtrack.validate import count, number
 
@@ -74,6 +76,14 @@ class AdaptiveClip:
         if len(self._sorted) >= self.warmup:
             learnt = sorted_quantile(self._sorted, self.percentile / 100)
             self.threshold = min(max(learnt, 1e-12), self.max_norm * self.ceiling)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self._history), "threshold": self.threshold}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        history = floats(state, "history")[-self.window :]
+        self._history, self._sorted = deque(history), sorted(history)
+        self.threshold = real(state, "threshold")
 
     def config(self) -> dict[str, Any]:
         return {"clip": self.name, "max_norm": self.max_norm, "clip_percentile": self.percentile,
@@ -146,6 +156,14 @@ class ZClip:
         self.mean += (1 - self.alpha) * delta
         self.var = self.alpha * self.var + (1 - self.alpha) * delta * delta
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"warm": list(self._warm), "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._warm = floats(state, "warm")
+        self.mean = optional(state, "mean", real)
+        self.var = real(state, "var")
+
     def config(self) -> dict[str, Any]:
         return {"clip": self.name, "clip_alpha": self.alpha, "clip_z_thresh": self.z_thresh,
                 "clip_warmup": self.warmup, "clip_ceiling": self.ceiling or 0.0}  # fmt: skip
@@ -215,6 +233,17 @@ class AutoClip(ZClip):
             self._calm_steps = self._calm_steps + 1 if total_norm <= self.max_norm else 0
             self.in_trouble = self._calm_steps < self.calm
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "detector": self._detector.state_dict(), "recent": list(self._recent),
+                "in_trouble": self.in_trouble, "calm_steps": self._calm_steps}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._detector.load_state_dict(part(state, "detector"))
+        self._recent = deque(flags(state, "recent"), maxlen=self._recent.maxlen)
+        self.in_trouble = flag(state, "in_trouble")
+        self._calm_steps = integer(state, "calm_steps")
+
     def config(self) -> dict[str, Any]:
         return {**super().config(), "max_norm": self.max_norm, "clip_warmup_factor": self.warmup_factor,
                 "clip_trouble_spikes": self.spikes, "clip_trouble_window": float(self._recent.maxlen or 0),
@@ -251,6 +280,8 @@ class AdaGC:
         norms = batch.layer_norms
         if self._order != batch.order or self._gamma is None:
             self._order, self._gamma, self._steps = list(batch.order), None, 0
+        elif self._gamma.device != norms.device:  # loaded from a checkpoint onto another device
+            self._gamma = self._gamma.to(norms.device)
         if self._steps < self.warmup or self._gamma is None:
             factor = torch.clamp(self.lambda_abs / (batch.total_norm + 1e-6), max=1.0)
             factors = factor.expand_as(norms)
@@ -272,6 +303,23 @@ class AdaGC:
 
     def observe(self, total_norm: float, clip_coef: float) -> None:
         pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """The gammas as a tensor (on their device, like an optimizer's state), with the order they follow."""
+        gamma = None if self._gamma is None else self._gamma.detach().clone()
+        return {"steps": self._steps, "order": None if self._order is None else list(self._order), "gamma": gamma}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        gamma, order = state.get("gamma"), state.get("order")
+        if gamma is not None and not isinstance(gamma, torch.Tensor):
+            raise ValueError(f"'gamma' must be a tensor or None, got {type(gamma).__name__}")
+        if order is not None and (not isinstance(order, list | tuple) or not all(type(i) is int for i in order)):
+            raise ValueError("'order' must be a list of integers or None")
+        if gamma is not None and (order is None or gamma.shape != (len(order),)):
+            raise ValueError("'gamma' must hold one value for each entry of 'order'")
+        self._steps = integer(state, "steps")
+        self._order = None if order is None else list(order)
+        self._gamma = None if gamma is None else gamma.detach().clone()
 
     def config(self) -> dict[str, Any]:
         return {"clip": self.name, "clip_lambda_rel": self.lambda_rel, "clip_beta": self.beta,

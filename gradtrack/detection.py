@@ -47,7 +47,7 @@ import bisect
 import math
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Literal, NamedTuple, Protocol, final
@@ -56,6 +56,12 @@ import numpy as np
 
 from gradtrack.events import Divergence, ExplosionKind, Offender
 from gradtrack.records import sorted_quantile
+from gradtrack.state import flag as _flag
+from gradtrack.state import flags as _flags
+from gradtrack.state import floats as _floats
+from gradtrack.state import integer as _int
+from gradtrack.state import part as _part
+from gradtrack.state import real as _float
 from gradtrack.validate import count, number
 
 __all__ = [
@@ -71,9 +77,7 @@ __all__ = [
 OnNonfinite = Literal["skip", "raise", "continue"]
 
 
-def offenders(
-    layer_norms: np.ndarray, names: Sequence[str], threshold: float, top_k: int
-) -> tuple[Offender, ...]:
+def offenders(layer_norms: np.ndarray, names: Sequence[str], threshold: float, top_k: int) -> tuple[Offender, ...]:
     """Every layer with a non-finite norm, then the ``top_k`` largest finite norms."""
     finite = np.isfinite(layer_norms)
     bad = [Offender(names[i], float(layer_norms[i]), True) for i in np.flatnonzero(~finite).tolist()]
@@ -122,6 +126,12 @@ class _SortedWindow:
     def clear(self) -> None:
         self.values.clear()
         self.ordered.clear()
+
+    def load(self, values: Sequence[float]) -> None:
+        """Start again from ``values`` (oldest first; only the last ``size`` are kept)."""
+        kept = [float(v) for v in values][-self.size :] if values else []
+        self.values = deque(kept)
+        self.ordered = sorted(kept)
 
     def median(self) -> float:
         ordered = self.ordered
@@ -230,6 +240,21 @@ class ExplosionDetector:
         self._growing = True
         return "growth", floor
 
+    def state_dict(self) -> dict[str, object]:
+        """The windows and the episode (plain values: they go into a user's checkpoint)."""
+        return {"history": list(self._history.values), "recent": list(self._recent.values),
+                "growing": self._growing, "baseline": self._baseline}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self._history.load(_floats(state, "history"))
+        self._recent.load(_floats(state, "recent"))
+        values = list(self._recent.values)  # Kendall's S again from the values: exact, and a few µs
+        self._concordance = sum(
+            (later > earlier) - (later < earlier) for i, earlier in enumerate(values) for later in values[i + 1 :]
+        )
+        self._growing = _flag(state, "growing")
+        self._baseline = _float(state, "baseline")
+
     def config(self) -> dict[str, float]:
         return {
             "explosion_threshold": self.explosion_threshold,
@@ -288,6 +313,20 @@ class SpikeSkip:
             self._mean = statistics.fmean(values)
             self._squares = sum((value - self._mean) ** 2 for value in values)
         return spike
+
+    def state_dict(self) -> dict[str, object]:
+        return {"values": list(self._values), "mean": self._mean, "squares": self._squares, "slides": self._slides}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        values = _floats(state, "values")
+        if len(values) > self.window:  # a smaller window now: its statistics again, exactly
+            values = values[-self.window :]
+            self._mean, self._squares, self._slides = statistics.fmean(values), 0.0, 0
+            self._squares = sum((value - self._mean) ** 2 for value in values)
+        else:
+            self._mean, self._squares = _float(state, "mean"), _float(state, "squares")
+            self._slides = _int(state, "slides")
+        self._values = deque(values)
 
     def config(self) -> dict[str, float]:
         return {"on_spike_sigmas": self.sigmas, "on_spike_window": float(self.window)}
@@ -434,6 +473,47 @@ class DivergenceDetector:
             )
         return None
 
+    def state_dict(self) -> dict[str, object]:
+        loss = self._loss
+        verdict = self.verdict
+        return {
+            "exploded": list(self._exploded),
+            "clipped": list(self._clipped),
+            "param_start": self._param_start,
+            "param_latest": self._param_latest,
+            "nonfinite_run": self._nonfinite_run,
+            "norms": list(self._norms),
+            "loss": {"ema": loss.ema, "first": loss.first, "minimum": loss.minimum, "above": loss.above},
+            "verdict": None if verdict is None else verdict.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self._exploded = deque(_flags(state, "exploded"), maxlen=self.explosion_window)
+        self._exploded_count = sum(self._exploded)
+        self._clipped = deque(_flags(state, "clipped"), maxlen=self.explosion_window)
+        self._clipped_count = sum(self._clipped)
+        start = state.get("param_start")
+        self._param_start = None if start is None else _float(state, "param_start")
+        self._param_latest = _float(state, "param_latest")
+        self._nonfinite_run = _int(state, "nonfinite_run")
+        self._norms = deque(_floats(state, "norms"), maxlen=5)
+        loss = _part(state, "loss")
+        self._loss = _LossState(
+            ema=None if loss.get("ema") is None else _float(loss, "ema"),
+            first=None if loss.get("first") is None else _float(loss, "first"),
+            minimum=_float(loss, "minimum"),
+            above=_int(loss, "above"),
+        )
+        verdict = state.get("verdict")
+        if verdict is None:
+            self.verdict = None
+        else:
+            verdict = _part(state, "verdict")
+            reason = verdict.get("reason")
+            if not isinstance(reason, str):
+                raise ValueError("verdict.reason must be a string")
+            self.verdict = Divergence(step=_int(verdict, "step"), reason=reason, timestamp=_float(verdict, "timestamp"))
+
     def config(self) -> dict[str, float]:
         return {
             "nonfinite_patience": float(self.nonfinite_patience),
@@ -504,6 +584,21 @@ class Judge:
         if found is None and divergence is None and not skip:
             return HEALTHY
         return Verdict(explosion=found, divergence=divergence, skip=skip)
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "explosions": self.explosions.state_dict(),
+            "divergence": self.divergence.state_dict(),
+            "on_spike": None if self.on_spike is None else self.on_spike.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Load every part; an ``on_spike`` window saved without ``on_spike="skip"`` now (or the other way
+        round) is left out: the option changed between the two processes."""
+        self.explosions.load_state_dict(_part(state, "explosions"))
+        self.divergence.load_state_dict(_part(state, "divergence"))
+        if self.on_spike is not None and state.get("on_spike") is not None:
+            self.on_spike.load_state_dict(_part(state, "on_spike"))
 
     def config(self) -> dict[str, object]:
         config: dict[str, object] = {**self.explosions.config(), **self.divergence.config()}

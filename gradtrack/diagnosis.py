@@ -22,13 +22,16 @@ up in ``Summary.diagnosis`` (the first diagnosis and the latest one).
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, final
 
 import numpy as np
 import torch
 from torch import nn
+
+from gradtrack.state import integer
 
 __all__ = ["DeviceDiagnosis", "LayerHistory", "depth_growth"]
 
@@ -55,6 +58,23 @@ class LayerHistory:
             self._key, self._ema = key, np.where(usable, logs, 0.0)
             return
         self._ema = np.where(usable, self._ema + self.smoothing * (logs - self._ema), self._ema)
+
+    @property
+    def key(self) -> object:
+        return self._key
+
+    @property
+    def ema(self) -> np.ndarray | None:
+        return self._ema
+
+    def load(self, names: Sequence[str], ema: np.ndarray) -> None:
+        """A history saved with a checkpoint: it waits for the first layout of these names (``adopt``)."""
+        self._key, self._ema = ("names", tuple(names)), ema
+
+    def adopt(self, key: object, names: Sequence[str]) -> None:
+        """A new layout: it takes over a loaded history of the same layers."""
+        if self._key == ("names", tuple(names)):
+            self._key = key
 
     def jumps(self, key: object, norms: np.ndarray) -> np.ndarray | None:
         """This step's log-norm excess over each layer's history; None without a history of this layout."""
@@ -150,6 +170,20 @@ class DeviceDiagnosis:
         if self.first is None:
             return None
         return {"first": self.first, "latest": self.latest}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was diagnosed, and when last (a diagnosis still waiting for its update is left out)."""
+        last = None if math.isinf(self._last_step) else int(self._last_step)
+        return {"first": copy.deepcopy(self.first), "latest": copy.deepcopy(self.latest), "last_step": last}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("first", "latest"):
+            if state.get(key) is not None and not isinstance(state.get(key), Mapping):
+                raise ValueError(f"{key!r} must be a dict or None")
+        self.first = None if state.get("first") is None else dict(state["first"])
+        self.latest = None if state.get("latest") is None else dict(state["latest"])
+        last = state.get("last_step")
+        self._last_step = -math.inf if last is None else integer(state, "last_step")
 
     def _largest_singular_value(self, param: nn.Parameter) -> torch.Tensor:
         matrix = param.detach().float()

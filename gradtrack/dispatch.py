@@ -255,9 +255,7 @@ _HOOKS = {
 class Dispatcher:
     """Fans the hand-over's messages out to every backend's worker without waiting for any of them."""
 
-    def __init__(
-        self, backends: Sequence[tuple[str, object]], max_pending: int = 1000, decimate: int = 10
-    ) -> None:
+    def __init__(self, backends: Sequence[tuple[str, object]], max_pending: int = 1000, decimate: int = 10) -> None:
         self._workers = [_Worker(name, backend, max_pending, decimate) for name, backend in backends]
         self.names_table = LayerNames()
         for worker in self._workers:  # only once every backend passed validation

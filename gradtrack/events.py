@@ -21,6 +21,7 @@ __all__ = [
     "LayerNorms",
     "LayersAdded",
     "Offender",
+    "Resumed",
     "RunEnd",
     "RunStart",
     "RunStatus",
@@ -45,13 +46,35 @@ class Offender:
 
 @dataclass(frozen=True, slots=True)
 class RunStart:
-    """The tracker entered its context: what it watches and how it is configured."""
+    """The tracker entered its context: what it watches and how it is configured.
+
+    ``resumed``: set when the run goes on from a checkpoint (``tracker.load_state_dict``), in the run the
+    backend's saved state names; None for a new run.
+    """
 
     config: Mapping[str, Any]
     layer_names: tuple[str, ...]
     num_parameters: int
     model_class: str
     timestamp: float
+    resumed: Resumed | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A run resumed from a checkpoint: where it goes on, and what a backend must not reset.
+
+    ``step``: the first step this process reports (steps from there to where the last process stopped
+    are trained, and logged, again). ``steps``: every step the run resumed at, this one last.
+    ``divergence``: the verdict of an earlier process (a run that diverged stays diverged);
+    ``explosions`` and ``first_explosion_step``: the run's counts so far.
+    """
+
+    step: int
+    steps: tuple[int, ...]
+    divergence: Divergence | None
+    explosions: int
+    first_explosion_step: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +317,8 @@ class Summary:
 
     ``spike_score`` / ``loss_spike_score``: OLMo 2's spike score, the share of steps whose total norm /
     loss lies 7 standard deviations or more from the mean of the previous 1,000. ``diagnosis``: what was
-    measured on the device around the first explosion (see README, Diagnostics).
+    measured on the device around the first explosion (see README, Diagnostics). ``resumed_from``: the
+    steps the run was resumed at from checkpoints, one per restart; the counts cover every process.
     """
 
     steps: int
@@ -318,6 +342,7 @@ class Summary:
     spike_score: float | None = None
     loss_spike_score: float | None = None
     diagnosis: Mapping[str, Any] | None = None
+    resumed_from: tuple[int, ...] = ()
 
     @property
     def clip_rate(self) -> float:

@@ -77,6 +77,36 @@ def gradtrack_cli_commands(subparsers: Any) -> None:
 
 
 # -------------------------------------------------------------------------
+# Resuming: called in the training process, on the backend object the factory returned.
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def gradtrack_backend_state() -> Mapping[str, Any] | None:
+    """What a later process needs to log into this backend's run again: ``tracker.state_dict()`` asks.
+
+    Called in the training process, on the thread that calls ``state_dict``, on the object
+    ``gradtrack_make_backend`` returned (not on the copy in the reporter process): so return what was
+    decided there, such as a run id chosen up front or a key the run is tagged with. Return plain values
+    (str, int, float, bool, None, lists and dicts of them): they go into the user's checkpoint. Never
+    credentials, tokens or URLs with a user in them. None: nothing to resume (the default).
+    """
+
+
+@hookspec
+def gradtrack_load_backend_state(state: Mapping[str, Any]) -> None:
+    """The tracker entering its context resumes a run: ``state`` is what this backend's
+    ``gradtrack_backend_state`` returned in the earlier process.
+
+    Called in the training process right after ``gradtrack_make_backend`` made the object and before it
+    is placed (pickled into the reporter process, or started on a thread here), so configure the object
+    to open that run again in ``gradtrack_run_start``, whose ``start.resumed`` says from which step. A
+    state the backend cannot use (another format) should raise ``ValueError`` naming the problem. The
+    return value is ignored.
+    """
+
+
+# -------------------------------------------------------------------------
 # Run lifecycle.
 # -------------------------------------------------------------------------
 
@@ -85,9 +115,12 @@ def gradtrack_cli_commands(subparsers: Any) -> None:
 def gradtrack_run_start(start: RunStart) -> None:
     """The tracker entered its context.
 
-    :param start: the tracker's configuration, the watched layer names, the model's size.
+    :param start: the tracker's configuration, the watched layer names, the model's size, and
+        ``start.resumed`` when the run goes on from a checkpoint (see ``gradtrack_load_backend_state``).
 
-    Called once, before any other lifecycle hook. Open the run here; the return value is ignored.
+    Called once, before any other lifecycle hook. Open the run here (or open the saved run again, and keep
+    what ``start.resumed`` says must not be reset: a diverged run stays diverged); the return value is
+    ignored.
     """
 
 

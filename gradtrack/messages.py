@@ -157,9 +157,10 @@ def _rebuild(values: tuple[Any, ...]) -> StepRecord:
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunStarted:
-    """The tracker entered its context."""
+    """The tracker entered its context; ``summary``: the run's summary so far, when it resumed (plain values)."""
 
     start: RunStart
+    summary: Mapping[str, Any] | None = None
     keep: ClassVar[Keep] = Keep.ALWAYS
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, final
+from typing import Any, Literal, final
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from gradtrack.messages import (
 from gradtrack.outbox import Outbox
 from gradtrack.params import ParameterSet
 from gradtrack.policy import ClipPolicy, multiply_
+from gradtrack.state import integer, part, strings
 from gradtrack.stats import GradBatch, HostStats, Reduce, measure, transfer
 from gradtrack.summary import RunSummary
 
@@ -160,6 +161,55 @@ class StepPipeline:
         self._table = {name: position for position, name in enumerate(names)}
         self._checked = frozenset(names)
 
+    # -- state across restarts ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step, the judge's windows and verdict, what the clip policy learnt, the summary, the layer
+        history behind ``origin`` and the diagnosis: everything a later process needs to go on alike."""
+        policy = self.clip_policy
+        clip = None
+        if policy is not None:
+            learnt = policy.state_dict() if hasattr(policy, "state_dict") else None
+            clip = {"name": policy.name, "state": learnt}
+        layers = None
+        ema = self._history.ema
+        named = next((layout for layout in self._layouts.values() if layout.key == self._history.key), None)
+        if ema is not None and named is not None:
+            layers = {"names": list(named.names), "ema": torch.from_numpy(ema.copy())}
+        return {
+            "step": self.step,
+            "judge": self.judge.state_dict(),
+            "clip": clip,
+            "summary": self.summary.state_dict(),
+            "layers": layers,
+            "diagnosis": self.diagnosis.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
+        """Load every part; returns what was left out and why (the clip policy changed, say)."""
+        notes = []
+        self.step = integer(state, "step")
+        self.judge.load_state_dict(part(state, "judge"))
+        clip, policy = state.get("clip"), self.clip_policy
+        if clip is not None:
+            clip = part(state, "clip")
+            learnt = clip.get("state")
+            if policy is None or clip.get("name") != policy.name:
+                notes.append(f"the clip policy changed ({clip.get('name')!r} then, "
+                             f"{getattr(policy, 'name', None)!r} now): it starts afresh")  # fmt: skip
+            elif learnt is not None and hasattr(policy, "load_state_dict"):
+                policy.load_state_dict(part(clip, "state"))
+        self.summary.load_state_dict(part(state, "summary"))
+        layers = state.get("layers")
+        if layers is not None:
+            layers = part(state, "layers")
+            names, ema = strings(layers, "names"), layers.get("ema")
+            if not isinstance(ema, torch.Tensor) or ema.shape != (len(names),):
+                raise ValueError("'layers.ema' must be a tensor of one value per name")
+            self._history.load(names, ema.detach().cpu().double().numpy().copy())
+        self.diagnosis.load_state_dict(part(state, "diagnosis"))
+        return notes
+
     def emit(self, message: Message) -> None:
         """Hand one message over: the run's summary here, and the outbox."""
         self.summary.add(message)
@@ -182,8 +232,10 @@ class StepPipeline:
             grads = local_grads(grads)
         layer_every = settings.layer_every
         with_layers = layer_every is not None and step % layer_every == 0
-        weights_due = settings.weight_norms and not topology.sharded and (
-            step % settings.weight_every == 0 or (self.judge.troubled and step % TROUBLE_WEIGHT_EVERY == 0)
+        weights_due = (
+            settings.weight_norms
+            and not topology.sharded
+            and (step % settings.weight_every == 0 or (self.judge.troubled and step % TROUBLE_WEIGHT_EVERY == 0))
         )  # sharded: the weights' norms would need a collective of their own
         with torch.no_grad():
             batch = measure(
@@ -284,6 +336,7 @@ class StepPipeline:
             self._table.update((name, first + offset) for offset, name in enumerate(new))
             self.emit(LayersAnnounced(layers=LayersAdded(step=self.step, names=tuple(new)), first=first))
         layout = _Layout(self._announced, list(order), layer_names, [positions.get(id(p), 0) for p in ordered])
+        self._history.adopt(layout.key, layer_names)
         self._announced += 1
         self.emit(LayoutAnnounced(key=layout.key, positions=tuple(self._table[name] for name in layer_names)))
         if len(self._layouts) >= KEPT_LAYOUTS:

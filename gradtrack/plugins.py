@@ -22,6 +22,7 @@ __all__ = [
     "BackendUnavailableError",
     "UnknownBackendError",
     "available_backends",
+    "call_backend_hook",
     "check_backend_spec",
     "discovery_manager",
     "new_plugin_manager",
@@ -115,9 +116,7 @@ def resolve_backends(
     for item in requested:
         if not isinstance(item, str):
             if isinstance(item, type):
-                raise TypeError(
-                    f"backend={item.__name__} is a class; pass an instance, e.g. backend={item.__name__}()"
-                )
+                raise TypeError(f"backend={item.__name__} is a class; pass an instance, e.g. backend={item.__name__}()")
             resolved.append((type(item).__name__, item))
             continue
         manager = manager or discovery_manager()
@@ -130,6 +129,13 @@ def resolve_backends(
     if duplicates:
         raise ValueError(f"backend= lists {duplicates} more than once")
     return resolved
+
+
+def call_backend_hook(name: str, backend: object, hook: str, **kwargs: Any) -> Any:
+    """One hook on one backend object, in this process (the hooks that run before or beside the reporter)."""
+    manager = new_plugin_manager()
+    manager.register(backend, name=name)
+    return getattr(manager.hook, hook)(**kwargs)
 
 
 def _unknown_message(name: str, manager: pluggy.PluginManager) -> str:

@@ -27,7 +27,9 @@ class ClipPolicy(Protocol):
     scales every gradient by one factor, that factor (0-dim, on the device) without applying it. The
     tracker then applies it after the step's transfer, and only when it is not exactly 1: a step that
     needs no clipping costs no pass over the gradients (multiplying by 1 changes no bit, so the result is
-    the same).
+    the same). A policy that learns from the run implements ``state_dict()`` (plain values and tensors)
+    and ``load_state_dict(state)`` too, so that ``tracker.state_dict()`` carries what it learnt across a
+    restart; one without them starts afresh after a resume.
     """
 
     name: str

@@ -17,12 +17,14 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any, final
 
 import numpy as np
 
 from gradtrack.events import Divergence, Summary
-from gradtrack.messages import Diagnosed, Diverged, ExplosionRaised, Message, StepRecord
+from gradtrack.messages import Diagnosed, Diverged, ExplosionRaised, Message, RunStarted, StepRecord
+from gradtrack.state import floats, integer, optional, part, real
 
 __all__ = ["BINS_PER_DECADE", "CHUNK", "NormHistogram", "RunSummary", "SpikeScore"]
 
@@ -52,6 +54,22 @@ class NormHistogram:
         index = np.clip(scaled.astype(np.int64) + 1, 0, self.counts.size - 1)
         index[values <= 0] = 0
         np.add.at(self.counts, index, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The non-empty bins only: a run's norms fill a few hundred of the 4,802."""
+        bins = np.flatnonzero(self.counts)
+        return {"bins": bins.tolist(), "counts": self.counts[bins].tolist(), "count": self.count,
+                "total": self.total, "max": self.max}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        bins, counts = state.get("bins"), state.get("counts")
+        if not (isinstance(bins, list | tuple) and isinstance(counts, list | tuple) and len(bins) == len(counts)
+                and all(type(b) is int and 0 <= b < self.counts.size for b in bins)
+                and all(type(c) is int and c >= 0 for c in counts)):  # fmt: skip
+            raise ValueError("'bins' and 'counts' must be lists of as many bin indices and counts")
+        self.counts = np.zeros_like(self.counts)
+        self.counts[np.asarray(bins, dtype=np.int64)] = np.asarray(counts, dtype=np.int64)
+        self.count, self.total, self.max = integer(state, "count"), real(state, "total"), real(state, "max")
 
     def quantile(self, q: float) -> float | None:
         if not self.count:
@@ -97,6 +115,13 @@ class SpikeScore:
         self.spikes += int(((np.abs(shifted[position] - mean) >= self.sigmas * std) & (std > 0)).sum())
         self._tail = series[-self.window :]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"tail": self._tail.tolist(), "values": self.values, "spikes": self.spikes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._tail = np.asarray(floats(state, "tail")[-self.window :], dtype=np.float64)
+        self.values, self.spikes = integer(state, "values"), integer(state, "spikes")
+
     @property
     def score(self) -> float | None:
         return self.spikes / self.values if self.values else None
@@ -121,6 +146,7 @@ class RunSummary:
         self.norm_spikes = SpikeScore()
         self.loss_spikes = SpikeScore()
         self.diagnosis: dict[str, Any] | None = None
+        self.resumed_from: list[int] = []
         self._pending: list[StepRecord] = []
 
     def add(self, message: Message) -> None:
@@ -140,6 +166,62 @@ class RunSummary:
             self.divergence = message.event
         elif isinstance(message, Diagnosed):
             self.diagnosis = dict(message.diagnosis)
+        elif isinstance(message, RunStarted) and message.summary is not None:
+            self.load_state_dict(message.summary)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values: the steps not yet folded are folded into a copy first (the folds stay put)."""
+        folded = self._folded()
+        divergence = folded.divergence
+        return {
+            "steps": folded.steps,
+            "clipped_steps": folded.clipped_steps,
+            "skipped_steps": folded.skipped_steps,
+            "nonfinite_steps": folded.nonfinite_steps,
+            "amp_overflow_steps": folded.amp_overflow_steps,
+            "explosions": folded.explosions,
+            "first_explosion_step": folded.first_explosion_step,
+            "divergence": None if divergence is None else divergence.to_dict(),
+            "all_norms": folded.all_norms.state_dict(),
+            "healthy_norms": folded.healthy_norms.state_dict(),
+            "offenders": dict(folded.offender_counts),
+            "norm_spikes": folded.norm_spikes.state_dict(),
+            "loss_spikes": folded.loss_spikes.state_dict(),
+            "diagnosis": copy.deepcopy(folded.diagnosis),
+            "resumed_from": list(folded.resumed_from),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps", "amp_overflow_steps", "explosions"):
+            setattr(self, key, integer(state, key))
+        self.first_explosion_step = optional(state, "first_explosion_step", integer)
+        divergence = state.get("divergence")
+        if divergence is None:
+            self.divergence = None
+        else:
+            divergence = part(state, "divergence")
+            reason = divergence.get("reason")
+            if not isinstance(reason, str):
+                raise ValueError("'reason' must be a string")
+            self.divergence = Divergence(integer(divergence, "step"), reason, real(divergence, "timestamp"))
+        for key in ("all_norms", "healthy_norms", "norm_spikes", "loss_spikes"):
+            getattr(self, key).load_state_dict(part(state, key))
+        offenders = part(state, "offenders")
+        if not all(isinstance(name, str) and type(n) is int for name, n in offenders.items()):
+            raise ValueError("'offenders' must map layer names to counts")
+        self.offender_counts = Counter(dict(offenders))
+        diagnosis = state.get("diagnosis")
+        self.diagnosis = None if diagnosis is None else dict(part(state, "diagnosis"))
+        self.resumed_from = [integer({"step": step}, "step") for step in state.get("resumed_from") or []]
+        self._pending = []
+
+    def _folded(self) -> RunSummary:
+        if not self._pending:
+            return self
+        folded = copy.deepcopy(self)
+        folded._fold(folded._pending)
+        folded._pending = []
+        return folded
 
     def _fold(self, records: list[StepRecord]) -> None:
         fields = StepRecord._fields
@@ -162,11 +244,7 @@ class RunSummary:
     def freeze(self, dropped_records: int = 0, top: int = 10) -> Summary:
         """The summary so far; steps not yet folded are folded into a copy, so that the folds of this
         summary stay where the other process makes them."""
-        folded = self
-        if self._pending:
-            folded = copy.deepcopy(self)
-            folded._fold(folded._pending)
-            folded._pending = []
+        folded = self._folded()
         norms = folded.all_norms
         return Summary(
             steps=folded.steps,
@@ -190,4 +268,5 @@ class RunSummary:
             spike_score=folded.norm_spikes.score,
             loss_spike_score=folded.loss_spikes.score,
             diagnosis=folded.diagnosis,
+            resumed_from=tuple(folded.resumed_from),
         )

@@ -5,11 +5,13 @@ The step itself (measure, clip, one transfer, judge, report) is ``gradtrack.pipe
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Literal, final
 
@@ -23,7 +25,7 @@ from gradtrack.amp import AmpState, ScalerWatch, amp_state, check_scaler
 from gradtrack.clipping import ClipPolicy, make_clip_policy
 from gradtrack.detection import DivergenceDetector, ExplosionDetector, Judge, SpikeSkip
 from gradtrack.distributed import topology
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, RunStatus, Summary
+from gradtrack.events import Divergence, Explosion, Resumed, RunEnd, RunStart, RunStatus, Summary
 from gradtrack.messages import RunEnded, RunStarted
 from gradtrack.outbox import Outbox
 from gradtrack.params import ParameterSet, clean_name, registrations
@@ -35,7 +37,8 @@ from gradtrack.pipeline import (
     Settings,
     StepPipeline,
 )
-from gradtrack.plugins import BackendSpec, check_backend_spec, requested_names, resolve_backends
+from gradtrack.plugins import BackendSpec, call_backend_hook, check_backend_spec, requested_names, resolve_backends
+from gradtrack.state import FORMAT, VERSION, StateError, check_plain, integer, part
 from gradtrack.validate import count, mapping, optional_count, seconds
 
 __all__ = ["DivergenceError", "GradTracker", "NonFiniteGradientError", "clean_name"]
@@ -136,6 +139,9 @@ class GradTracker:
         }
         self._max_pending = count("max_pending", max_pending)
         self._iteration = _Iteration(parameters)
+        self._backends: list[tuple[str, object]] = []
+        self._loaded: Mapping[str, Any] | None = None  # a state to resume from, checked, waiting for __enter__
+        self._entered = False
         self._handle: RemovableHandle | None = None
         self._scaler_watch: ScalerWatch | None = None
         self._stepped_since_update = False
@@ -196,28 +202,122 @@ class GradTracker:
         config.update(strategy=pipeline.topology.strategy, world_size=pipeline.topology.world_size)
         return config
 
+    # -- state across restarts ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a later process needs to continue this run: put it in your checkpoint.
+
+        Plain values and tensors only (``torch.load(path)`` reads it back at its default
+        ``weights_only=True``), never credentials: the step, each backend's run identity, the detectors'
+        windows and verdict, what the clip policy and ``on_spike`` learnt, the summary, the layer history.
+        Call it where you save your checkpoint; it costs a few milliseconds (a copy of the windows).
+        """
+        if not self._entered and self._loaded is not None:
+            return copy.deepcopy(dict(self._loaded))
+        topology = self._pipeline.topology
+        backends = {}
+        for name, backend in self._backends:
+            saved = call_backend_hook(name, backend, "gradtrack_backend_state")
+            if saved is not None:
+                backends[name] = dict(saved)
+        state = {
+            "format": FORMAT,
+            "version": VERSION,
+            "gradtrack_version": __version__,
+            "model": self._model_identity(),
+            "world": {"size": topology.world_size, "rank": topology.rank, "strategy": topology.strategy},
+            **self._pipeline.state_dict(),
+            "backends": backends,
+        }
+        check_plain(state)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the run ``state`` came from (``tracker.state_dict()`` in an earlier process): call it
+        before entering the ``with`` block.
+
+        The same tracking run is opened again and its step axis goes on from the saved step; detectors,
+        clip policies and the summary go on where they were. A state from another model, of an unknown
+        format version, or damaged raises :class:`gradtrack.StateError`, and nothing is changed.
+        """
+        if self._entered:
+            raise RuntimeError("load_state_dict must be called before entering the tracker's `with` block")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be the dict tracker.state_dict() returned, got {type(state).__name__}")
+        if state.get("format") != FORMAT:
+            raise StateError("state is not a gradtrack state (tracker.state_dict() has 'format': 'gradtrack.state')")
+        if state.get("version") != VERSION:
+            raise StateError(
+                f"state has format version {state.get('version')!r}, which gradtrack {__version__} does not read "
+                f"(it reads version {VERSION}); resume with the gradtrack version that saved it"
+            )
+        saved, here = state.get("model"), self._model_identity()
+        if not isinstance(saved, Mapping) or (saved.get("parameters"), saved.get("first")) != (
+            here["parameters"],
+            here["first"],
+        ):
+            described = (
+                f"{saved.get('parameters')} parameters, the first {saved.get('first')!r}"
+                if isinstance(saved, Mapping) else repr(saved)
+            )  # fmt: skip
+            raise StateError(
+                f"state was saved for another model ({described}); this {here['class']} has {here['parameters']} "
+                f"parameters, the first {here['first']!r}"
+            )
+        try:
+            check_plain(state)
+            world, backends = part(state, "world"), part(state, "backends")
+            integer(world, "size"), integer(world, "rank")  # read to check them
+            if not all(isinstance(name, str) and isinstance(saved, Mapping) for name, saved in backends.items()):
+                raise ValueError("'backends' must map backend names to dicts")
+            probe = StepPipeline(self._parameters, replace(self._pipeline.settings,
+                                 clip_policy=copy.deepcopy(self._pipeline.clip_policy)),
+                                 copy.deepcopy(self._pipeline.judge))  # fmt: skip
+            probe.load_state_dict(state)  # a dry run: a damaged state must leave this tracker as it was
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StateError(f"state is damaged and cannot be resumed from: {exc}") from exc
+        for note in self._pipeline.load_state_dict(state):
+            warnings.warn(f"gradtrack resumes: {note}", RuntimeWarning, stacklevel=2)
+        self._loaded = copy.deepcopy(dict(state))
+
+    def _model_identity(self) -> dict[str, Any]:
+        names = [clean_name(name) for name, _ in self.model.named_parameters()]
+        return {"class": type(self.model).__name__, "parameters": len(names), "first": names[0] if names else None}
+
+    def _start_at(self, step: int) -> None:
+        """A framework's own step count, where no state was saved (a trainer resumed into a new logger run)."""
+        if self._loaded is None and not self._entered:
+            self._pipeline.step = step
+
     # -- context ----------------------------------------------------------------------------------
 
     def __enter__(self) -> GradTracker:
-        if self._active:
+        if self._active or self._entered:
             raise RuntimeError("this GradTracker is already active; a tracker can be entered once")
         if self.model in _tracked_models:
             raise RuntimeError(
-                f"{type(self.model).__name__} is already tracked by another active GradTracker; "
-                "exit that one first"
+                f"{type(self.model).__name__} is already tracked by another active GradTracker; exit that one first"
             )
         pipeline = self._pipeline
         self._parameters.refresh()
         trainable = self._parameters.trainable()
         names = [name for name, _ in trainable]
         pipeline.topology = topology(self.model, [p for _, p in trainable], names)
+        resumed = self._resumed() if self._loaded is not None else None
         pipeline.start(names)
         if pipeline.topology.reports:
-            pipeline.outbox = Outbox.open(
-                resolve_backends(self._backend_spec, self._backend_options),
-                requested_names(self._backend_spec),
-                max_pending=self._max_pending,
-            )
+            backends = resolve_backends(self._backend_spec, self._backend_options)
+            if self._loaded is not None:
+                saved = self._loaded["backends"]
+                for name, backend in backends:
+                    if name in saved:
+                        try:
+                            call_backend_hook(name, backend, "gradtrack_load_backend_state", state=saved[name])
+                        except ValueError as exc:
+                            raise StateError(f"backend {name!r} cannot resume from its saved state: {exc}") from exc
+            self._backends = backends
+            pipeline.outbox = Outbox.open(backends, requested_names(self._backend_spec), max_pending=self._max_pending)
+        self._entered = True
         try:
             _tracked_models.add(self.model)
             registrations.watch()
@@ -236,13 +336,33 @@ class GradTracker:
                 num_parameters=sum(p.numel() for _, p in trainable),
                 model_class=type(self.model).__name__,
                 timestamp=time.time(),
+                resumed=resumed,
             )
-            pipeline.emit(RunStarted(start=start))
+            pipeline.emit(RunStarted(start=start, summary=pipeline.summary.state_dict() if resumed else None))
         except BaseException:  # leave nothing behind: no hook, no reporter, the model free to track again
             self._release()
             pipeline.outbox.close(0.0)
             raise
         return self
+
+    def _resumed(self) -> Resumed:
+        """Checks the loaded state against this process's place, and says where the run goes on."""
+        assert self._loaded is not None
+        topology, world = self._pipeline.topology, self._loaded["world"]
+        if topology.reports and world["size"] > 1 and world["rank"] != 0:
+            raise StateError(
+                f"this state was saved on rank {world['rank']}, which does not report: rank 0 resumes the "
+                "tracking run, so load rank 0's state there (any rank's state suits the other ranks)"
+            )
+        pipeline, summary = self._pipeline, self._pipeline.summary
+        summary.resumed_from.append(pipeline.step)
+        return Resumed(
+            step=pipeline.step,
+            steps=tuple(summary.resumed_from),
+            divergence=pipeline.judge.divergence.verdict,
+            explosions=summary.explosions,
+            first_explosion_step=summary.first_explosion_step,
+        )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
