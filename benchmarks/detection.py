@@ -845,37 +845,58 @@ class Report:
             return hits / total if total else 0.0
 
         loss, grads, events = (self._detector_stats(d) for d in ("tag+loss", "tag", "events"))
-        check(loss["flagged"] == loss["pos"] > 0,
-              f"diverging runs tagged diverged, loss observed: {loss['flagged']}/{loss['pos']} (target: all)")
-        runs = [r for k, (_, kwargs, _) in self.configs.items() if kwargs is not None
-                for neg in self.negatives if (r := self.run(neg, k)) is not None]
+        check(
+            loss["flagged"] == loss["pos"] > 0,
+            f"diverging runs tagged diverged, loss observed: {loss['flagged']}/{loss['pos']} (target: all)",
+        )
+        runs = [
+            r
+            for k, (_, kwargs, _) in self.configs.items()
+            if kwargs is not None
+            for neg in self.negatives
+            if (r := self.run(neg, k)) is not None
+        ]
         alarms = sum(bool(r.diverged) for r in runs)
-        check(alarms == 0, f"healthy runs tagged diverged, every gradtrack configuration: {alarms}/{len(runs)} "
-                           "(target: none)")
+        check(
+            alarms == 0,
+            f"healthy runs tagged diverged, every gradtrack configuration: {alarms}/{len(runs)} (target: none)",
+        )
         early = share(events["early"], events["pos"])
-        check(early >= EARLY_TARGET, f"diverging runs with an explosion event no later than the blow-up: "
-                                     f"{events['early']}/{events['pos']} = {early:.0%} (target: >= {EARLY_TARGET:.0%})")
+        check(
+            early >= EARLY_TARGET,
+            f"diverging runs with an explosion event no later than the blow-up: "
+            f"{events['early']}/{events['pos']} = {early:.0%} (target: >= {EARLY_TARGET:.0%})",
+        )
         alone = share(grads["flagged"], grads["pos"])
-        check(alone >= GRADS_ONLY_TARGET and grads["alarms"] == 0,
-              f"diverging runs tagged from gradients alone: {grads['flagged']}/{grads['pos']} = {alone:.0%} "
-              f"(target: >= {GRADS_ONLY_TARGET:.0%}), false alarms {grads['alarms']}/{grads['neg']} (target: none)")
+        check(
+            alone >= GRADS_ONLY_TARGET and grads["alarms"] == 0,
+            f"diverging runs tagged from gradients alone: {grads['flagged']}/{grads['pos']} = {alone:.0%} "
+            f"(target: >= {GRADS_ONLY_TARGET:.0%}), false alarms {grads['alarms']}/{grads['neg']} (target: none)",
+        )
         available = [k for k, (_, kwargs, _) in self.configs.items() if kwargs is not None and k not in MONITORS]
         protection = {k: self._protection(k) for k in available}
         # clip="auto" is the headline; until it exists, the available policy that rescues most
         headline = "gt:auto" if "gt:auto" in available else max(available, key=lambda k: protection[k]["rescued"])
         rescuable = self._rescuable([*available, *BASELINE_CLIPPERS])
-        lines.append(f"NOTE  diverging runs rescued by at least one configuration here (gradtrack or baseline): "
-                     f"{rescuable}/{protection[headline]['rescue_total']}, the most any policy reaches on this suite")
+        lines.append(
+            f"NOTE  diverging runs rescued by at least one configuration here (gradtrack or baseline): "
+            f"{rescuable}/{protection[headline]['rescue_total']}, the most any policy reaches on this suite"
+        )
         for key in sorted(available, key=lambda k: k != headline):
             p, label = protection[key], self.configs[key][0]
             mark = "  <- headline" if key == headline else ""
             rescue = share(p["rescued"], p["rescue_total"])
-            check(rescue >= RESCUE_TARGET, f"diverging runs rescued by {label}: {p['rescued']}/{p['rescue_total']} "
-                                           f"= {rescue:.0%} (target: >= {RESCUE_TARGET:.0%}){mark}")
+            check(
+                rescue >= RESCUE_TARGET,
+                f"diverging runs rescued by {label}: {p['rescued']}/{p['rescue_total']} "
+                f"= {rescue:.0%} (target: >= {RESCUE_TARGET:.0%}){mark}",
+            )
             for what, costs in (("stable scenarios", p["costs"]), ("healthy twins", p["twin_costs"])):
                 cost = statistics.fmean(costs) if costs else math.nan
-                check(cost <= COST_TARGET, f"final-loss cost of {label} on {what}: {_pct(cost)}% mean "
-                                           f"(target: <= {COST_TARGET:g}%){mark}")
+                check(
+                    cost <= COST_TARGET,
+                    f"final-loss cost of {label} on {what}: {_pct(cost)}% mean (target: <= {COST_TARGET:g}%){mark}",
+                )
         return lines
 
 

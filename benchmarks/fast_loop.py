@@ -255,7 +255,7 @@ def main() -> None:
         with configurations(workdir, args.quick) as configs:
             results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
             for round_ in range(rounds):
-                order = list(configs)[round_ % len(configs):] + list(configs)[: round_ % len(configs)]
+                order = list(configs)[round_ % len(configs) :] + list(configs)[: round_ % len(configs)]
                 for name in order:
                     backend, options = _named(configs[name])
                     results[name].append(run(backend, options, steps, warmup))
@@ -274,12 +274,16 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     bare = time.perf_counter() - begin
 
-    print(f"fast loop on {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} (1 thread), "
-          f"Python {platform.python_version()}; {steps} steps a run, {rounds} rounds, first {warmup} dropped")
+    print(
+        f"fast loop on {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} (1 thread), "
+        f"Python {platform.python_version()}; {steps} steps a run, {rounds} rounds, first {warmup} dropped"
+    )
     base = statistics.median(r["step_ms"] for r in results["no backend"])
     base_cpu = statistics.median(r["cpu_ms"] for r in results["no backend"])
-    print(f"\n{'configuration':<42} {'step ms':>8} {'vs none':>8} {'CPU vs none':>11} {'first 300':>10} "
-          f"{'enter ms':>9} {'exit ms':>8} {'reporter us/record':>19}")
+    print(
+        f"\n{'configuration':<42} {'step ms':>8} {'vs none':>8} {'CPU vs none':>11} {'first 300':>10} "
+        f"{'enter ms':>9} {'exit ms':>8} {'reporter us/record':>19}"
+    )
     failed = []
     for name, runs in results.items():
         step = statistics.median(r["step_ms"] for r in runs)
@@ -291,27 +295,40 @@ def main() -> None:
         per_record = "-" if math.isnan(reporter_us) else f"{reporter_us:.1f}"
         if name != "no backend" and step / base > 1.10:
             failed.append(name)
-        print(f"{name:<42} {step:8.3f} {step / base:7.2f}x {cpu / base_cpu:10.2f}x {first:9.2f}x {enter:9.0f} "
-              f"{leave:8.0f} {per_record:>19}")
-    print(f"\ntarget (issue 17): every backend <= 1.10x of no backend, median of {rounds} rounds: "
-          + (f"FAIL ({', '.join(failed)})" if failed else "PASS"))
-    print("reporter us/record: the reporter process's CPU time (every thread: gradtrack's and the SDK's) while the "
-          "timed steps ran, over those steps (from a flush after the warm-up, once the SDK is imported and the run "
-          "open)")
+        print(
+            f"{name:<42} {step:8.3f} {step / base:7.2f}x {cpu / base_cpu:10.2f}x {first:9.2f}x {enter:9.0f} "
+            f"{leave:8.0f} {per_record:>19}"
+        )
+    print(
+        f"\ntarget (issue 17): every backend <= 1.10x of no backend, median of {rounds} rounds: "
+        + (f"FAIL ({', '.join(failed)})" if failed else "PASS")
+    )
+    print(
+        "reporter us/record: the reporter process's CPU time (every thread: gradtrack's and the SDK's) while the "
+        "timed steps ran, over those steps (from a flush after the warm-up, once the SDK is imported and the run "
+        "open)"
+    )
     print("\nhand-over on the training thread, per step record (median us, a live reporter), and a routine record's")
     print("build-and-encode cost and size on the wire, now and as the first release pickled it:")
     for layers, cost in handoff.items():
-        print(f"  {layers:>5} layers: {cost['routine_us']:6.1f} us routine step, "
-              f"{cost['layered_us']:6.1f} us per-layer step; "
-              f"encode {cost['now_encode_us']:.1f} us / {cost['now_bytes']:.0f} bytes "
-              f"(first release {cost['first_encode_us']:.1f} us / {cost['first_bytes']:.0f} bytes)")
-    print("\nthe reporter's own work per step record (CPU us: decode, summary, dispatch, batch, a backend doing "
-          "nothing):")
+        print(
+            f"  {layers:>5} layers: {cost['routine_us']:6.1f} us routine step, "
+            f"{cost['layered_us']:6.1f} us per-layer step; "
+            f"encode {cost['now_encode_us']:.1f} us / {cost['now_bytes']:.0f} bytes "
+            f"(first release {cost['first_encode_us']:.1f} us / {cost['first_bytes']:.0f} bytes)"
+        )
+    print(
+        "\nthe reporter's own work per step record (CPU us: decode, summary, dispatch, batch, a backend doing nothing):"
+    )
     for layers, cost in own.items():
-        print(f"  {layers:>5} layers: {cost['batched']:6.1f} us with gradtrack_steps, "
-              f"{cost['per_step']:6.1f} us with gradtrack_step only")
-    print(f"\nSDK import in a fresh interpreter (now in the reporter, no longer in training): "
-          f"mlflow {sdk['mlflow']:.2f} s, wandb {sdk['wandb']:.2f} s; a bare interpreter {bare:.2f} s")
+        print(
+            f"  {layers:>5} layers: {cost['batched']:6.1f} us with gradtrack_steps, "
+            f"{cost['per_step']:6.1f} us with gradtrack_step only"
+        )
+    print(
+        f"\nSDK import in a fresh interpreter (now in the reporter, no longer in training): "
+        f"mlflow {sdk['mlflow']:.2f} s, wandb {sdk['wandb']:.2f} s; a bare interpreter {bare:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -139,10 +139,16 @@ def main() -> None:
         "silent for a third of the run": (proxy.uri, during(mode("silent"), mode("pass")), {}),
         "every request 500 ms late": (proxy.uri, during(mode("delay"), mode("pass")), {}),
         "server killed, restarted a third later": (server.uri, during(server.stop, server.start), {}),
-        "gone for the last third (spool, replay)": (proxy.uri, lambda s: mode("silent")() if s == third.stop else None,
-                                                    {"exit_timeout": 3.0}),
-        "unwritable spool directory, 503 a third": (proxy.uri, during(mode("status"), mode("pass")),
-                                                    {"spool_dir": str(blocked / "spool")}),
+        "gone for the last third (spool, replay)": (
+            proxy.uri,
+            lambda s: mode("silent")() if s == third.stop else None,
+            {"exit_timeout": 3.0},
+        ),
+        "unwritable spool directory, 503 a third": (
+            proxy.uri,
+            during(mode("status"), mode("pass")),
+            {"spool_dir": str(blocked / "spool")},
+        ),
         "a plugin raising in every hook": (proxy.uri, None, {}),
     }
     baseline = [train(steps, None, None, None)]
@@ -169,17 +175,26 @@ def main() -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     base = statistics.median(b["step_ms"] for b in baseline)
     base_cpu = statistics.median(b["cpu_ms"] for b in baseline)
-    print(f"faults on {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} (1 thread), "
-          f"{steps} steps a run, fault during steps {third.start}-{third.stop}; no backend: {base:.3f} ms/step "
-          f"(median of {len(baseline)} runs interleaved with the cases), {base_cpu:.3f} CPU ms/step")
-    print("step: wall time, with the MLflow server and the reporter on the same 2 cores; CPU: what the training "
-          "process itself spent a step (all its threads)")
-    print(f"\n{'fault':<42} {'step ms':>8} {'vs none':>8} {'CPU ms':>7} {'vs none':>8} {'exit s':>7} "
-          f"{'steps lost':>11} {'runs':>5} {'replay':>7}")
+    print(
+        f"faults on {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} (1 thread), "
+        f"{steps} steps a run, fault during steps {third.start}-{third.stop}; no backend: {base:.3f} ms/step "
+        f"(median of {len(baseline)} runs interleaved with the cases), {base_cpu:.3f} CPU ms/step"
+    )
+    print(
+        "step: wall time, with the MLflow server and the reporter on the same 2 cores; CPU: what the training "
+        "process itself spent a step (all its threads)"
+    )
+    print(
+        f"\n{'fault':<42} {'step ms':>8} {'vs none':>8} {'CPU ms':>7} {'vs none':>8} {'exit s':>7} "
+        f"{'steps lost':>11} {'runs':>5} {'replay':>7}"
+    )
     for name, result, on_server, runs, replayed in rows:
-        print(f"{name:<42} {result['step_ms']:8.3f} {result['step_ms'] / base:7.2f}x {result['cpu_ms']:7.3f} "
-              f"{result['cpu_ms'] / base_cpu:7.2f}x {result['exit_s']:7.2f} {steps - on_server:11d} {runs:5d} "
-              f"{'yes' if replayed else 'no':>7}")
+        print(
+            f"{name:<42} {result['step_ms']:8.3f} {result['step_ms'] / base:7.2f}x {result['cpu_ms']:7.3f} "
+            f"{result['cpu_ms'] / base_cpu:7.2f}x {result['exit_s']:7.2f} {steps - on_server:11d} {runs:5d} "
+            f"{'yes' if replayed else 'no':>7}"
+        )
+
 
 if __name__ == "__main__":
     main()

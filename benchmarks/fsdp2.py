@@ -103,8 +103,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_worker, args=(2, args, out), nprocs=2, join=True)
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(2)]
-    print(f"FSDP2 over gloo, 2 ranks on {os.cpu_count()} CPUs, torch {torch.__version__}: {args.layers} Linear "
-          f"layers of {args.width} ({2 * args.layers} sharded tensors), {args.calls} timed calls each")
+    print(
+        f"FSDP2 over gloo, 2 ranks on {os.cpu_count()} CPUs, torch {torch.__version__}: {args.layers} Linear "
+        f"layers of {args.width} ({2 * args.layers} sharded tensors), {args.calls} timed calls each"
+    )
     print(f"{'configuration':<40} {'ms/call':>8} {'vs (1)':>7} {'collectives':>12}")
     baseline = None
     for name in ranks[0]["times"]:

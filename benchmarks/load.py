@@ -52,10 +52,22 @@ def nice_everything(names: tuple[str, ...], pids: list[int]) -> None:
 
 def round_of(uri: str, experiment: str, steps: int, workdir: Path, tag: str) -> list[dict[str, float]]:
     started, began = time.time(), time.perf_counter()
-    trainers = [subprocess.Popen([sys.executable, str(TESTS / "load_trainer.py"), uri, experiment, f"{tag}-{i}",
-                                  str(steps), str(workdir / f"{tag}-{i}.json")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                for i in range(TRAINERS)]
+    trainers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(TESTS / "load_trainer.py"),
+                uri,
+                experiment,
+                f"{tag}-{i}",
+                str(steps),
+                str(workdir / f"{tag}-{i}.json"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(TRAINERS)
+    ]
     for trainer in trainers:
         trainer.wait(1800)
     results = [json.loads((workdir / f"{tag}-{i}.json").read_text()) for i in range(TRAINERS)]
@@ -116,25 +128,37 @@ def main() -> None:
     none_ms = statistics.mean(r["step_ms"] for r in none)
     none_cpu = statistics.mean(r["cpu_ms"] for r in none)
     none_round = statistics.mean(r["round_s"] for r in none)
-    print(f"load on {platform.machine()}, {os.cpu_count()} CPUs: {TRAINERS} trainers x {args.steps} steps, "
-          f"{args.rounds} rounds; MLflow server (1 worker) on PostgreSQL, both niced to 19")
-    print("\nstep: wall time, 8 processes sharing 2 cores (scheduling noise included); CPU: what each trainer "
-          "process itself spent per step; round: wall time until all 8 trainers exited")
-    print(f"\n{'configuration':<22} {'step ms':>8} {'vs none':>8} {'CPU ms/step':>12} {'vs none':>8} "
-          f"{'slowest CPU':>12} {'vs none':>8} {'round s':>8} {'vs none':>8} {'dropped':>8}")
+    print(
+        f"load on {platform.machine()}, {os.cpu_count()} CPUs: {TRAINERS} trainers x {args.steps} steps, "
+        f"{args.rounds} rounds; MLflow server (1 worker) on PostgreSQL, both niced to 19"
+    )
+    print(
+        "\nstep: wall time, 8 processes sharing 2 cores (scheduling noise included); CPU: what each trainer "
+        "process itself spent per step; round: wall time until all 8 trainers exited"
+    )
+    print(
+        f"\n{'configuration':<22} {'step ms':>8} {'vs none':>8} {'CPU ms/step':>12} {'vs none':>8} "
+        f"{'slowest CPU':>12} {'vs none':>8} {'round s':>8} {'vs none':>8} {'dropped':>8}"
+    )
     for name, results in (("no backend", none), ("MLflow on PostgreSQL", mlflow)):
         mean = statistics.mean(r["step_ms"] for r in results)
         cpu = statistics.mean(r["cpu_ms"] for r in results)
         slowest = max(r["cpu_ms"] for r in results)
         round_s = statistics.mean(r["round_s"] for r in results)
         dropped = sum(int(r["dropped"]) for r in results)
-        print(f"{name:<22} {mean:8.3f} {mean / none_ms:7.3f}x {cpu:12.3f} {cpu / none_cpu:7.3f}x {slowest:12.3f} "
-              f"{slowest / none_cpu:7.3f}x {round_s:8.1f} {round_s / none_round:7.3f}x {dropped:8d}")
-    print(f"\n{'round':<6} {'values on server':>17} {'runs':>5} {'s to last FINISHED':>19} {'values/s':>9} "
-          f"{'log-batch requests':>19} {'values/request':>15}")
+        print(
+            f"{name:<22} {mean:8.3f} {mean / none_ms:7.3f}x {cpu:12.3f} {cpu / none_cpu:7.3f}x {slowest:12.3f} "
+            f"{slowest / none_cpu:7.3f}x {round_s:8.1f} {round_s / none_round:7.3f}x {dropped:8d}"
+        )
+    print(
+        f"\n{'round':<6} {'values on server':>17} {'runs':>5} {'s to last FINISHED':>19} {'values/s':>9} "
+        f"{'log-batch requests':>19} {'values/request':>15}"
+    )
     for index, (values, seconds, batches, runs) in enumerate(delivery):
-        print(f"{index:<6} {values:17,d} {runs:5d} {seconds:19.1f} {values / seconds:9,.0f} {batches:19,d} "
-              f"{values / max(batches, 1):15,.0f}")
+        print(
+            f"{index:<6} {values:17,d} {runs:5d} {seconds:19.1f} {values / seconds:9,.0f} {batches:19,d} "
+            f"{values / max(batches, 1):15,.0f}"
+        )
     # 10 contract metrics, grad/param_norm, loss; 16 grad_norm/ and 16 weight_norm/ (per-layer cadence: every step)
     expected = TRAINERS * args.steps * (10 + 1 + 1 + 16 + 16)
     print(f"\nexpected per round: {expected:,} values (every one of them must be on the server)")

@@ -44,9 +44,11 @@ def main(steps: int = 60) -> None:
             tracker.observe(loss)
             optimizer.step()
     summary = tracker.summary()
-    print(f"clipped {summary.clipped_steps}/{summary.steps} steps at max_norm=1.0; median norm "
-          f"{summary.norm_median:.3g}, p95 {summary.norm_p95:.3g}; "
-          f"next time try max_norm={summary.recommended_max_norm:.2g}")
+    print(
+        f"clipped {summary.clipped_steps}/{summary.steps} steps at max_norm=1.0; median norm "
+        f"{summary.norm_median:.3g}, p95 {summary.norm_p95:.3g}; "
+        f"next time try max_norm={summary.recommended_max_norm:.2g}"
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def main(steps: int = 100) -> None:
             tracker.observe(loss)
             optimizer.step()
     summary = tracker.summary()
-    print(f"clipped {summary.clipped_steps}/{summary.steps} steps; median norm {summary.norm_median:.3g}, "
-          f"p95 {summary.norm_p95:.3g}; next time try max_norm={summary.recommended_max_norm:.2g}")
+    print(
+        f"clipped {summary.clipped_steps}/{summary.steps} steps; median norm {summary.norm_median:.3g}, "
+        f"p95 {summary.norm_p95:.3g}; next time try max_norm={summary.recommended_max_norm:.2g}"
+    )
 
 
 if __name__ == "__main__":

@@ -104,6 +104,17 @@ class RunHistory:
         self.explosions.append((step, total_norm))
         del self.explosions[:-1000]  # the latest thousand are plenty for a plot
 
+    def absorb(self, later: RunHistory) -> None:
+        """Append a later part of the run (a resumed process's), whose steps all come after these."""
+        self._totals.add_many(*later._totals.series())
+        for name, pooled in later._layers.items():
+            for step, value in zip(*pooled.series(), strict=True):
+                self.add_layer_values(int(step), {name: float(value)})
+        self.explosions = [*self.explosions, *later.explosions][-1000:]
+        if later.diverged_step is not None:
+            self.diverged_step, self.diverged_reason = later.diverged_step, later.diverged_reason
+        self.threshold = later.threshold if later.threshold is not None else self.threshold
+
     def totals(self) -> tuple[np.ndarray, np.ndarray]:
         return self._totals.series()
 

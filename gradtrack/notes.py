@@ -54,6 +54,9 @@ def summary_note(summary: Summary, status: str, images: Sequence[tuple[str, str]
         f"| recommended max_norm | {advice} |",
         f"| top offenders | {offenders} |",
     ]
+    if summary.resumed_from:  # the steps each restart went on from: MLflow keeps both values of a step trained twice
+        resumed = ", ".join(f"step {step}" for step in summary.resumed_from)
+        lines.append(f"| resumed | {len(summary.resumed_from)} time(s), from {resumed} |")
     lines += ["", *(f"![{caption}]({url})" for caption, url in images)] if images else []
     return "\n".join(lines) + "\n"
 

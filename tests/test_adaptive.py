@@ -128,7 +128,7 @@ def test_agc_clips_units_against_their_weight_norms_like_the_nfnet_reference() -
     bias, bias_grad = torch.tensor([2.0, -1.0]), torch.tensor([0.01, 0.5])
     reference = [grad.clone(), bias_grad.clone()]
     for g, w in zip(reference, (weight, bias), strict=True):  # NFNet's unitwise_norm and clip, written out
-        unit = (lambda x: x.abs() if x.ndim <= 1 else x.norm(dim=1, keepdim=True))  # noqa: E731
+        unit = lambda x: x.abs() if x.ndim <= 1 else x.norm(dim=1, keepdim=True)  # noqa: E731
         limit = 0.1 * unit(w).clamp(min=1e-3)
         norm = unit(g)
         g.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-6), 1.0))

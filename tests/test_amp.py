@@ -86,8 +86,13 @@ def test_scaled_gradients_are_reported_unscaled_and_clipped_true(name: str, reco
     assert summary.amp_overflow_steps == len(_OVERFLOW_STEPS) and summary.steps == steps
     assert summary.explosions == 0 and summary.nonfinite_steps == 0 and summary.skipped_steps == 0
     assert not tracker.diverged and not recorder.of("explosion") and not recorder.of("divergence")
-    assert records[2].metrics() == {"grad/amp_overflow": 1.0, "grad/clipped": 0.0, "grad/explosion": 0.0,
-                                    "grad/nonfinite": 0.0, "grad/diverged": 0.0}
+    assert records[2].metrics() == {
+        "grad/amp_overflow": 1.0,
+        "grad/clipped": 0.0,
+        "grad/explosion": 0.0,
+        "grad/nonfinite": 0.0,
+        "grad/diverged": 0.0,
+    }
     assert records[0].metrics()["grad/amp_overflow"] == 0.0
     tolerance = {} if name not in _FUSED else {"rtol": 1e-5, "atol": 1e-7}  # unscaled inside the fused kernel
     for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):

@@ -32,8 +32,10 @@ class Gate(RecordingBackend):
 def test_a_stuck_backend_neither_blocks_training_nor_its_sibling(recorder: RecordingBackend) -> None:
     gate = Gate()
     model = mlp()
-    with pytest.warns(RuntimeWarning, match="'Gate' is falling behind; keeping one routine step record in 10"), \
-            GradTracker(model, backend=[gate, recorder], max_pending=20, explosion_threshold=1e9) as tracker:
+    with (
+        pytest.warns(RuntimeWarning, match="'Gate' is falling behind; keeping one routine step record in 10"),
+        GradTracker(model, backend=[gate, recorder], max_pending=20, explosion_threshold=1e9) as tracker,
+    ):
         for step in range(200):
             model(torch.randn(4, 8)).sum().backward()
             if step == 150:
@@ -66,8 +68,10 @@ def test_close_returns_within_its_timeout_when_a_backend_hangs() -> None:
 def test_exit_warns_about_a_backend_that_outlives_close_timeout() -> None:
     gate = Gate()
     model = mlp()
-    with pytest.warns(RuntimeWarning, match=r"\['Gate'\] did not finish within close_timeout=0.2s"), \
-            GradTracker(model, backend=gate, close_timeout=0.2) as tracker:
+    with (
+        pytest.warns(RuntimeWarning, match=r"\['Gate'\] did not finish within close_timeout=0.2s"),
+        GradTracker(model, backend=gate, close_timeout=0.2) as tracker,
+    ):
         model(torch.randn(4, 8)).sum().backward()
         tracker.step()
     gate.open.set()
@@ -76,8 +80,10 @@ def test_exit_warns_about_a_backend_that_outlives_close_timeout() -> None:
 def test_the_backlog_is_bounded_even_when_every_step_explodes() -> None:
     gate = Gate()
     model = mlp()
-    with pytest.warns(RuntimeWarning, match="falling behind"), \
-            GradTracker(model, backend=gate, clip=None, max_pending=5, explosion_threshold=1e-9) as tracker:
+    with (
+        pytest.warns(RuntimeWarning, match="falling behind"),
+        GradTracker(model, backend=gate, clip=None, max_pending=5, explosion_threshold=1e-9) as tracker,
+    ):
         for _ in range(200):
             model(torch.randn(4, 8)).sum().backward()
             tracker.step()

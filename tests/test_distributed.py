@@ -98,8 +98,9 @@ def _sharded_mlp(seed: int = 0) -> torch.nn.Module:
 
 
 def _full_norms(model: torch.nn.Module, norm_type: float) -> dict[str, float]:
-    return {name: torch.linalg.vector_norm(p.grad.full_tensor(), norm_type).item()
-            for name, p in model.named_parameters()}
+    return {
+        name: torch.linalg.vector_norm(p.grad.full_tensor(), norm_type).item() for name, p in model.named_parameters()
+    }
 
 
 def _reference_clip(model: torch.nn.Module, max_norm: float, norm_type: float) -> None:
@@ -141,8 +142,10 @@ def _fsdp2(rank: int, world: int) -> dict[str, Any]:
                     optimizer.step()
                 collectives.append(comm.get_total_counts())
                 reference_optimizer.step()
-                clipped_alike &= all(torch.allclose(a.to_local(), b.to_local(), rtol=1e-5, atol=1e-7)
-                                     for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+                clipped_alike &= all(
+                    torch.allclose(a.to_local(), b.to_local(), rtol=1e-5, atol=1e-7)
+                    for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+                )
         result[str(norm_type)] = {
             "collectives": collectives,
             "expected": expected,
@@ -204,8 +207,10 @@ def _changing_set(rank: int) -> dict[str, Any]:
                         optimizers[0].step()
                     collectives.append(comm.get_total_counts())
                     optimizers[1].step()
-                    alike &= all(torch.allclose(a.to_local(), b.to_local(), rtol=1e-5, atol=1e-7)
-                                 for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True))
+                    alike &= all(
+                        torch.allclose(a.to_local(), b.to_local(), rtol=1e-5, atol=1e-7)
+                        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True)
+                    )
             steps = recorder.of("step")
             results[f"{change}-{clip}"] = {
                 "alike": alike, "collectives": collectives, "expected": expected,
@@ -218,8 +223,11 @@ def _changing_set(rank: int) -> dict[str, Any]:
 
 
 def _full_norms_with_grad(model: torch.nn.Module) -> dict[str, float]:
-    return {name: torch.linalg.vector_norm(p.grad.full_tensor()).item()
-            for name, p in model.named_parameters() if p.grad is not None}
+    return {
+        name: torch.linalg.vector_norm(p.grad.full_tensor()).item()
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
 
 
 def _nan_on_one_rank(rank: int) -> dict[str, Any]:
@@ -266,8 +274,9 @@ def test_fsdp2_norms_are_global_with_one_collective_and_every_rank_decides_alike
         assert other["config"] is None  # rank 1 starts no backend
         for layers, expected in zip(case["layers"], case["expected"], strict=True):
             assert layers == pytest.approx(expected, rel=1e-5)
-        exact = [torch.linalg.vector_norm(torch.tensor(list(e.values())), float(norm_type)).item()
-                 for e in case["expected"]]
+        exact = [
+            torch.linalg.vector_norm(torch.tensor(list(e.values())), float(norm_type)).item() for e in case["expected"]
+        ]
         assert case["totals"] == pytest.approx(exact, rel=1e-5)
         assert case["clipped_alike"] and other["clipped_alike"]  # as torch's clip_grad_norm_ on DTensors
         assert case["summary"]["clipped_steps"] == 3 == other["summary"]["clipped_steps"]
@@ -312,8 +321,12 @@ def _fsdp2_tp(rank: int, world: int) -> dict[str, Any]:
         with CommDebugMode() as comm:
             tracker.step()
     steps = recorder.of("step")
-    return {"expected": expected, "layers": steps[0].layer_norms if steps else None,
-            "collectives": comm.get_total_counts(), "strategy": tracker.config()["strategy"]}
+    return {
+        "expected": expected,
+        "layers": steps[0].layer_norms if steps else None,
+        "collectives": comm.get_total_counts(),
+        "strategy": tracker.config()["strategy"],
+    }
 
 
 @pytest.mark.slow

@@ -39,10 +39,20 @@ def test_lstm_clipped_at_one(capfd: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_torchrun_example(strategy: str, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node=2", str(EXAMPLES / "torchrun_fsdp2.py"),
-               "--strategy", strategy, "--steps", "6", "--backend", "console"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        str(torchrun),
+        "--nproc_per_node=2",
+        str(EXAMPLES / "torchrun_fsdp2.py"),
+        "--strategy",
+        strategy,
+        "--steps",
+        "6",
+        "--backend",
+        "console",
+    ]
+    done = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{strategy} on 2 ranks: 6 steps" in done.stdout
     assert done.stdout.count("[gradtrack] run finished: 6 steps") == 1  # rank 0 alone reports

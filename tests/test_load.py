@@ -55,9 +55,21 @@ def test_eight_trainers_deliver_every_value_to_a_postgres_backed_server(
 ) -> None:
     experiment = "load"
     trainers = [
-        subprocess.Popen([sys.executable, str(HERE / "load_trainer.py"), postgres_server.uri, experiment,
-                          f"trainer-{index}", str(STEPS), str(tmp_path / f"trainer-{index}.json")],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "load_trainer.py"),
+                postgres_server.uri,
+                experiment,
+                f"trainer-{index}",
+                str(STEPS),
+                str(tmp_path / f"trainer-{index}.json"),
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for index in range(TRAINERS)
     ]
     outputs = [trainer.communicate(timeout=400)[0] for trainer in trainers]

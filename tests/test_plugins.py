@@ -18,7 +18,7 @@ from gradtrack.plugins import AUTOLOAD_ENV, resolve_backends
 from gradtrack_testing.models import mlp
 from gradtrack_testing.recording import RecordingBackend
 
-PLUGIN_SOURCE = '''
+PLUGIN_SOURCE = """
 import os
 import sys
 
@@ -39,7 +39,7 @@ class Collector:
 @hookimpl
 def gradtrack_make_backend(name, options):
     return Collector(**options) if name == "collector" else None
-'''
+"""
 
 
 @pytest.fixture
@@ -95,8 +95,10 @@ def test_unknown_backend_lists_installed_ones_and_the_extra() -> None:
         resolve_backends("tensorboard")
     assert "backend='tensorboard' is not installed; installed backends: [" in str(caught.value)
     assert "'console'" in str(caught.value)
-    with pytest.raises(UnknownBackendError, match=r"pip install 'gradtrack\[mlflow\]'"), \
-            pytest.MonkeyPatch.context() as patch:
+    with (
+        pytest.raises(UnknownBackendError, match=r"pip install 'gradtrack\[mlflow\]'"),
+        pytest.MonkeyPatch.context() as patch,
+    ):
         patch.setenv(AUTOLOAD_ENV, "1")
         resolve_backends("mlflow")
 
@@ -127,14 +129,16 @@ def test_a_misspelt_hook_is_rejected_when_the_tracker_starts() -> None:
 
 
 def test_a_backend_that_cannot_run_here_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "needs_sdk.py").write_text(textwrap.dedent('''
+    (tmp_path / "needs_sdk.py").write_text(
+        textwrap.dedent("""
         from gradtrack import BackendUnavailableError, hookimpl
 
         @hookimpl
         def gradtrack_make_backend(name, options):
             if name == "needs_sdk":
                 raise BackendUnavailableError("backend='needs_sdk' needs the SDK: pip install sdk")
-    '''))
+    """)
+    )
     dist_info = tmp_path / "needs_sdk-1.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: needs-sdk\nVersion: 1.0\n")

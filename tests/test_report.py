@@ -171,9 +171,18 @@ def browser(tmp_path: Path) -> Any:
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", "--window-size=1600,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(argument)  # fmt: skip
     session = webdriver.Chrome(service=Service(driver), options=options)
     session.implicitly_wait(20)
@@ -209,7 +218,7 @@ def test_the_mlflow_ui_shows_which_run_diverged_and_its_plots(two_runs: tuple[st
     browser.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Escape closes the menu
     body = _wait_for_text(browser, "true")
     browser.save_screenshot(str(tmp_path / "runs.png"))
-    rows = body[body.index("Run Name"):]
+    rows = body[body.index("Run Name") :]
     assert "healthy" in rows and "exploding" in rows and "true" in rows and "false" in rows
     assert "reporter_main.py" not in rows  # the source is the training script, not gradtrack's reporter
 

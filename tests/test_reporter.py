@@ -46,16 +46,19 @@ def test_records_arrive_complete_and_in_order(probe: Path, recorder: RecordingBa
         assert line["total_norm"] == pytest.approx(stats.total_norm, nan_ok=True)
         assert line["loss"] == pytest.approx(stats.loss, nan_ok=True)
         assert line["layer_p95"] == pytest.approx(stats.layer_p95, nan_ok=True)
-        assert line["layer_norms"] == (pytest.approx(dict(stats.layer_norms), nan_ok=True)
-                                       if stats.layer_norms is not None else None)
+        assert line["layer_norms"] == (
+            pytest.approx(dict(stats.layer_norms), nan_ok=True) if stats.layer_norms is not None else None
+        )
     assert delivered[-1]["summary"] == tracker.summary().to_dict() | {"clip_rate": tracker.summary().clip_rate}
 
 
 def test_flush_waits_for_the_reporter_and_close_timeout_bounds_the_exit(probe: Path) -> None:
     model = mlp()
     options = {"probe": {"path": str(probe), "delay_s": 0.05}}
-    with pytest.warns(RuntimeWarning, match=r"\['probe'\] did not finish within close_timeout=0.3s"), \
-            GradTracker(model, backend="probe", backend_options=options, close_timeout=0.3) as tracker:
+    with (
+        pytest.warns(RuntimeWarning, match=r"\['probe'\] did not finish within close_timeout=0.3s"),
+        GradTracker(model, backend="probe", backend_options=options, close_timeout=0.3) as tracker,
+    ):
         for _ in range(4):
             model(torch.randn(2, 8)).sum().backward()
             tracker.step()
@@ -76,8 +79,10 @@ def test_flush_waits_for_the_reporter_and_close_timeout_bounds_the_exit(probe: P
 def test_backend_warnings_are_raised_again_in_the_training_process(probe: Path) -> None:
     model = mlp()
     options = {"probe": {"path": str(probe), "fail_in": "step"}}
-    with pytest.warns(RuntimeWarning, match=r"'probe' failed in gradtrack_step: OSError\('probe fails in step'\)"), \
-            GradTracker(model, backend="probe", backend_options=options) as tracker:
+    with (
+        pytest.warns(RuntimeWarning, match=r"'probe' failed in gradtrack_step: OSError\('probe fails in step'\)"),
+        GradTracker(model, backend="probe", backend_options=options) as tracker,
+    ):
         for _ in range(3):
             model(torch.randn(2, 8)).sum().backward()
             tracker.step()
@@ -87,8 +92,10 @@ def test_backend_warnings_are_raised_again_in_the_training_process(probe: Path) 
 def test_a_reporter_that_dies_costs_training_nothing_but_a_warning(probe: Path) -> None:
     model = mlp()
     options = {"probe": {"path": str(probe), "crash_at_step": 3}}
-    with pytest.warns(RuntimeWarning, match="reporter process ended unexpectedly"), \
-            GradTracker(model, backend="probe", backend_options=options) as tracker:
+    with (
+        pytest.warns(RuntimeWarning, match="reporter process ended unexpectedly"),
+        GradTracker(model, backend="probe", backend_options=options) as tracker,
+    ):
         for _ in range(40):
             model(torch.randn(2, 8)).sum().backward()
             tracker.step()

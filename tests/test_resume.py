@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrack import GradTracker
+from gradtrack import GradTracker, StateError
 from gradtrack_testing.models import VanillaRNN
 
 STEPS, CUT = 120, 70
@@ -130,3 +130,90 @@ def test_a_resumed_run_replaying_the_same_batches_ends_in_the_state_of_an_uninte
     )  # fmt: skip
     assert summary.top_offenders == expected.top_offenders
     assert summary.norm_median == expected.norm_median and summary.recommended_max_norm == expected.recommended_max_norm
+
+
+# -- bad input: a clear error, and the tracker as it was -------------------------------------------------
+
+
+def _saved(steps: int = 20, **options: Any) -> dict[str, Any]:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with GradTracker(model, **options) as tracker:
+        _train(tracker, model, optimizer, _batches(steps))
+    return tracker.state_dict()
+
+
+def test_a_state_from_another_model_is_refused_naming_both() -> None:
+    state = _saved()
+    other = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    with pytest.raises(StateError, match=r"another model \(5 parameters, the first 'W_x.weight'\); this Sequential "
+                                         r"has 4 parameters, the first '0.weight'"):  # fmt: skip
+        GradTracker(other).load_state_dict(state)
+    renamed = copy.deepcopy(state)
+    renamed["model"]["first"] = "encoder.weight"
+    with pytest.raises(StateError, match="another model"):
+        GradTracker(_model()).load_state_dict(renamed)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda s: s.update(version=99), "format version 99, which gradtrack .* does not read"),
+        (lambda s: s.update(format="something"), "not a gradtrack state"),
+        (lambda s: s["judge"]["explosions"].update(history="x"), "damaged.*'history' must be a list of numbers"),
+        (lambda s: s["judge"].pop("divergence"), "damaged.*'divergence' must be a dict"),
+        (lambda s: s["summary"]["all_norms"].update(bins=[10**9]), "damaged.*'bins' and 'counts'"),
+        (lambda s: s.update(step="12"), "damaged.*'step' must be an integer"),
+        (lambda s: s["clip"]["state"].update(mean=object()), "damaged.*not a plain value"),
+    ],
+    ids=["version", "format", "window", "missing", "histogram", "step", "object"],
+)
+def test_a_damaged_or_unknown_state_is_refused_and_changes_nothing(damage: Any, message: str) -> None:
+    state = _saved(clip="zscore")
+    damage(state)
+    tracker = GradTracker(_model(), clip="zscore")
+    before = tracker.state_dict()
+    with pytest.raises(StateError, match=message):
+        tracker.load_state_dict(state)
+    assert tracker.steps == 0 and not tracker.diverged
+    assert _differences(tracker.state_dict(), before) == []
+
+
+def test_load_state_dict_takes_a_dict_and_comes_before_entering() -> None:
+    model = _model()
+    with pytest.raises(TypeError, match="must be the dict tracker.state_dict\\(\\) returned, got list"):
+        GradTracker(model).load_state_dict([])  # type: ignore[arg-type]
+    state = _saved()
+    with GradTracker(model) as tracker, pytest.raises(RuntimeError, match="before entering"):
+        tracker.load_state_dict(state)
+
+
+def test_a_changed_clip_policy_starts_afresh_with_a_warning() -> None:
+    state = _saved(clip="zscore")
+    tracker = GradTracker(_model(), clip="adaptive")
+    with pytest.warns(RuntimeWarning, match=r"the clip policy changed \('zscore' then, 'adaptive' now\)"):
+        tracker.load_state_dict(state)
+    assert tracker.steps == 20  # everything else goes on
+
+
+def test_the_state_is_plain_values_and_tensors_that_torch_load_reads_back(tmp_path: Any) -> None:
+    state = _saved(clip="adagc", max_norm=5.0)
+    torch.save({"gradtrack": state}, tmp_path / "checkpoint.pt")
+    loaded = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["gradtrack"]
+    assert _differences(loaded, state) == []
+    assert isinstance(state["clip"]["state"]["gamma"], torch.Tensor)
+    assert isinstance(state["layers"]["ema"], torch.Tensor)
+
+
+def test_the_reporters_summary_of_a_resumed_run_starts_from_the_saved_one() -> None:
+    from gradtrack.events import RunStart
+    from gradtrack.messages import RunStarted
+    from gradtrack.summary import RunSummary
+
+    state = _saved(40)
+    start = RunStart(config={}, layer_names=(), num_parameters=0, model_class="m", timestamp=0.0)
+    reporter = RunSummary()
+    reporter.add(RunStarted(start=start, summary=state["summary"]))  # what the reporter process does
+    trainer = RunSummary()
+    trainer.load_state_dict(state["summary"])
+    assert reporter.freeze() == trainer.freeze() and reporter.freeze().steps == 40

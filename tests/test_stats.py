@@ -32,8 +32,9 @@ def test_total_and_layer_norms_match_torch(norm_type: float, mixed: bool) -> Non
     for position, index in enumerate(batch.order):
         expected = torch.linalg.vector_norm(grads[index].double(), norm_type).item()
         assert host.layer_norms[position] == pytest.approx(expected, rel=1e-6)  # bf16 reduced in fp32
-    exact = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double(), norm_type) for g in grads]),
-                                     norm_type)
+    exact = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.double(), norm_type) for g in grads]), norm_type
+    )
     assert host.total_norm == pytest.approx(exact.item(), rel=1e-6)
     assert host.clip_coef == 1.0 and host.loss is None
 

@@ -83,7 +83,7 @@ def test_amp_overflow_steps_are_counted_and_explosions_name_offenders() -> None:
     assert frozen.norm_max == 50.0 and frozen.recommended_max_norm == pytest.approx(1.0, rel=0.02)
 
 
-_TRAINER = '''
+_TRAINER = """
 import os, signal, sys
 import torch
 from torch import nn
@@ -110,7 +110,7 @@ for step in range(60):
 if kill:
     os.kill(os.getpid(), signal.SIGKILL)  # every record is in the reporter's pipe already
 tracker.__exit__(None, None, None)
-'''
+"""
 
 
 @pytest.mark.slow

@@ -18,8 +18,14 @@ from gradtrack_testing.models import VanillaRNN, mlp, regression_batches
 from gradtrack_testing.recording import RecordingBackend
 
 
-def train(model: nn.Module, tracker: GradTracker | None, steps: int = 20, lr: float = 0.05, seed: int = 0,
-          observe: bool = True) -> list[float]:
+def train(
+    model: nn.Module,
+    tracker: GradTracker | None,
+    steps: int = 20,
+    lr: float = 0.05,
+    seed: int = 0,
+    observe: bool = True,
+) -> list[float]:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for x, y in regression_batches(steps, seed=seed):
@@ -54,9 +60,18 @@ def test_every_hook_in_order_off_the_training_thread(recorder: RecordingBackend)
     assert first.layer_p50 == pytest.approx(float(np.percentile(norms, 50)))
     assert first.layer_p95 == pytest.approx(float(np.percentile(norms, 95)))
     assert first.total_norm == pytest.approx(math.sqrt(sum(n * n for n in norms)))
-    assert set(first.metrics()) >= {"grad/total_norm", "grad/clip_coef", "grad/clipped", "grad/explosion",
-                                    "grad/nonfinite", "grad/diverged", "grad/layer_p50", "grad/layer_p95",
-                                    "grad/layer_max", "loss"}
+    assert set(first.metrics()) >= {
+        "grad/total_norm",
+        "grad/clip_coef",
+        "grad/clipped",
+        "grad/explosion",
+        "grad/nonfinite",
+        "grad/diverged",
+        "grad/layer_p50",
+        "grad/layer_p95",
+        "grad/layer_max",
+        "loss",
+    }
     end = recorder.of("run_end")[0]
     assert end.status == "finished" and end.summary.steps == 12
 
@@ -94,8 +109,9 @@ def test_norm_clipping_trains_exactly_like_clip_grad_norm() -> None:
     assert tracker.summary().clipped_steps > 0
 
 
-def rnn_run(radius: float, steps: int, recorder: RecordingBackend, clip: str | None = None,
-            lr: float = 0.05, seed: int = 0) -> GradTracker:
+def rnn_run(
+    radius: float, steps: int, recorder: RecordingBackend, clip: str | None = None, lr: float = 0.05, seed: int = 0
+) -> GradTracker:
     model = VanillaRNN(radius=radius, seed=seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -189,8 +205,10 @@ def test_skip_drops_the_update_of_a_nonfinite_step(recorder: RecordingBackend) -
 def test_raise_names_the_offending_layer(recorder: RecordingBackend) -> None:
     model = mlp()
     _poison(model, {1})
-    with pytest.raises(NonFiniteGradientError, match=r"step 1 in: 2\.weight"), \
-            GradTracker(model, backend=recorder, on_nonfinite="raise") as tracker:
+    with (
+        pytest.raises(NonFiniteGradientError, match=r"step 1 in: 2\.weight"),
+        GradTracker(model, backend=recorder, on_nonfinite="raise") as tracker,
+    ):
         train(model, tracker, steps=4)
     assert recorder.of("run_end")[0].status == "failed"
     assert [e.step for e in recorder.of("explosion")] == [1]
@@ -233,8 +251,10 @@ def test_a_failing_backend_warns_once_and_spares_training_and_siblings(recorder:
             raise OSError("tracker down")
 
     model = mlp()
-    with pytest.warns(RuntimeWarning, match="'Broken' failed in gradtrack_step") as warned, \
-            GradTracker(model, backend=[Broken(), recorder]) as tracker:
+    with (
+        pytest.warns(RuntimeWarning, match="'Broken' failed in gradtrack_step") as warned,
+        GradTracker(model, backend=[Broken(), recorder]) as tracker,
+    ):
         train(model, tracker, steps=5)
     assert len([w for w in warned if "Broken" in str(w.message)]) == 1
     assert len(recorder.of("step")) == 5 and recorder.of("run_end")
@@ -307,8 +327,7 @@ def test_frozen_and_unused_parameters_are_skipped(recorder: RecordingBackend) ->
     with GradTracker(model, backend=recorder, layer_every=1) as tracker:
         model["used"](model["frozen"](torch.randn(2, 3))).sum().backward()
         tracker.step()
-    assert set(recorder.of("run_start")[0].layer_names) == {"used.weight", "used.bias", "unused.weight",
-                                                            "unused.bias"}
+    assert set(recorder.of("run_start")[0].layer_names) == {"used.weight", "used.bias", "unused.weight", "unused.bias"}
     assert set(recorder.of("step")[0].layer_norms or {}) == {"used.weight", "used.bias"}
 
 
@@ -381,9 +400,7 @@ def _split_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
 
 
 @pytest.mark.parametrize("order", ["matrices first", "vectors first"])
-def test_several_optimizers_make_one_step_clipped_over_the_whole_model(
-    order: str, recorder: RecordingBackend
-) -> None:
+def test_several_optimizers_make_one_step_clipped_over_the_whole_model(order: str, recorder: RecordingBackend) -> None:
     ours, theirs = mlp(seed=5), mlp(seed=5)
     mine, reference = _split_optimizers(ours), _split_optimizers(theirs)
     if order == "vectors first":
@@ -437,6 +454,7 @@ def test_closure_optimizers_are_measured_on_the_gradients_the_closure_makes(reco
             if clip:  # the reference: what a user would write by hand inside the closure
                 norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True).item())
             return loss
+
         return closure
 
     norms: list[float] = []

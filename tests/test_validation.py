@@ -24,9 +24,11 @@ _TRACKER: list[tuple[str, Any, str]] = [
     *[("explosion_threshold", bad, "explosion_threshold must be a number > 0") for bad in _BAD_NUMBERS],
     *[("spike_factor", bad, "spike_factor must be a number > 1") for bad in (1, 0.5, math.nan, "x", True)],
     *[("loss_blowup", bad, "loss_blowup must be a finite number > 0") for bad in (*_BAD_NUMBERS, math.inf)],
-    *[(name, bad, f"{name} must be an int >= 1") for name in ("nonfinite_patience", "loss_patience", "log_every",
-                                                                "top_k", "max_pending")
-      for bad in (0, -3, 2.5, "3", True, None)],
+    *[
+        (name, bad, f"{name} must be an int >= 1")
+        for name in ("nonfinite_patience", "loss_patience", "log_every", "top_k", "max_pending")
+        for bad in (0, -3, 2.5, "3", True, None)
+    ],
     *[("layer_every", bad, r"layer_every must be an int >= 1 \(or None") for bad in (0, 1.5, "10", False)],
     *[("close_timeout", bad, "close_timeout must be a number of seconds >= 0") for bad in (-1, math.nan, "5", None)],
     ("norm_type", 3, "norm_type must be 1, 2 or inf"),

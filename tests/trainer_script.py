@@ -26,8 +26,10 @@ def main(backend: str, target: str, name: str, progress: str) -> None:
         "wandb": {"wandb": {"dir": target, "project": name, "mode": "offline"}},
         "console": {"console": {"every": 10}},
     }[backend]
-    with GradTracker(model, backend=backend, backend_options=options, layer_every=5) as tracker, \
-            open(progress, "a", buffering=1) as out:
+    with (
+        GradTracker(model, backend=backend, backend_options=options, layer_every=5) as tracker,
+        open(progress, "a", buffering=1) as out,
+    ):
         for step in range(100_000):
             x = torch.randn(32, 8)
             loss = nn.functional.mse_loss(model(x).squeeze(-1), x.sum(-1))

@@ -136,15 +136,63 @@ class MLflowBackend:
         if loss_key == "auto":
             loss_key = "loss" if self.owns_run else "gradtrack/loss"
         self.loss_key = loss_key
-        self.run_key = uuid.uuid4().hex
+        self.run_key = uuid.uuid4().hex  # tags the run gradtrack creates: a retry, or a resumed process, finds it
+        self.resuming = False
+        self._ends_given_run = False  # a resumed process that goes on in the run an earlier one was given
+        self._saved_experiment_id: str | None = None
+        self._resumed_step: int | None = None
         self._default_spool_dir = spool_dir is None
-        self.spool = Spool(Path(spool_dir or Path(".gradtrack", "spool")).absolute() / self.run_key)
+        self.spool = Spool(Path(spool_dir or Path(".gradtrack", "spool")).absolute() / uuid.uuid4().hex)
         self.sender: Sender | None = None
         self._layer_keys: dict[str, str] = {}
         self._explosions = 0
         self._tags_sent_at = -math.inf
         self._explosion_tag_due = False
         self._unwritable: set[str] = set()
+
+    # -- resuming -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def gradtrack_backend_state(self) -> dict[str, Any]:
+        """The run's key (gradtrack's tag on the run it created) or the id of the run it was given, and the
+        experiment as configured: no tracking URI, which may carry credentials."""
+        if not self.owns_run:
+            return {"run_id": self.run_id, "owned": False}
+        return {"run_key": self.run_key, "owned": True, "experiment_name": self._experiment_name(),
+                "experiment_id": self._experiment_id()}  # fmt: skip
+
+    @hookimpl
+    def gradtrack_load_backend_state(self, state: Mapping[str, Any]) -> None:
+        """Open the saved run again, unless this process was given a run of its own (an active run,
+        ``run_id``, a logger's run): that one is the user's choice, and the step axis goes on in it."""
+        owned = state.get("owned")
+        if not isinstance(owned, bool):
+            raise ValueError(f"mlflow state 'owned' must be True or False, got {owned!r}")
+        for key in ("run_key", "run_id", "experiment_name", "experiment_id"):
+            if state.get(key) is not None and not isinstance(state[key], str):
+                raise ValueError(f"mlflow state {key!r} must be a string or None, got {type(state[key]).__name__}")
+        if not self.owns_run:
+            return
+        if not owned:  # the earlier process logged into a run it was given: go on in it, and end it now
+            if not state.get("run_id"):
+                raise ValueError("mlflow state has neither a run_id nor a run_key")
+            self.run_id, self.owns_run = state["run_id"], False
+            self._ends_given_run = True
+            return
+        if not state.get("run_key") or not re.fullmatch(r"[0-9a-f]{32}", state["run_key"]):
+            raise ValueError(f"mlflow state 'run_key' must be 32 hex digits, got {state.get('run_key')!r}")
+        self.run_key, self.resuming = state["run_key"], True
+        if self.experiment_name is None and state.get("experiment_name"):
+            self.experiment_name = state["experiment_name"]
+        self._saved_experiment_id = state.get("experiment_id")
+
+    def _experiment_name(self) -> str | None:
+        return self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+
+    def _experiment_id(self) -> str | None:
+        if self.experiment_name:
+            return None
+        return self._saved_experiment_id or os.environ.get("MLFLOW_EXPERIMENT_ID")
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -161,25 +209,38 @@ class MLflowBackend:
         self._history.threshold = start.config.get("explosion_threshold")
         if self.plots:  # matplotlib takes seconds to import: not at the end of the run, where exit waits
             threading.Thread(target=_import_plots, name="gradtrack-plots-import", daemon=True).start()
-        self.sender = Sender(
-            Sink(uri, self.request_timeout), self.spool, self.run_key, self.run_id, self.flush_every_s
-        )
-        start_tags = {**self.tags, "diverged": "false"}
+        self.sender = Sender(Sink(uri, self.request_timeout), self.spool, self.run_key, self.run_id, self.flush_every_s)
+        resumed = start.resumed
+        start_tags = {**self.tags, "diverged": "true" if resumed and resumed.divergence else "false"}
+        if resumed is not None:  # what an earlier process counted stays counted
+            start_tags["gradtrack.resumes"] = str(len(resumed.steps))
+            self._explosions = resumed.explosions
+            self._history.diverged_step = resumed.divergence.step if resumed.divergence else None
+            self._history.diverged_reason = resumed.divergence.reason if resumed.divergence else None
+            self._resumed_step = resumed.step
         if self.owns_run:  # the training process's script and commit, not the reporter's
-            self.sender.put({
+            create = {
                 "op": "create_run",
-                "experiment_name": self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME"),
-                "experiment_id": None if self.experiment_name else os.environ.get("MLFLOW_EXPERIMENT_ID"),
+                "experiment_name": self._experiment_name(),
+                "experiment_id": self._experiment_id(),
                 "run_name": self.run_name,
                 "start_time": int(start.timestamp * 1000),
                 "tags": resolve_tags({**self._context, **start_tags}),
-            })
+            }
+            if self.resuming:  # the run with this key, open again; a new one (with a warning) if it is gone
+                create["resume"] = True
+            self.sender.put(create)
         params = {f"gradtrack.{k.removeprefix('gradtrack_')}": str(v) for k, v in start.config.items()}
-        params.update({
-            "gradtrack.version": __version__,
-            "gradtrack.model_class": start.model_class,
-            "gradtrack.num_parameters": str(start.num_parameters),
-        })
+        params.update(
+            {
+                "gradtrack.version": __version__,
+                "gradtrack.model_class": start.model_class,
+                "gradtrack.num_parameters": str(start.num_parameters),
+            }
+        )
+        if resumed is not None:  # MLflow's params never change: log the new ones, keep (and name) the changed
+            self.sender.put({"op": "new_params", "params": params}, urgent=True)
+            params = {}
         self.sender.put({"op": "fragment", "params": params, "tags": start_tags}, urgent=True)
         self._write("events.jsonl", "")
 
@@ -264,7 +325,7 @@ class MLflowBackend:
         if self.note:  # {run_id} is filled in when the note is sent: the run may not exist yet
             images = [(name, f"get-artifact?path=gradtrack/{name}&run_uuid={{run_id}}") for name in plots]
             self.sender.put({"op": "note", "text": summary_note(end.summary, end.status, images)})
-        if self.owns_run:
+        if self.owns_run or self._ends_given_run:
             self.sender.put({"op": "terminate", "status": _STATUS[end.status], "end_time": ms})
         done = self.sender.close(max(0.0, deadline - time.monotonic()))
         if not done and not self.sender.held and not self.sender.thread.is_alive() and not self.spool.has_pending():
@@ -309,8 +370,9 @@ class MLflowBackend:
             from gradtrack.plots import draw_layers, draw_norms
 
             private_directory(self.spool.directory)
-            draw_norms(self._history, self.spool.directory / "norms.png")
-            draw_layers(self._history, self.spool.directory / "layers.png")
+            history = self._whole_history()
+            draw_norms(history, self.spool.directory / "norms.png")
+            draw_layers(history, self.spool.directory / "layers.png")
         except ImportError as exc:
             warnings.warn(f"gradtrack draws no plots: {exc} (pip install 'gradtrack[plots]')", RuntimeWarning,
                           stacklevel=3)  # fmt: skip
@@ -319,6 +381,31 @@ class MLflowBackend:
             warnings.warn(f"gradtrack cannot write its plots ({exc!r})", RuntimeWarning, stacklevel=3)
             return []
         return ["norms.png", "layers.png"]
+
+    def _whole_history(self, timeout: float = 10.0) -> RunHistory:
+        """A resumed run's plots cover it all: the earlier processes' steps come back from MLflow (their newest
+        values), within ``timeout``, when the server answers now; else this process's steps alone."""
+        assert self.sender is not None
+        run_id = self.run_id or self.sender.sink.run_ids.get(self.run_key)
+        if self._resumed_step is None or run_id is None or self.spool.has_pending():
+            return self._history
+        result: list[RunHistory] = []
+
+        def fetch() -> None:
+            from gradtrack_mlflow.cli import history_of
+
+            client = self.sender.sink.client  # type: ignore[union-attr]
+            with contextlib.suppress(Exception):  # a plot of this process's steps is still a plot
+                result.append(history_of(client, client.get_run(run_id), before=self._resumed_step))
+
+        worker = threading.Thread(target=fetch, name="gradtrack-mlflow-history", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if not result:
+            return self._history
+        whole = result[0]
+        whole.absorb(self._history)
+        return whole
 
     def _write(self, name: str, text: str, append: bool = True) -> None:
         """A file beside the spool (events, summary); a full or read-only disk costs a warning, not the run."""

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -139,17 +140,30 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def history_of(client: Any, run: Any) -> RunHistory:
-    """A run's history rebuilt from its logged metrics (``gradtrack report`` draws it)."""
+def newest(metrics: Iterable[Any], before: int | None = None) -> dict[int, float]:
+    """Each step's newest value, in step order: a resumed run trained (and logged) some steps twice."""
+    latest: dict[int, tuple[int, float]] = {}
+    for metric in metrics:
+        if (before is None or metric.step < before) and (
+            metric.step not in latest or metric.timestamp >= latest[metric.step][0]
+        ):
+            latest[metric.step] = (metric.timestamp, metric.value)
+    return {step: latest[step][1] for step in sorted(latest)}
+
+
+def history_of(client: Any, run: Any, before: int | None = None) -> RunHistory:
+    """A run's history rebuilt from its logged metrics (``gradtrack report`` draws it); with ``before``,
+    the steps before that one only (a resumed run's earlier processes)."""
     history = RunHistory()
     threshold = run.data.params.get("gradtrack.explosion_threshold")
     history.threshold = float(threshold) if threshold else None
     run_id = run.info.run_id
-    for metric in sorted(client.get_metric_history(run_id, "grad/total_norm"), key=lambda m: m.step):
-        history.add_step(metric.step, metric.value)
-    explosions = {m.step for m in client.get_metric_history(run_id, "grad/explosion") if m.value >= 1}
-    norms = {m.step: m.value for m in client.get_metric_history(run_id, "grad/total_norm")}
-    for step in sorted(explosions):
+    norms = newest(client.get_metric_history(run_id, "grad/total_norm"), before)
+    for step, value in norms.items():
+        history.add_step(step, value)
+    flags = newest(client.get_metric_history(run_id, "grad/explosion"), before)
+    explosions = [step for step, value in flags.items() if value >= 1]
+    for step in explosions:
         history.add_explosion(step, norms.get(step, math.nan))
     if run.data.tags.get("gradtrack.diverged_step", "").isdigit():
         history.diverged_step = int(run.data.tags["gradtrack.diverged_step"])
@@ -158,8 +172,8 @@ def history_of(client: Any, run: Any) -> RunHistory:
     if len(layers) > LAYER_FETCH_LIMIT:
         layers = sorted(layers, key=lambda key: run.data.metrics[key], reverse=True)[:LAYER_FETCH_LIMIT]
     for key in sorted(layers):
-        for metric in client.get_metric_history(run_id, key):
-            history.add_step_layer(metric.step, key.removeprefix("grad_norm/"), metric.value)
+        for step, value in newest(client.get_metric_history(run_id, key), before).items():
+            history.add_step_layer(step, key.removeprefix("grad_norm/"), value)
     return history
 
 
@@ -186,9 +200,11 @@ def _report(args: argparse.Namespace) -> int:
             _stack([norms, layers], output)
     print(f"run {row['run_id']} ({row['run_name']}): {row['status']}, diverged {row['diverged']}"
           + (f" at step {row['diverged_step']}: {row['diverged_reason']}" if row["diverged"] else ""))  # fmt: skip
-    print(f"explosions {_text(row['explosions'])}, first at step {_text(row['first_explosion_step'])}; "
-          f"clip rate {_rate(row['clip_rate'])}; p95 norm {_number(row['norm_p95'])}; "
-          f"recommended max_norm {_number(row['recommended_max_norm'])}")
+    print(
+        f"explosions {_text(row['explosions'])}, first at step {_text(row['first_explosion_step'])}; "
+        f"clip rate {_rate(row['clip_rate'])}; p95 norm {_number(row['norm_p95'])}; "
+        f"recommended max_norm {_number(row['recommended_max_norm'])}"
+    )
     print(f"top offenders: {row['top_offenders'] or 'none'}")
     print(f"written: {output}")
     return 0

@@ -100,9 +100,7 @@ def coalesce(items: Sequence[Op], run_key: str, run_id: str | None, tracking_uri
 class Sender:
     """One thread per run that owns all traffic to MLflow; see the module docstring."""
 
-    def __init__(
-        self, sink: Sink, spool: Spool, run_key: str, run_id: str | None, flush_every_s: float
-    ) -> None:
+    def __init__(self, sink: Sink, spool: Spool, run_key: str, run_id: str | None, flush_every_s: float) -> None:
         self.sink = sink
         self.spool = spool
         self.run_key = run_key
@@ -154,11 +152,15 @@ class Sender:
         return True
 
     def close(self, timeout: float) -> bool:
-        """Send what is left, retrying the spool until ``timeout``; True if nothing is left on disk."""
+        """Send what is left, retrying the spool until ``timeout``; True if nothing is left on disk.
+
+        No request starts that could end past the deadline, but one under way when ``close`` is called
+        may (a server that stopped answering): waiting for it, at most ``request_timeout`` more, lets the
+        thread write what it holds to the spool before this process may end."""
         with self._cond:
             self._give_up_at = time.monotonic() + timeout
             self._cond.notify_all()
-        self.thread.join(join_timeout(timeout + 1.0))
+        self.thread.join(join_timeout(timeout + self.sink.request_timeout + 1.0))
         return not self.thread.is_alive() and not self._offline and not self._held
 
     @property

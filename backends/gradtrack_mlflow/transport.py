@@ -1,7 +1,8 @@
 """Executing journal operations against one MLflow tracking URI, each request bounded in time.
 
-An operation is a small JSON-able dict (``create_run``, ``log_batch``, ``log_artifact``, ``note``,
-``terminate``), the same shape whether it is sent live or replayed from a spool file.
+An operation is a small JSON-able dict (``create_run``, which with ``resume`` opens the run of that key
+again, ``log_batch``, ``new_params``, ``log_artifact``, ``note``, ``terminate``), the same shape whether it
+is sent live or replayed from a spool file.
 
 Over HTTP the JSON endpoints are called through ``mlflow.utils.rest_utils.http_request`` with
 ``max_retries=0`` and ``timeout=request_timeout``: MLflow's own client reads its retry policy from
@@ -98,6 +99,8 @@ class Sink:
             self._terminate(self.run_id(op), op["status"], op["end_time"])
         elif kind == "note":
             self._note(self.run_id(op), op["text"].replace("{run_id}", self.run_id(op)))
+        elif kind == "new_params":
+            self._new_params(self.run_id(op), op["params"])
         else:
             raise PermanentError(f"unknown operation {kind!r}")
 
@@ -105,6 +108,10 @@ class Sink:
 
     def _create_run(self, op: Op) -> str:
         tags: Mapping[str, str] = {**op["tags"], RUN_KEY_TAG: op["run_key"]}
+        if op.get("resume"):
+            found = self._resume_run(op)
+            if found is not None:
+                return found
         if not self.is_http:
             experiment_id = op.get("experiment_id") or self._local_experiment(op.get("experiment_name"))
             if op.get("attempted") and (found := self._local_run_with_key(experiment_id, op["run_key"])):
@@ -122,6 +129,68 @@ class Sink:
         if op.get("run_name"):
             body["run_name"] = op["run_name"]
         return str(self._rest("POST", "runs/create", body)["run"]["info"]["run_id"])
+
+    def _resume_run(self, op: Op) -> str | None:
+        """The run an earlier process created with this key, set RUNNING again with this process's tags;
+        None (and a warning) when it is gone: deleted, or in no experiment this process can see."""
+        key = op["run_key"]
+        if self.is_http:
+            experiment_id = op.get("experiment_id") or self._rest_experiment(op.get("experiment_name"))
+            body = {"experiment_ids": [experiment_id], "filter": _key_filter(key), "max_results": 1,
+                    "run_view_type": "ACTIVE_ONLY"}  # fmt: skip
+            runs = self._rest("POST", "runs/search", body).get("runs", [])
+            run_id = str(runs[0]["info"]["run_id"]) if runs else None
+        else:
+            from mlflow.entities import ViewType
+
+            experiment_id = op.get("experiment_id") or self._local_experiment(op.get("experiment_name"))
+            found = self.client.search_runs([experiment_id], _key_filter(key), ViewType.ACTIVE_ONLY, max_results=1)
+            run_id = str(found[0].info.run_id) if found else None
+        if run_id is None:
+            import warnings
+
+            warnings.warn(
+                f"gradtrack cannot find the MLflow run it is resuming (tag {RUN_KEY_TAG}={key} in experiment "
+                f"{experiment_id}: deleted since?); it logs into a new run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        tags = {k: v for k, v in op["tags"].items() if not k.startswith("mlflow.")}  # the run keeps its source
+        if self.is_http:
+            self._rest("POST", "runs/update", {"run_id": run_id, "status": "RUNNING"})
+            body = {"run_id": run_id, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+            self._rest("POST", "runs/log-batch", body)
+        else:
+            from mlflow.entities import RunTag
+
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        return run_id
+
+    def _new_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        """Params a resumed run does not have yet; one whose value changed keeps its first value (MLflow
+        refuses to change a param), and the change is named in a warning."""
+        if self.is_http:
+            logged = self._rest("GET", "runs/get", {"run_id": run_id})["run"]["data"].get("params", [])
+            existing = {param["key"]: param["value"] for param in logged}
+        else:
+            existing = dict(self.client.get_run(run_id).data.params)
+        changed = sorted(key for key, value in params.items() if key in existing and existing[key] != value)
+        if changed:
+            import warnings
+
+            listed = ", ".join(f"{key}: {existing[key]} -> {params[key]}" for key in changed)
+            warnings.warn(
+                f"the resumed run's settings changed ({listed}); MLflow keeps a param's first value, so the run's "
+                "params show the earlier ones",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        new = {key: value for key, value in params.items() if key not in existing}
+        for start in range(0, len(new), 100):  # MLflow takes at most 100 params a request
+            chunk = dict(list(new.items())[start : start + 100])
+            self._log_batch(run_id, [], chunk, {})
 
     def _local_run_with_key(self, experiment_id: str, run_key: str) -> str | None:
         """The run an earlier attempt of this create_run made, if the store got it before the answer was lost."""

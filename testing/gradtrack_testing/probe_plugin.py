@@ -56,8 +56,15 @@ class Probe:
             os._exit(3)  # like a segfault in an SDK: no cleanup, no goodbye
         if self.delay_s:
             time.sleep(self.delay_s)
-        self._write("step", step=stats.step, total_norm=stats.total_norm, loss=stats.loss,
-                    layer_norms=stats.layer_norms, layer_p95=stats.layer_p95, amp_overflow=stats.amp_overflow)
+        self._write(
+            "step",
+            step=stats.step,
+            total_norm=stats.total_norm,
+            loss=stats.loss,
+            layer_norms=stats.layer_norms,
+            layer_p95=stats.layer_p95,
+            amp_overflow=stats.amp_overflow,
+        )
 
     @hookimpl
     def gradtrack_layers_added(self, layers: LayersAdded) -> None:

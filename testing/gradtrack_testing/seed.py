@@ -28,10 +28,12 @@ def detect_exploding_gradients(model: nn.Module, threshold: float = 10.0) -> dic
         has_inf = torch.isinf(param.grad).any().item()
         if has_nan or has_inf or grad_norm > threshold:
             results["has_explosion"] = True
-            results["problematic_layers"].append({
-                "name": name,
-                "grad_norm": grad_norm,
-                "has_nan": has_nan,
-                "has_inf": has_inf,
-            })
+            results["problematic_layers"].append(
+                {
+                    "name": name,
+                    "grad_norm": grad_norm,
+                    "has_nan": has_nan,
+                    "has_inf": has_inf,
+                }
+            )
     return results
