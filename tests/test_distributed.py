@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -159,7 +161,55 @@ def _fsdp2(rank: int, world: int) -> dict[str, Any]:
     result["nan_on_one_rank"] = _nan_on_one_rank(rank)
     result["value_clip"] = _value_clip(rank)
     result["changing_set"] = _changing_set(rank)
+    result["resume"] = _resume(rank)
     return result
+
+
+def _resume(rank: int) -> dict[str, Any]:
+    """Each rank saves its state; each resumes from its own, and rank 0 refuses rank 1's (no run identity)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from gradtrack import GradTracker, StateError
+
+    def train(tracker: GradTracker, model: torch.nn.Module, steps: range) -> list[int]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        counts = []
+        for step in steps:
+            torch.manual_seed(100 * step + rank)
+            model.zero_grad()
+            model(torch.randn(4, 8)).square().mean().backward()
+            with CommDebugMode() as comm:
+                optimizer.step()
+            counts.append(comm.get_total_counts())
+        return counts
+
+    model = _sharded_mlp()
+    with GradTracker(model, clip="auto") as first:
+        train(first, model, range(6))
+    state = first.state_dict()
+    saved = Path(tempfile.gettempdir(), f"gradtrack-resume-{os.getppid()}")  # the ranks share their parent
+    torch.save(state, f"{saved}-rank{rank}.pt")
+    torch.distributed.barrier()
+    refused = ""
+    probe = GradTracker(model, clip="auto")
+    probe.load_state_dict(torch.load(f"{saved}-rank1.pt"))  # rank 1's state on every rank
+    try:
+        with probe:  # every rank enters (entering agrees on the layout with one collective)
+            pass
+    except StateError as exc:
+        refused = str(exc)
+    second = GradTracker(model, clip="auto")
+    second.load_state_dict(torch.load(f"{saved}-rank{rank}.pt"))
+    with second:
+        counts = train(second, model, range(6, 9))
+    return {
+        "world": state["world"],
+        "judge": state["judge"]["explosions"]["history"],
+        "steps": second.steps,
+        "collectives": counts,
+        "refused": refused,
+        "resumed_from": list(second.summary().resumed_from),
+    }
 
 
 def _changing_set(rank: int) -> dict[str, Any]:
@@ -293,6 +343,12 @@ def test_fsdp2_norms_are_global_with_one_collective_and_every_rank_decides_alike
         assert "0.weight" in case["last_layers"] and case["added"] == [["0.weight", "0.bias"]]
         assert other["totals"] == [] and other["added"] == []  # rank 1 reports nothing
     assert rank0["changing_set"]["unfreeze-norm"]["clipped"] == 4
+    resume0, resume1 = rank0["resume"], rank1["resume"]
+    assert resume0["world"] == {"size": 2, "rank": 0, "strategy": "fsdp2"} and resume1["world"]["rank"] == 1
+    assert resume0["judge"] == resume1["judge"]  # decisions are global: every rank's windows are the same
+    assert resume0["steps"] == resume1["steps"] == 9 and resume0["resumed_from"] == [6]
+    assert resume0["collectives"] == resume1["collectives"] == [1, 1, 1]  # no collective of its own
+    assert "saved on rank 1, which does not report" in resume0["refused"] and resume1["refused"] == ""
 
 
 # -- FSDP2 + tensor parallel on a 2-D mesh --------------------------------------------------------------
