@@ -16,14 +16,17 @@ from torch import nn
 pytest.importorskip("lightning")
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from gradtrack import GradTracker
 from gradtrack.integrations.lightning import GradTrackerCallback
 from gradtrack_testing.recording import RecordingBackend
 
 pytestmark = [
+    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
@@ -91,13 +94,17 @@ def loader() -> torch.utils.data.DataLoader:
 
 
 def fit(tmp_path: Path, callbacks: list[pl.Callback], module: Any = None, **trainer_options: Any) -> pl.Trainer:
-    options: dict[str, Any] = {"logger": False, "accumulate_grad_batches": ACCUMULATE, "log_every_n_steps": 1}
+    options: dict[str, Any] = {
+        "logger": False, "accumulate_grad_batches": ACCUMULATE, "log_every_n_steps": 1, "max_steps": STEPS,
+        "enable_checkpointing": False,
+    }  # fmt: skip
     options.update(trainer_options)
+    ckpt_path = options.pop("ckpt_path", None)
     trainer = pl.Trainer(
-        max_steps=STEPS, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=callbacks, **options,
+        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=callbacks, **options,
     )  # fmt: skip
-    trainer.fit(module if module is not None else Regression(), loader())
+    trainer.fit(module if module is not None else Regression(), loader(), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -309,3 +316,88 @@ def test_backbone_finetuning_unfreezes_layers_that_gradtrack_measures_and_clips(
     assert set(recorder.of("run_start")[0].layer_names) == {"net.2.weight", "net.2.bias"}
     (added,) = recorder.of("layers_added")
     assert set(added.names) == backbone and added.step == per_epoch
+
+
+# -- resuming from Lightning's checkpoints ----------------------------------------------------------
+
+
+class LateRestore(SingleDeviceStrategy):
+    """Restores the checkpoint after ``on_fit_start``, as Lightning's FSDP, DeepSpeed and ModelParallel do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def checkpointed(tmp_path: Path, callbacks: list[pl.Callback], **trainer_options: Any) -> Path:
+    """A first fit of ``STEPS`` steps whose ``ModelCheckpoint`` saves at its last step; the checkpoint's path."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=STEPS, save_top_k=-1)
+    fit(tmp_path, [*callbacks, saver], enable_checkpointing=True, **trainer_options)
+    (path,) = (tmp_path / "checkpoints").iterdir()
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["default", "late-restore"])
+def test_fit_from_a_checkpoint_resumes_gradtracks_run(tmp_path: Path, strategy: str) -> None:
+    uninterrupted, first, second = RecordingBackend(), RecordingBackend(), RecordingBackend()
+    fit(tmp_path / "whole", [GradTrackerCallback(backend=uninterrupted, max_norm=1.0)], max_steps=2 * STEPS)
+
+    before = GradTrackerCallback(backend=first, max_norm=1.0)
+    path = checkpointed(tmp_path, [before])
+    saved = torch.load(path, weights_only=True)["callbacks"]["GradTrackerCallback"]["gradtrack"]
+    assert saved["step"] == STEPS and saved["format"] == "gradtrack.state"
+
+    options: dict[str, Any] = {} if strategy == "default" else {"strategy": LateRestore(torch.device("cpu"))}
+    after = GradTrackerCallback(backend=second, max_norm=1.0)
+    fit(tmp_path, [after], max_steps=2 * STEPS, ckpt_path=path, **options)
+
+    (start,) = second.of("run_start")
+    assert start.resumed is not None and start.resumed.step == STEPS
+    steps = second.of("step")
+    assert [s.step for s in steps] == list(range(STEPS, 2 * STEPS))
+    whole = uninterrupted.of("step")
+    assert [s.total_norm for s in first.of("step") + steps] == pytest.approx([s.total_norm for s in whole], rel=1e-5)
+    assert after.tracker is not None
+    summary = after.tracker.summary()
+    assert summary.steps == 2 * STEPS and summary.resumed_from == (STEPS,)  # the counts cover both fits
+    assert summary.clipped_steps == uninterrupted.of("run_end")[0].summary.clipped_steps
+
+
+def test_fit_from_a_checkpoint_without_gradtracks_state_goes_on_from_the_global_step(tmp_path: Path) -> None:
+    path = checkpointed(tmp_path, [])  # trained without gradtrack
+    recorder = RecordingBackend()
+    fit(tmp_path, [GradTrackerCallback(backend=recorder)], max_steps=2 * STEPS, ckpt_path=path)
+    assert recorder.of("run_start")[0].resumed is None
+    assert [s.step for s in recorder.of("step")] == list(range(STEPS, 2 * STEPS))
+
+
+def test_a_later_fit_without_a_checkpoint_starts_afresh(tmp_path: Path) -> None:
+    """The state a fit(ckpt_path=...) loaded is used once: the next fit of the same callback is a new run."""
+    path = checkpointed(tmp_path, [GradTrackerCallback(backend=RecordingBackend())])
+    recorder = RecordingBackend()
+    callback = GradTrackerCallback(backend=recorder)
+    fit(tmp_path, [callback], max_steps=2 * STEPS, ckpt_path=path)
+    fit(tmp_path, [callback])
+    resumed, fresh = recorder.of("run_start")
+    assert resumed.resumed is not None and fresh.resumed is None
+    assert [s.step for s in recorder.of("step")] == [*range(STEPS, 2 * STEPS), *range(STEPS)]
+
+
+def test_mlflow_logger_run_resumed_by_id_continues_gradtracks_step_axis(tmp_path: Path, mlflow_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    logger = MLFlowLogger(experiment_name="lightning-resume", tracking_uri=mlflow_uri)
+    probe = Probe()
+    path = checkpointed(tmp_path, [probe, GradTrackerCallback(close_timeout=120)], logger=logger)
+    run_id = logger.run_id
+    again = MLFlowLogger(experiment_name="lightning-resume", tracking_uri=mlflow_uri, run_id=run_id)
+    callback = GradTrackerCallback(close_timeout=120)
+    fit(tmp_path, [probe, callback], logger=again, max_steps=2 * STEPS, ckpt_path=path)
+
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("lightning-resume")
+    assert [run.info.run_id for run in client.search_runs([experiment.experiment_id])] == [run_id]
+    history = sorted(client.get_metric_history(run_id, "grad/total_norm"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(2 * STEPS))  # no second step 0: the axis went on
+    assert [m.value for m in history] == pytest.approx(probe.before, rel=1e-6)
+    assert client.get_run(run_id).data.metrics["gradtrack.summary.steps"] == 2 * STEPS

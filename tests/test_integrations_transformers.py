@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from transformers import (
 )
 
 from gradtrack import GradTracker
-from gradtrack.integrations.transformers import GradTrackerCallback
+from gradtrack.integrations.transformers import STATE_FILE, GradTrackerCallback
 from gradtrack_testing.recording import RecordingBackend
 
 pytestmark = [
@@ -86,9 +87,10 @@ def train(
         "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True,
         "disable_tqdm": True, **arguments,
     }  # fmt: skip
+    resume = options.pop("resume_from_checkpoint", None)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), **options)
     trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=callbacks)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, model
 
 
@@ -211,3 +213,51 @@ def test_amp_state_before_and_after_the_scaler_unscaled(recorder: RecordingBacke
     assert [s.amp_overflow for s in steps] == [False, False, True]
     assert [s.total_norm for s in steps[:2]] == pytest.approx(true_norms[:2], rel=1e-5)
     assert driven.tracker.summary().explosions == 0
+
+
+# -- resuming from the Trainer's checkpoints ----------------------------------------------------------
+
+# A constant learning rate: the schedule of a run of STEPS steps is then that of the first STEPS of a longer one.
+RESUMABLE: dict[str, Any] = {"lr_scheduler_type": "constant", "save_strategy": "steps", "save_steps": STEPS}
+
+
+@pytest.mark.parametrize("resume", ["last", "moved"])
+def test_resume_from_checkpoint_resumes_gradtracks_run(tmp_path: Path, resume: str) -> None:
+    uninterrupted, first, second = RecordingBackend(), RecordingBackend(), RecordingBackend()
+    train(tmp_path / "whole", [GradTrackerCallback(backend=uninterrupted, max_norm=1.0)], max_steps=2 * STEPS,
+          max_grad_norm=0.0, **RESUMABLE)  # fmt: skip
+
+    train(tmp_path, [GradTrackerCallback(backend=first, max_norm=1.0)], max_grad_norm=0.0, **RESUMABLE)
+    checkpoint = tmp_path / "out" / f"checkpoint-{STEPS}"
+    assert torch.load(checkpoint / STATE_FILE, weights_only=True)["step"] == STEPS
+    location: bool | str = True
+    if resume == "moved":  # the folder the Trainer is given, not the output_dir's checkpoint-N, holds the state
+        moved = tmp_path / "elsewhere" / "resume-here"
+        shutil.copytree(checkpoint, moved)
+        shutil.rmtree(tmp_path / "out")
+        location = str(moved)
+    callback = GradTrackerCallback(backend=second, max_norm=1.0)
+    train(tmp_path, [callback], max_steps=2 * STEPS, max_grad_norm=0.0, resume_from_checkpoint=location,
+          **RESUMABLE)  # fmt: skip
+
+    (start,) = second.of("run_start")
+    assert start.resumed is not None and start.resumed.step == STEPS
+    steps = second.of("step")
+    assert [s.step for s in steps] == list(range(STEPS, 2 * STEPS))
+    whole = uninterrupted.of("step")
+    assert [s.total_norm for s in first.of("step") + steps] == pytest.approx([s.total_norm for s in whole], rel=1e-4)
+    assert callback.tracker is not None
+    summary = callback.tracker.summary()
+    assert summary.steps == 2 * STEPS and summary.resumed_from == (STEPS,)  # the counts cover both train() calls
+    assert summary.clipped_steps == uninterrupted.of("run_end")[0].summary.clipped_steps
+    assert (tmp_path / "out" / f"checkpoint-{2 * STEPS}" / STATE_FILE).is_file()
+
+
+def test_resume_from_a_checkpoint_without_gradtracks_state_goes_on_from_the_global_step(tmp_path: Path) -> None:
+    train(tmp_path, [], **RESUMABLE)  # trained without gradtrack
+    assert not (tmp_path / "out" / f"checkpoint-{STEPS}" / STATE_FILE).exists()
+    recorder = RecordingBackend()
+    train(tmp_path, [GradTrackerCallback(backend=recorder)], max_steps=2 * STEPS, resume_from_checkpoint=True,
+          **RESUMABLE)  # fmt: skip
+    assert recorder.of("run_start")[0].resumed is None
+    assert [s.step for s in recorder.of("step")] == list(range(STEPS, 2 * STEPS))

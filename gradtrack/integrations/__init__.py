@@ -144,10 +144,22 @@ class HandDriven:
         self.open = False
 
     @classmethod
-    def start(cls, model: nn.Module, options: Mapping[str, Any]) -> HandDriven:
+    def start(
+        cls, model: nn.Module, options: Mapping[str, Any], state: Mapping[str, Any] | None = None, step: int = 0
+    ) -> HandDriven:
+        """Create and enter the tracker, resuming ``state`` (``tracker.state_dict()`` in a checkpoint) if given.
+
+        Without a state, ``step`` is the framework's own count of optimizer steps already done (a trainer
+        resumed from a checkpoint that holds no gradtrack state): gradtrack's step axis goes on from there
+        instead of restarting at 0 in a run that may already hold those steps.
+        """
         from gradtrack.tracker import GradTracker
 
         tracker = GradTracker(model, **options)
+        if state is not None:
+            tracker.load_state_dict(state)
+        elif step > 0:
+            tracker._start_at(step)
         tracker.__enter__()
         driven = cls(tracker)
         driven.open = True

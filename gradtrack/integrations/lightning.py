@@ -2,8 +2,13 @@
 
 Where each piece of work happens, in the order Lightning runs its hooks for one optimizer step:
 
-* ``on_fit_start``: a ``GradTracker`` on the LightningModule is entered (after the strategy set up the model
-  and the optimizers), reporting into the run of the trainer's ``MLFlowLogger`` / ``WandbLogger``.
+* ``on_fit_start``: the options are settled (after the strategy set up the model and the optimizers):
+  reporting into the run of the trainer's ``MLFlowLogger`` / ``WandbLogger``, clipping left to Lightning
+  under ``gradient_clip_val``.
+* ``on_train_start``: a ``GradTracker`` on the LightningModule is entered. Not at ``on_fit_start``: for
+  ``fit(ckpt_path=...)`` Lightning restores the loops (``trainer.global_step``) after ``on_fit_start``, and
+  under FSDP, DeepSpeed and ModelParallel strategies it calls ``load_state_dict`` after it too; both are
+  done by ``on_train_start``, and a tracker resumes only before it is entered.
 * ``on_before_backward`` (each micro-batch): the loss is observed. It is the loss Lightning is about to
   differentiate, so it belongs to the optimizer step being accumulated, and gradtrack sees it before that
   step is judged. Lightning hands it divided by ``accumulate_grad_batches`` (and multiplied by the AMP
@@ -18,10 +23,17 @@ Where each piece of work happens, in the order Lightning runs its hooks for one 
   following ``optimizer.step()`` (often with a closure) is not measured again.
 * ``on_fit_end`` closes the tracker (``finished``), ``on_exception`` closes it ``failed`` (``killed`` on
   Ctrl-C), ``teardown`` closes it if neither ran.
+
+Resuming: Lightning's checkpoints hold the callback's ``state_dict()`` (``{"gradtrack": tracker.state_dict()}``),
+and ``fit(ckpt_path=...)`` hands it to ``load_state_dict`` before ``on_train_start``, where the tracker loads it
+before it is entered: the same tracking run goes on, with its step, detectors, clip policy and summary. From a
+checkpoint without it, gradtrack's steps go on from ``trainer.global_step``.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +69,7 @@ class GradTrackerCallback(Callback):
       that logger's run (``logger.experiment`` is created first); both: both; neither: no backend.
       ``backend`` given: it is used as given, and an ``"mlflow"`` / ``"wandb"`` named there still logs into the
       logger's run unless ``backend_options`` say otherwise (``run_id``, ...).
+    * ``fit(ckpt_path=...)`` resumes gradtrack's run from Lightning's checkpoint (see ``state_dict``).
     * ``Trainer(gradient_clip_val=...)``: Lightning clips, so gradtrack only watches (``clip=None``), with a
       warning; it measures before Lightning's clipping, so ``grad/total_norm`` is the norm Lightning clipped.
       ``clip=`` (other than None), ``max_norm=`` or ``clip_value=`` beside ``gradient_clip_val`` are refused (the
@@ -67,6 +80,8 @@ class GradTrackerCallback(Callback):
         super().__init__()
         self._options = check_options("GradTrackerCallback", tracker_options)
         self._driven: HandDriven | None = None
+        self._fit_options: dict[str, Any] | None = None  # settled at on_fit_start, used at on_train_start
+        self._resumed: Mapping[str, Any] | None = None  # gradtrack's state from the checkpoint fit() resumes
         self._scaler: Any = None
         self._loss_factor = 1
         self._warned: set[str] = set()
@@ -80,6 +95,7 @@ class GradTrackerCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close(None)
+        self._driven, self._fit_options = None, None
         options = dict(self._options)
         clip_val = trainer.gradient_clip_val
         if clip_val is not None and clip_val > 0:
@@ -111,7 +127,14 @@ class GradTrackerCallback(Callback):
                 "LightningModule at each optimizer step. For separate sub-models (a GAN), use one GradTracker per "
                 "sub-model in the module instead",
             )
-        self._driven = HandDriven.start(pl_module, options)
+        self._fit_options = options
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        options, self._fit_options = self._fit_options, None
+        if options is None:
+            return
+        resumed, self._resumed = self._resumed, None
+        self._driven = HandDriven.start(pl_module, options, state=resumed, step=trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close(None)
@@ -121,6 +144,27 @@ class GradTrackerCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close(None)
+        self._resumed = None  # loaded by a validate(ckpt_path=...), or by a fit that never trained
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning saves this in each checkpoint: the tracker's ``state_dict()``, under ``"gradtrack"``.
+
+        Before the tracker of this ``fit`` is entered, the state loaded from a checkpoint is handed on
+        unchanged, so a checkpoint saved then still resumes the same run.
+        """
+        if self._driven is not None:
+            return {"gradtrack": self._driven.tracker.state_dict()}
+        if self._resumed is not None:
+            return {"gradtrack": copy.deepcopy(dict(self._resumed))}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keeps the state from ``fit(ckpt_path=...)``'s checkpoint for the tracker entered at ``on_train_start``."""
+        saved = state_dict.get("gradtrack")
+        if saved is not None:
+            self._resumed = saved
 
     # -- per step -----------------------------------------------------------------------------------
 
@@ -144,6 +188,7 @@ class GradTrackerCallback(Callback):
     # -- helpers ------------------------------------------------------------------------------------
 
     def _close(self, exc: BaseException | None) -> None:
+        self._fit_options = None
         if self._driven is not None:
             self._driven.close(exc)
 

@@ -42,6 +42,13 @@ Reporting: ``report_to=["mlflow"]`` makes the backend ``"mlflow"``, logging into
 ``report_to=["wandb"]`` makes it ``"wandb"``, logging into ``WandbCallback``'s ``wandb.run``. An explicit
 ``backend=`` is used as given.
 
+Resuming: at each checkpoint the Trainer saves (``on_save``, right after it wrote ``checkpoint-N``), the
+tracker's ``state_dict()`` is written beside it as ``checkpoint-N/gradtrack_state.pt``, by the processes that
+write checkpoints (``args.should_save``). ``train(resume_from_checkpoint=...)`` loads the Trainer's state before
+``on_train_begin``, where the tracker loads that file (from the folder the Trainer resumes from, found as the
+Trainer is) before it is entered: the same tracking run goes on, with its step, detectors, clip policy and summary.
+From a checkpoint without the file, gradtrack's steps go on from ``state.global_step``.
+
 transformers has no exception event: when ``train()`` raises, the tracker stays open until the next
 ``train()`` with this callback (which closes it ``failed``) or the end of the process (the reporter then ends
 gradtrack's own run ``killed``).
@@ -51,10 +58,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gradtrack.integrations import HandDriven, amp_state, auto_backend, check_options, monitor_only, warn_once
 from gradtrack.tracker import GradTracker
@@ -62,6 +72,7 @@ from gradtrack.tracker import GradTracker
 __all__ = ["GradTrackerCallback"]
 
 _REPORTERS = ("mlflow", "wandb")
+STATE_FILE = "gradtrack_state.pt"  # in each checkpoint-N folder: the tracker's state_dict()
 
 
 class GradTrackerCallback(TrainerCallback):
@@ -69,6 +80,8 @@ class GradTrackerCallback(TrainerCallback):
 
     ``GradTrackerCallback(**options)`` takes the keyword options of :class:`gradtrack.GradTracker` (``clip``,
     ``max_norm``, ``backend``, ``backend_options``, ``layer_every``, ...), except ``optimizer`` and ``scaler``.
+    ``train(resume_from_checkpoint=...)`` resumes gradtrack's run from the ``gradtrack_state.pt`` that this
+    callback wrote into the checkpoint folder.
     """
 
     def __init__(self, **tracker_options: Any) -> None:
@@ -98,7 +111,7 @@ class GradTrackerCallback(TrainerCallback):
                 "itself); use FSDP2 or DDP"
             )
         model = kwargs["model"]
-        trainer = _find_trainer()
+        trainer, checkpoint = _find_trainer()
         options = dict(self._options)
         trainer_clips = bool(args.max_grad_norm) and args.max_grad_norm > 0
         if trainer_clips:
@@ -112,7 +125,7 @@ class GradTrackerCallback(TrainerCallback):
         if "backend" not in options:
             report_to = list(args.report_to or [])
             options["backend"] = auto_backend([name for name in _REPORTERS if name in report_to])
-        self._driven = HandDriven.start(model, options)
+        self._driven = HandDriven.start(model, options, state=_saved_state(checkpoint), step=state.global_step)
         self._pending, self._loss = False, None
         if trainer is None:
             warn_once(
@@ -131,6 +144,22 @@ class GradTrackerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._finish(None)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """The tracker's state into the checkpoint folder the Trainer has just written."""
+        driven = self._driven
+        if driven is None or not driven.open or not args.should_save:
+            return
+        folder = os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):  # a hyperparameter search saves into a folder per trial
+            warn_once(
+                self._warned,
+                "save",
+                f"no checkpoint folder {folder}: gradtrack's state is not saved with the Trainer's checkpoint, so "
+                "resuming from it starts a new gradtrack run at the Trainer's global step",
+            )
+            return
+        torch.save(driven.tracker.state_dict(), os.path.join(folder, STATE_FILE))
 
     # -- per step -----------------------------------------------------------------------------------
 
@@ -214,15 +243,35 @@ class _Patch:
             delattr(self.owner, self.name)
 
 
-def _find_trainer() -> Trainer | None:
-    """The ``Trainer`` whose ``train()`` is running this callback: the nearest ``self`` up the stack that is one."""
+def _find_trainer() -> tuple[Trainer | None, str | None]:
+    """The ``Trainer`` whose ``train()`` is running this callback (the nearest ``self`` up the stack that is one),
+    and the checkpoint folder it resumes from.
+
+    Callbacks are never told that folder: it is the ``resume_from_checkpoint`` of that Trainer's training loop
+    (``_inner_training_loop``, or ``train``, where ``True`` has become the last checkpoint's path by then).
+    """
     frame = sys._getframe(1)
+    trainer = None
     while frame is not None:
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
+        if isinstance(candidate, Trainer) and (trainer is None or candidate is trainer):
+            trainer = candidate
+            if "resume_from_checkpoint" in frame.f_locals:
+                checkpoint = frame.f_locals["resume_from_checkpoint"]
+                return trainer, os.fspath(checkpoint) if isinstance(checkpoint, str | os.PathLike) else None
         frame = frame.f_back  # type: ignore[assignment]
-    return None
+    return trainer, None
+
+
+def _saved_state(checkpoint: str | None) -> dict[str, Any] | None:
+    """The tracker state this callback saved in ``checkpoint`` (None: no folder, or saved without gradtrack)."""
+    if checkpoint is None:
+        return None
+    path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
 
 
 def _is_scalar(value: Any) -> bool:
