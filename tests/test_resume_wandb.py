@@ -6,6 +6,7 @@ file for the same run id (``wandb sync`` appends them in order of start time).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -57,6 +58,13 @@ def read_run(root: Path) -> WandbRun:
 def run_records(run: WandbRun) -> list[Any]:
     """The run's ``run`` records (project, notes), in order."""
     return [record.run for record in read_records(run.path) if record.WhichOneof("record_type") == "run"]
+
+
+def published_states(run: WandbRun) -> list[dict[str, Any]]:
+    """Every value of the run's ``gradtrack`` summary entry, in the order they were written."""
+    summaries = [record.summary for record in read_records(run.path) if record.WhichOneof("record_type") == "summary"]
+    return [json.loads(item.value_json) for summary in summaries for item in summary.update
+            if (list(item.nested_key) or [item.key]) == ["gradtrack"]]  # fmt: skip
 
 
 def steps_of(run: WandbRun) -> list[int]:
@@ -133,6 +141,9 @@ def test_a_diverged_run_stays_diverged_after_a_restart(wandb_dir: Path) -> None:
     assert published["diverged_reason"] == before.diverged_reason
     assert published["first_explosion_step"] == before.first_explosion_step
     assert published["explosions"] >= before.explosions > 0 and published["resumes"] == 1
+    live = published_states(second)  # from the start, not only once the run ends
+    assert live[0]["explosions"] == before.explosions and live[0]["resumes"] == 1
+    assert all(state["diverged"] and state["first_explosion_step"] == before.first_explosion_step for state in live)
     assert [alert.level for alert in second.alerts].count("ERROR") == 0  # diverged once, alerted once
     divergence_line = f"### gradtrack: diverged at step {before.diverged_step}"
     resume_line = f"resumed from a checkpoint at step {before.steps}\n"
@@ -184,9 +195,10 @@ def test_the_run_id_is_chosen_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_loaded_state_names_the_run_to_open_again() -> None:
     saved = {"owned": True, "run_id": "saved123", "project": "p", "entity": "e"}
-    backend = WandbBackend(entity="moved")  # the saved project, unless the options name another
-    backend.gradtrack_load_backend_state(state=saved)
-    assert backend.gradtrack_backend_state() == {**saved, "entity": "moved"}
+    for option in ("project", "entity"):  # the saved project and entity, unless the options name others
+        backend = WandbBackend(**{option: "moved"})
+        backend.gradtrack_load_backend_state(state=saved)
+        assert backend.gradtrack_backend_state() == {**saved, option: "moved"}
 
     # Not gradtrack's run to open: the user's active one, with a warning when it is not the saved run.
     with warnings.catch_warnings():
