@@ -285,6 +285,8 @@ def test_bad_options_fail_fast_on_entry(options: dict[str, object], match: str) 
         pass
 
 
-def test_core_and_plugin_import_do_not_import_wandb() -> None:
-    code = "import sys, gradtrack, gradtrack_wandb; sys.exit('wandb' in sys.modules)"
+def test_core_plugin_and_factory_do_not_import_wandb() -> None:
+    """The factory and ``gradtrack_backend_state`` run in the training process: the run id is chosen there."""
+    code = ("import sys, gradtrack, gradtrack_wandb; backend = gradtrack_wandb.gradtrack_make_backend('wandb', {}); "
+            "assert backend.gradtrack_backend_state()['run_id']; sys.exit('wandb' in sys.modules)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

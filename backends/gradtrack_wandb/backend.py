@@ -5,7 +5,8 @@ is imported when the run starts, never at import time.
 
 Step axis: rows carry ``gradtrack/step`` and every gradtrack metric is plotted against it through
 ``define_metric``. ``run.log`` is never given ``step=``, so a user's own ``wandb.log`` calls keep
-working, interleaved, without "step less than current step" warnings.
+working, interleaved, without "step less than current step" warnings; after a restart from a checkpoint
+the axis goes on from the saved step in the same run.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, final
 
-from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepBatch, format_norm
+from gradtrack.events import Divergence, Explosion, LayersAdded, Resumed, RunEnd, RunStart, StepBatch, format_norm
 from gradtrack.history import RunHistory
 from gradtrack.hookspecs import hookimpl
 from gradtrack.naming import extend_names, sanitize_names
 from gradtrack.notes import divergence_note, merge_note, summary_note
 from gradtrack.validate import count, mapping, seconds, text, texts
+from gradtrack_wandb.resume import RunIdentity, identity_to_resume, resume_note
 
 __all__ = [
     "DIVERGED_TAG",
@@ -82,6 +84,10 @@ class WandbBackend:
     ``loss_key``: the key for the observed loss (None: do not log it). The default ``"auto"`` is the
     contract's ``loss`` in a run gradtrack starts, and ``gradtrack/loss`` in the user's own active run,
     where ``loss`` is almost always the user's key on the user's step axis.
+
+    Restarts: a run gradtrack opens gets its id here (``init_kwargs={"id": ...}``, ``WANDB_RUN_ID``, or a
+    new one), which ``tracker.state_dict()`` saves; a tracker that loaded that state opens the same run
+    again (``resume="allow"``). In the user's own run, resuming is the user's business.
     """
 
     def __init__(
@@ -141,14 +147,35 @@ class WandbBackend:
         if loss_key == "auto":
             loss_key = "gradtrack/loss" if self._user_run is not None else "loss"
         self.loss_key = loss_key
+        # Chosen here, in the training process, so that tracker.state_dict() can name the run.
+        self._identity = None if self._user_run is not None else RunIdentity.choose(self._init())
+        self._resuming = False
+        self._resumed_from: tuple[int, ...] = ()
         self._run: Any = None
         self._owned = False
         self._keys: dict[str, str] = {}
-        self._state: dict[str, Any] = {"explosions": 0, "diverged": False}
+        self._state: dict[str, Any] = {"explosions": 0, "diverged": False, "resumes": 0}
         self._last_norm = math.nan
         self._last_explosion: Explosion | None = None
         self._last_alert = -math.inf
         self._unalerted = 0
+
+    # -- restarts (training process, before the object is handed to the reporter) ----------------------
+
+    @hookimpl
+    def gradtrack_backend_state(self) -> dict[str, Any]:
+        return {"owned": False} if self._identity is None else self._identity.state()
+
+    @hookimpl
+    def gradtrack_load_backend_state(self, state: Mapping[str, Any]) -> None:
+        user_run_id = None if self._user_run is None else self._user_run.id
+        resumed = identity_to_resume(state, init=self._init(), user_run_id=user_run_id)
+        if resumed is not None:
+            self._identity, self._resuming = resumed, True
+
+    def _init(self) -> dict[str, Any]:
+        """``wandb.init``'s arguments as the options give them."""
+        return {**self._init_options, **self.init_kwargs}
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -164,9 +191,13 @@ class WandbBackend:
             if self.tags:
                 run.tags = _merged(run.tags, *self.tags)
         else:
-            init = {**self._init_options, **self.init_kwargs}
+            init = self._init()
             init["tags"] = list(dict.fromkeys([*init.get("tags", ()), *self.tags]))
             init["config"] = {**config, **init.get("config", {})}
+            if self._identity is not None:
+                init.update(id=self._identity.run_id, project=self._identity.project, entity=self._identity.entity)
+            if self._resuming:
+                init.setdefault("resume", "allow")
             run = wandb.init(**init)
             self._owned = True
         self._keys = _wandb_keys(start.layer_names)
@@ -178,19 +209,41 @@ class WandbBackend:
         self._history.threshold = start.config.get("explosion_threshold")
         if self.plots:  # matplotlib takes seconds to import: not at the end of the run
             threading.Thread(target=_import_plots, name="gradtrack-plots-import", daemon=True).start()
+        if start.resumed is not None:
+            self._carry_over(start.resumed)
         self._publish_state()
+
+    def _carry_over(self, resumed: Resumed) -> None:
+        """What earlier processes of this run found stays found (an offline resumed run starts with no tags or
+        notes, and gradtrack's summary entry is written anew), and the restart is recorded."""
+        self._resumed_from = resumed.steps
+        self._state.update(explosions=resumed.explosions, resumes=len(resumed.steps), resumed_from=list(resumed.steps))
+        tags = []
+        if resumed.explosions:
+            self._state["first_explosion_step"] = resumed.first_explosion_step
+            tags.append(EXPLODED_TAG)
+        divergence = resumed.divergence
+        if divergence is not None:
+            self._state.update(diverged=True, diverged_step=divergence.step, diverged_reason=divergence.reason)
+            self._history.diverged_step, self._history.diverged_reason = divergence.step, divergence.reason
+            tags.append(DIVERGED_TAG)
+        if tags:
+            self._run.tags = _merged(self._run.tags, *tags)
+        if self.note:
+            self._write_note(divergence_note(divergence) if divergence is not None else "")
 
     @hookimpl
     def gradtrack_run_end(self, end: RunEnd) -> None:
         run = self._run
         if run is None:
             return
-        self._state.update(end.summary.to_dict(), status=end.status)
+        self._state.update(end.summary.to_dict(), status=end.status, resumes=len(end.summary.resumed_from))
         self._publish_state()
         if self.plots:
             self._log_plots()
+        self._resumed_from = end.summary.resumed_from
         if self.note:
-            run.notes = merge_note(run.notes, summary_note(end.summary, end.status))
+            self._write_note(summary_note(end.summary, end.status))
         if self._owned:
             run.finish(exit_code=_EXIT_CODES[end.status])
         self._run = None
@@ -304,7 +357,7 @@ class WandbBackend:
         self._publish_state()
         self._history.diverged_step, self._history.diverged_reason = event.step, event.reason
         if self.note:
-            run.notes = merge_note(run.notes, divergence_note(event))
+            self._write_note(divergence_note(event))
         if self.alerts:
             text = f"step {event.step}: {event.reason}; last total_norm={format_norm(self._last_norm)}"
             if self._last_explosion is not None:
@@ -326,6 +379,10 @@ class WandbBackend:
             layers = draw_layers(self._history, Path(folder, "layers.png"))
             # Their own row, on W&B's step (media are not plotted against a step axis).
             self._run.log({PLOT_KEYS[0]: wandb.Image(str(norms)), PLOT_KEYS[1]: wandb.Image(str(layers))})
+
+    def _write_note(self, section: str) -> None:
+        """gradtrack's section of the run's notes, with the steps the run resumed at."""
+        self._run.notes = merge_note(self._run.notes, section + resume_note(self._resumed_from))
 
     def _publish_state(self) -> None:
         """One nested summary entry, shown in the runs table as ``gradtrack.<key>`` columns."""
