@@ -102,7 +102,7 @@ def test_a_restarted_process_logs_into_the_same_run_and_its_step_axis_goes_on(wa
     assert first.summary["gradtrack"]["resumes"] == 0 and first.summary["gradtrack"]["resumed_from"] == []
     assert second.summary["gradtrack"]["resumes"] == 1 and second.summary["gradtrack"]["resumed_from"] == [SAVED]
     assert second.summary["gradtrack"]["steps"] == SAVED + MORE  # counts cover both processes
-    assert f"resumed from a checkpoint at step {SAVED}\n" in run_records(second)[-1].notes
+    assert f"| resumed | 1 time(s), from step {SAVED} |" in run_records(second)[-1].notes  # the end's summary
     assert "resumed" not in run_records(first)[-1].notes
     assert second.exit_code == 0 and not second.tags
 
@@ -151,7 +151,7 @@ def test_a_diverged_run_stays_diverged_after_a_restart(wandb_dir: Path) -> None:
     notes = {position: record.notes for position, record in zip(positions, run_records(second), strict=True)}
     at_first_row = notes[max(p for p in positions if p < second.order.index("history"))]
     assert divergence_line in at_first_row and resume_line in at_first_row
-    assert divergence_line in notes[positions[-1]] and resume_line in notes[positions[-1]]
+    assert divergence_line in notes[positions[-1]] and f"from step {before.steps} |" in notes[positions[-1]]
 
 
 def test_in_the_users_own_run_gradtrack_saves_no_identity_and_the_step_axis_goes_on(wandb_dir: Path) -> None:

@@ -77,7 +77,8 @@ class MLflowBackend:
       otherwise gradtrack creates a run and ends it FINISHED / FAILED / KILLED like the tracker.
     * ``flush_every_s`` (1.0): how often routine records are batched and sent.
     * ``request_timeout`` (5.0): bound of each HTTP request; failed batches are retried with backoff.
-    * ``exit_timeout`` (30.0): how long the end of the run waits for unsent records.
+    * ``exit_timeout`` (30.0): how long the end of the run waits for unsent records (plus, at most,
+      ``request_timeout`` for a request already under way, so that what it carries is spooled, not lost).
     * ``spool_dir`` (``.gradtrack/spool``): where unsent records, events and the summary wait.
     * ``tag_interval_s`` (5.0): at most one ``gradtrack.explosions`` tag update per interval.
     * ``loss_key`` (``"auto"``): the metric key of the observed loss (None: not logged). ``"auto"`` is the

@@ -243,7 +243,7 @@ class WandbBackend:
             self._log_plots()
         self._resumed_from = end.summary.resumed_from
         if self.note:
-            self._write_note(summary_note(end.summary, end.status))
+            self._write_note(summary_note(end.summary, end.status), resumes=False)  # the summary lists them
         if self._owned:
             run.finish(exit_code=_EXIT_CODES[end.status])
         self._run = None
@@ -380,9 +380,9 @@ class WandbBackend:
             # Their own row, on W&B's step (media are not plotted against a step axis).
             self._run.log({PLOT_KEYS[0]: wandb.Image(str(norms)), PLOT_KEYS[1]: wandb.Image(str(layers))})
 
-    def _write_note(self, section: str) -> None:
+    def _write_note(self, section: str, resumes: bool = True) -> None:
         """gradtrack's section of the run's notes, with the steps the run resumed at."""
-        self._run.notes = merge_note(self._run.notes, section + resume_note(self._resumed_from))
+        self._run.notes = merge_note(self._run.notes, section + (resume_note(self._resumed_from) if resumes else ""))
 
     def _publish_state(self) -> None:
         """One nested summary entry, shown in the runs table as ``gradtrack.<key>`` columns."""
