@@ -383,6 +383,11 @@ class DivergenceDetector:
         """An explosion within the last ``explosion_window`` steps."""
         return self._exploded_count > 0
 
+    @property
+    def alarmed(self) -> bool:
+        """Any rule on its way to a verdict: a recent explosion, non-finite gradients, a loss above its limit."""
+        return self._exploded_count > 0 or self._nonfinite_run > 0 or self._loss.above > 0
+
     def update(
         self,
         *,

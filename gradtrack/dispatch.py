@@ -40,6 +40,7 @@ from gradtrack.messages import (
     LayersAnnounced,
     LayoutAnnounced,
     Message,
+    RolledBack,
     RunEnded,
     RunStarted,
     StepRecord,
@@ -238,6 +239,7 @@ _DELIVER: dict[type, Any] = {
     LayersAnnounced: lambda hook, m: hook.gradtrack_layers_added(layers=m.layers),
     ExplosionRaised: lambda hook, m: hook.gradtrack_explosion(event=m.event),
     Diverged: lambda hook, m: hook.gradtrack_divergence(event=m.event),
+    RolledBack: lambda hook, m: hook.gradtrack_rollback(event=m.event),
     FlushRequested: lambda hook, m: hook.gradtrack_flush(timeout=m.timeout),
     RunEnded: lambda hook, m: hook.gradtrack_run_end(end=m.end),
 }
@@ -246,6 +248,7 @@ _HOOKS = {
     LayersAnnounced: "gradtrack_layers_added",
     ExplosionRaised: "gradtrack_explosion",
     Diverged: "gradtrack_divergence",
+    RolledBack: "gradtrack_rollback",
     FlushRequested: "gradtrack_flush",
     RunEnded: "gradtrack_run_end",
 }

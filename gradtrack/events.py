@@ -22,6 +22,7 @@ __all__ = [
     "LayersAdded",
     "Offender",
     "Resumed",
+    "Rollback",
     "RunEnd",
     "RunStart",
     "RunStatus",
@@ -300,6 +301,34 @@ class Explosion:
 
 
 @dataclass(frozen=True, slots=True)
+class Rollback:
+    """``on_divergence="rollback"`` healed the run: at ``step`` it was judged diverging, and the training
+    state of ``restored_step`` (a snapshot taken before the trouble began) came back in its place.
+
+    ``skipped``: the batches from ``restored_step`` to ``step``, which the loop does not see again;
+    ``lr_scale``: the factor on every learning rate from now on (1.0 at a first rollback, halved by each
+    further one soon after); ``count``: rollbacks so far in the run; ``reason``: what the divergence rule saw.
+    """
+
+    step: int
+    restored_step: int
+    skipped: int
+    lr_scale: float
+    count: int
+    reason: str
+    timestamp: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"step {self.step}: rolled back to step {self.restored_step} ({self.reason}); {self.skipped} batches "
+            f"skipped, learning rate x{self.lr_scale:g} (rollback {self.count})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Divergence:
     """The run-level judgement that training has gone wrong; raised once per run."""
 
@@ -319,6 +348,8 @@ class Summary:
     loss lies 7 standard deviations or more from the mean of the previous 1,000. ``diagnosis``: what was
     measured on the device around the first explosion (see README, Diagnostics). ``resumed_from``: the
     steps the run was resumed at from checkpoints, one per restart; the counts cover every process.
+    ``rollbacks``: ``(step, restored_step)`` of each rollback (``on_divergence="rollback"``), ``lr_scale``
+    the learning-rate factor they left, ``snapshot_bytes`` the host memory (or disk) the snapshots hold.
     """
 
     steps: int
@@ -343,6 +374,9 @@ class Summary:
     loss_spike_score: float | None = None
     diagnosis: Mapping[str, Any] | None = None
     resumed_from: tuple[int, ...] = ()
+    rollbacks: tuple[tuple[int, int], ...] = ()
+    lr_scale: float = 1.0
+    snapshot_bytes: int = 0
 
     @property
     def clip_rate(self) -> float:

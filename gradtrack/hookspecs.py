@@ -30,7 +30,7 @@ from typing import Any
 
 import pluggy
 
-from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepBatch, StepStats
+from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart, StepBatch, StepStats
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
 
@@ -224,4 +224,18 @@ def gradtrack_divergence(event: Divergence) -> None:
     :param event: the step and a human-readable reason.
 
     Flip the run's ``diverged`` tag here, while the run is still going. The return value is ignored.
+    """
+
+
+@hookspec
+def gradtrack_rollback(event: Rollback) -> None:
+    """``on_divergence="rollback"`` healed the run: an earlier training state came back at ``event.step``.
+
+    :param event: the step it happened at, the step whose state came back, the batches skipped, the
+        learning-rate scale from now on, the number of rollbacks so far and the divergence rule's reason.
+
+    Called after the ``gradtrack_step`` of the same step. gradtrack's step axis goes on increasing (it counts
+    loop iterations); the event says which state came back. Log ``grad/rollback`` = 1 at ``event.step``,
+    count the run's rollbacks (the ``gradtrack.rollbacks`` tag) and alert here. A run whose budget of
+    rollbacks is spent is judged diverged as usual (``gradtrack_divergence``). The return value is ignored.
     """

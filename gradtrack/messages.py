@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, final
 
-from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart
+from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart
 
 __all__ = [
     "Diagnosed",
@@ -36,6 +36,7 @@ __all__ = [
     "LayoutAnnounced",
     "Message",
     "RunEnded",
+    "RolledBack",
     "RunStarted",
     "StepRecord",
 ]
@@ -200,6 +201,16 @@ class Diverged:
 
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RolledBack:
+    """``on_divergence="rollback"`` restored an earlier training state (never dropped: alerts follow it)."""
+
+    event: Rollback
+    snapshot_bytes: int
+    keep: ClassVar[Keep] = Keep.ALWAYS
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Diagnosed:
     """The device diagnosis of an explosion finished (it enters the run's summary)."""
 
@@ -225,6 +236,6 @@ class RunEnded:
 
 
 Message = (
-    StepRecord | RunStarted | LayersAnnounced | LayoutAnnounced | ExplosionRaised | Diverged | Diagnosed
-    | FlushRequested | RunEnded
+    StepRecord | RunStarted | LayersAnnounced | LayoutAnnounced | ExplosionRaised | Diverged | RolledBack
+    | Diagnosed | FlushRequested | RunEnded
 )  # fmt: skip

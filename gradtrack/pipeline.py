@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, final
+from typing import TYPE_CHECKING, Any, Literal, final
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from gradtrack.amp import AmpState
 from gradtrack.detection import Judge, OnNonfinite, offenders
 from gradtrack.diagnosis import DeviceDiagnosis, LayerHistory, depth_growth
 from gradtrack.distributed import Topology, check_symmetric, local_grads
-from gradtrack.events import Explosion, ExplosionKind, LayersAdded
+from gradtrack.events import Divergence, Explosion, ExplosionKind, LayersAdded, Rollback
 from gradtrack.messages import (
     Diagnosed,
     Diverged,
@@ -40,6 +40,7 @@ from gradtrack.messages import (
     LayersAnnounced,
     LayoutAnnounced,
     Message,
+    RolledBack,
     StepRecord,
 )
 from gradtrack.outbox import Outbox
@@ -47,11 +48,14 @@ from gradtrack.params import ParameterSet
 from gradtrack.policy import ClipPolicy, multiply_
 from gradtrack.state import integer, part, strings
 from gradtrack.stats import GradBatch, HostStats, Reduce, measure, transfer
+
+if TYPE_CHECKING:
+    from gradtrack.rollback import Healer
 from gradtrack.summary import RunSummary
 
 __all__ = ["DivergenceError", "NonFiniteGradientError", "OnDivergence", "OnNonfinite", "Settings", "StepPipeline"]
 
-OnDivergence = Literal["continue", "raise"]
+OnDivergence = Literal["continue", "raise", "rollback"]
 KEPT_EVENTS = 256
 KEPT_LAYOUTS = 256  # the reporter keeps as many, dropping the oldest alike
 TROUBLE_WEIGHT_EVERY = 10  # while an explosion is recent: the weights' norms this often, for the divergence rule
@@ -104,6 +108,9 @@ class _Losses:
     def __bool__(self) -> bool:
         return bool(self._tensors or self._numbers)
 
+    def device(self) -> torch.device:
+        return self._tensors[0].device if self._tensors else torch.device("cpu")
+
     def take(self, device: torch.device) -> torch.Tensor | None:
         """The mean as a 0-dim fp32 tensor on ``device``; numbers enter by ``torch.full``, never a copy."""
         tensors, numbers = self._tensors, self._numbers
@@ -150,6 +157,8 @@ class StepPipeline:
         self._announced = 0
         self._checked: frozenset[str] = frozenset()
         self._history = LayerHistory()
+        self.alarm_since: int | None = None  # the first step of the current trouble (an explosion, an alarm)
+        self.healer: Healer | None = None  # on_divergence="rollback"
         self._wants_max_abs = bool(getattr(settings.clip_policy, "needs_max_abs", False))
         self._wants_weights = bool(getattr(settings.clip_policy, "needs_weights", False))
         self._coefficient: Callable[[GradBatch], torch.Tensor | None] | None = getattr(
@@ -166,6 +175,10 @@ class StepPipeline:
     def state_dict(self) -> dict[str, Any]:
         """The step, the judge's windows and verdict, what the clip policy learnt, the summary, the layer
         history behind ``origin`` and the diagnosis: everything a later process needs to go on alike."""
+        return {"step": self.step, **self.learnt_state(), "summary": self.summary.state_dict()}
+
+    def learnt_state(self) -> dict[str, Any]:
+        """What the run taught the judge, the clip policy and the layer history (a rollback restores it)."""
         policy = self.clip_policy
         clip = None
         if policy is not None:
@@ -177,18 +190,22 @@ class StepPipeline:
         if ema is not None and named is not None:
             layers = {"names": list(named.names), "ema": torch.from_numpy(ema.copy())}
         return {
-            "step": self.step,
             "judge": self.judge.state_dict(),
             "clip": clip,
-            "summary": self.summary.state_dict(),
             "layers": layers,
             "diagnosis": self.diagnosis.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
         """Load every part; returns what was left out and why (the clip policy changed, say)."""
+        step = integer(state, "step")
+        notes = self.load_learnt_state(state)
+        self.summary.load_state_dict(part(state, "summary"))
+        self.step = step
+        return notes
+
+    def load_learnt_state(self, state: Mapping[str, Any]) -> list[str]:
         notes = []
-        self.step = integer(state, "step")
         self.judge.load_state_dict(part(state, "judge"))
         clip, policy = state.get("clip"), self.clip_policy
         if clip is not None:
@@ -199,7 +216,6 @@ class StepPipeline:
                              f"{getattr(policy, 'name', None)!r} now): it starts afresh")  # fmt: skip
             elif learnt is not None and hasattr(policy, "load_state_dict"):
                 policy.load_state_dict(part(clip, "state"))
-        self.summary.load_state_dict(part(state, "summary"))
         layers = state.get("layers")
         if layers is not None:
             layers = part(state, "layers")
@@ -264,9 +280,12 @@ class StepPipeline:
         if host.extras is not None:
             self.diagnosis.finish(host.extras)
             self._diagnosed()
-        if host.overflow or (amp is not None and amp.found_inf is None and not math.isfinite(host.total_norm)):
+        overflow = host.overflow or (amp is not None and amp.found_inf is None and not math.isfinite(host.total_norm))
+        if overflow and (self.healer is None or host.loss is None or math.isfinite(host.loss)):
             self.amp_skipped()  # the optimizer skips its own update; the gradients are no evidence
             return
+        # (With rollback, a non-finite loss is judged even on an overflow step: the forward pass made it, and
+        # it may have corrupted BatchNorm's statistics, which only a rollback puts right.)
         self._judge(with_grad, layout, host, with_layers)
 
     def finish_diagnosis(self) -> None:
@@ -346,13 +365,49 @@ class StepPipeline:
 
     # -- host work ----------------------------------------------------------------------------------
 
+    @property
+    def healthy(self) -> bool:
+        """No trouble in sight: no explosion or alarm in the judge's window, no clip policy in trouble."""
+        return (
+            self.alarm_since is None and not self.judge.troubled and not getattr(self.clip_policy, "in_trouble", False)
+        )
+
     def amp_skipped(self) -> None:
-        """A step the AMP scaler skipped for overflow: counted and reported, never judged."""
+        """A step the AMP scaler skipped for overflow: counted and reported, never judged (but see below)."""
+        rollback, divergence = None, None
+        if self.healer is not None and self.losses:
+            # With rollback, a non-finite loss is judged: the forward pass made it (no scale does), and it
+            # may have corrupted BatchNorm's statistics, which only a rollback puts right. One host sync, on
+            # an overflow step only.
+            loss = self.losses.take(self.losses.device())
+            value = float(loss) if loss is not None else math.nan
+            if not math.isfinite(value):
+                divergence, rollback = self._judge_loss(value)
         self.losses.clear()  # the skipped step's loss must not leak into the next step's value
         step = self.step
         self.step += 1
         self.emit(StepRecord(step=step, timestamp=time.time(), total_norm=math.nan, amp_overflow=True,
-                             diverged=self.judge.divergence.verdict is not None))  # fmt: skip
+                             diverged=self.judge.divergence.verdict is not None,
+                             skipped=rollback is not None))  # fmt: skip
+        if rollback is not None:
+            self.emit(RolledBack(event=rollback, snapshot_bytes=self.snapshot_bytes()))
+        if divergence is not None:
+            self.emit(Diverged(event=divergence))
+
+    def _judge_loss(self, loss: float) -> tuple[Divergence | None, Rollback | None]:
+        """An overflow step whose loss is not finite: the divergence rule, then a rollback if one is left."""
+        assert self.healer is not None
+        step = self.step
+        verdict = self.judge.step(step=step, timestamp=time.time(), total_norm=math.nan, nonfinite=0, loss=loss,
+                                  clipped=False, param_norm=None)  # fmt: skip
+        self.alarm_since = step if self.alarm_since is None else self.alarm_since
+        if verdict.divergence is None:
+            return None, None
+        rollback = self.healer.heal(step, verdict.divergence, self.alarm_since)
+        if rollback is None:
+            return verdict.divergence, None
+        self.alarm_since = None
+        return None, rollback
 
     def _judge(self, params: Sequence[nn.Parameter], layout: _Layout, host: HostStats, with_layers: bool) -> None:
         step, now = self.step, time.time()
@@ -372,15 +427,24 @@ class StepPipeline:
             explosion = self._explosion(step, now, verdict.explosion, nonfinite, layout, host)
         if step % LayerHistory.every == 0:
             self._history.update(layout.key, norms)
-        if verdict.skip:
+        if explosion is not None or nonfinite or self.judge.divergence.alarmed:
+            self.alarm_since = step if self.alarm_since is None else self.alarm_since
+        else:
+            self.alarm_since = None
+        divergence, rollback = verdict.divergence, None
+        if divergence is not None and self.healer is not None:
+            rollback = self.healer.heal(step, divergence, step if self.alarm_since is None else self.alarm_since)
+            if rollback is not None:  # healed: the state of before the trouble is back, and judged afresh
+                divergence, self.alarm_since = None, None
+        if verdict.skip or rollback is not None:
             for p in params:  # optimizers skip parameters without a gradient: the update is skipped
                 p.grad = None
-        divergence = verdict.divergence
         reported = explosion is not None or divergence is not None or nonfinite > 0 or step % settings.log_every == 0
         self.emit(StepRecord(
             step=step, timestamp=now, total_norm=total_norm, clip_coef=host.clip_coef, nonfinite=nonfinite,
             loss=host.loss, clipped=clipped, explosion=explosion is not None,
-            diverged=self.judge.divergence.verdict is not None, skipped=verdict.skip, reported=reported,
+            diverged=self.judge.divergence.verdict is not None, skipped=verdict.skip or rollback is not None,
+            reported=reported or rollback is not None,
             with_layers=reported and with_layers, layout=layout.key if reported else -1,
             layer_norms=norms.tobytes() if reported else None,
             weight_norms=weights.tobytes() if weights is not None and reported else None,
@@ -390,6 +454,8 @@ class StepPipeline:
             if self.diagnosis.due(step) and not self.topology.sharded:
                 by_name = {self.params.names[id(p)]: p for p in params}
                 self.diagnosis.start(step, [(o.name, by_name[o.name]) for o in explosion.offenders][: settings.top_k])
+        if rollback is not None:
+            self.emit(RolledBack(event=rollback, snapshot_bytes=self.snapshot_bytes()))
         if divergence is not None:
             self.emit(Diverged(event=divergence))
         if nonfinite and self.judge.on_nonfinite == "raise":
@@ -397,6 +463,10 @@ class StepPipeline:
             raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")
         if divergence is not None and settings.on_divergence == "raise":
             raise DivergenceError(f"gradtrack: the run diverged at step {step}: {divergence.reason}")
+
+    def snapshot_bytes(self) -> int:
+        """The memory (or disk) the rollback snapshots hold."""
+        return self.healer.peak_nbytes if self.healer is not None else 0
 
     def _explosion(
         self, step: int, now: float, found: tuple[ExplosionKind, float], nonfinite: int, layout: _Layout,

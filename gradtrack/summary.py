@@ -23,7 +23,7 @@ from typing import Any, final
 import numpy as np
 
 from gradtrack.events import Divergence, Summary
-from gradtrack.messages import Diagnosed, Diverged, ExplosionRaised, Message, RunStarted, StepRecord
+from gradtrack.messages import Diagnosed, Diverged, ExplosionRaised, Message, RolledBack, RunStarted, StepRecord
 from gradtrack.state import floats, integer, optional, part, real
 
 __all__ = ["BINS_PER_DECADE", "CHUNK", "NormHistogram", "RunSummary", "SpikeScore"]
@@ -147,6 +147,9 @@ class RunSummary:
         self.loss_spikes = SpikeScore()
         self.diagnosis: dict[str, Any] | None = None
         self.resumed_from: list[int] = []
+        self.rollbacks: list[tuple[int, int]] = []
+        self.lr_scale = 1.0
+        self.snapshot_bytes = 0
         self._pending: list[StepRecord] = []
 
     def add(self, message: Message) -> None:
@@ -166,6 +169,9 @@ class RunSummary:
             self.divergence = message.event
         elif isinstance(message, Diagnosed):
             self.diagnosis = dict(message.diagnosis)
+        elif isinstance(message, RolledBack):
+            self.rollbacks.append((message.event.step, message.event.restored_step))
+            self.lr_scale, self.snapshot_bytes = message.event.lr_scale, message.snapshot_bytes
         elif isinstance(message, RunStarted) and message.summary is not None:
             self.load_state_dict(message.summary)
 
@@ -189,6 +195,8 @@ class RunSummary:
             "loss_spikes": folded.loss_spikes.state_dict(),
             "diagnosis": copy.deepcopy(folded.diagnosis),
             "resumed_from": list(folded.resumed_from),
+            "rollbacks": [list(pair) for pair in folded.rollbacks],
+            "lr_scale": folded.lr_scale,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -213,6 +221,12 @@ class RunSummary:
         diagnosis = state.get("diagnosis")
         self.diagnosis = None if diagnosis is None else dict(part(state, "diagnosis"))
         self.resumed_from = [integer({"step": step}, "step") for step in state.get("resumed_from") or []]
+        rollbacks = state.get("rollbacks") or []
+        if not all(isinstance(pair, list | tuple) and len(pair) == 2 and all(type(s) is int for s in pair)
+                   for pair in rollbacks):  # fmt: skip
+            raise ValueError("'rollbacks' must be a list of (step, restored step) pairs")
+        self.rollbacks = [(int(a), int(b)) for a, b in rollbacks]
+        self.lr_scale = real(state, "lr_scale") if "lr_scale" in state else 1.0
         self._pending = []
 
     def _folded(self) -> RunSummary:
@@ -269,4 +283,7 @@ class RunSummary:
             loss_spike_score=folded.loss_spikes.score,
             diagnosis=folded.diagnosis,
             resumed_from=tuple(folded.resumed_from),
+            rollbacks=tuple(folded.rollbacks),
+            lr_scale=folded.lr_scale,
+            snapshot_bytes=folded.snapshot_bytes,
         )

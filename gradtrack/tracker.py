@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 import weakref
@@ -17,7 +18,7 @@ from typing import Any, Literal, final
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from gradtrack._version import __version__
@@ -38,15 +39,25 @@ from gradtrack.pipeline import (
     StepPipeline,
 )
 from gradtrack.plugins import BackendSpec, call_backend_hook, check_backend_spec, requested_names, resolve_backends
+from gradtrack.rollback import Healer, RollbackSettings, check_rollback_options
 from gradtrack.state import FORMAT, VERSION, StateError, check_plain, integer, part
 from gradtrack.validate import count, mapping, optional_count, seconds
 
 __all__ = ["DivergenceError", "GradTracker", "NonFiniteGradientError", "clean_name"]
 
 _ON_NONFINITE = ("skip", "raise", "continue")
+DEFAULT_ROLLBACK_EVERY = 100
+DEFAULT_ROLLBACK_KEEP = 2
+DEFAULT_ROLLBACK_BUDGET = 5
 _NORM_TYPES = (1.0, 2.0, math.inf)
 
 _tracked_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _schedulers(scheduler: Any) -> list[Any]:
+    if scheduler is None:
+        return []
+    return list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
 
 
 def _norm_type(value: float | str) -> float:
@@ -73,6 +84,7 @@ class GradTracker:
         *,
         optimizer: torch.optim.Optimizer | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        scheduler: Any = None,
         clip: str | ClipPolicy | None = "norm",
         max_norm: float | None = None,
         norm_type: float | str = 2.0,
@@ -80,6 +92,10 @@ class GradTracker:
         on_nonfinite: OnNonfinite | None = None,
         on_spike: Literal["skip"] | None = None,
         on_divergence: OnDivergence = "continue",
+        rollback_every: int | None = None,
+        rollback_keep: int | None = None,
+        rollback_budget: int | None = None,
+        rollback_dir: str | os.PathLike[str] | None = None,
         explosion_threshold: float = 1e3,
         spike_factor: float = 10.0,
         nonfinite_patience: int = 3,
@@ -106,8 +122,15 @@ class GradTracker:
             raise ValueError(f"on_nonfinite must be one of {list(_ON_NONFINITE)}, got {on_nonfinite!r}")
         if on_spike not in (None, "skip"):
             raise ValueError(f"on_spike must be None or 'skip', got {on_spike!r}")
-        if on_divergence not in ("continue", "raise"):
-            raise ValueError(f"on_divergence must be 'continue' or 'raise', got {on_divergence!r}")
+        if on_divergence not in ("continue", "raise", "rollback"):
+            raise ValueError(f"on_divergence must be 'continue', 'raise' or 'rollback', got {on_divergence!r}")
+        if isinstance(rollback_dir, os.PathLike):
+            rollback_dir = os.fspath(rollback_dir)
+        check_rollback_options(on_divergence, rollback_every, rollback_keep, rollback_budget, rollback_dir, scheduler,
+                               on_nonfinite)  # fmt: skip
+        if scheduler is not None and on_divergence != "rollback":
+            raise ValueError("scheduler= is used by on_divergence='rollback' (its state is snapshotted); pass it "
+                             "with that option or not at all")  # fmt: skip
         if not isinstance(weight_norms, bool):
             raise ValueError(f"weight_norms must be True or False, got {weight_norms!r}")
         self.model = model
@@ -143,6 +166,19 @@ class GradTracker:
         self._loaded: Mapping[str, Any] | None = None  # a state to resume from, checked, waiting for __enter__
         self._entered = False
         self._handle: RemovableHandle | None = None
+        self._post_handle: RemovableHandle | None = None
+        self._rollback = (
+            RollbackSettings(
+                every=rollback_every or DEFAULT_ROLLBACK_EVERY,
+                keep=rollback_keep or DEFAULT_ROLLBACK_KEEP,
+                budget=rollback_budget or DEFAULT_ROLLBACK_BUDGET,
+                directory=rollback_dir,
+                schedulers=tuple(_schedulers(scheduler)),
+            )
+            if on_divergence == "rollback"
+            else None
+        )
+        self._healer: Healer | None = None
         self._scaler_watch: ScalerWatch | None = None
         self._stepped_since_update = False
         self._active = False
@@ -180,7 +216,10 @@ class GradTracker:
         return self._pipeline.step
 
     def summary(self) -> Summary:
-        return self._pipeline.summary.freeze(self._pipeline.outbox.dropped)
+        frozen = self._pipeline.summary.freeze(self._pipeline.outbox.dropped)
+        if self._healer is not None:  # held now, whether or not a rollback happened
+            frozen = replace(frozen, snapshot_bytes=self._healer.peak_nbytes)
+        return frozen
 
     def config(self) -> dict[str, Any]:
         """The settings reported to backends at run start."""
@@ -199,6 +238,10 @@ class GradTracker:
         )
         config.update(pipeline.judge.config())
         config.update(on_divergence=settings.on_divergence)
+        if self._rollback is not None:
+            config.update(rollback_every=self._rollback.every, rollback_keep=self._rollback.keep,
+                          rollback_budget=self._rollback.budget,
+                          rollback_storage="disk" if self._rollback.directory else "memory")  # fmt: skip
         config.update(strategy=pipeline.topology.strategy, world_size=pipeline.topology.world_size)
         return config
 
@@ -326,6 +369,12 @@ class GradTracker:
                 self._handle = register_optimizer_step_pre_hook(self._on_optimizer_step)
             else:
                 self._handle = self.optimizer.register_step_pre_hook(self._on_optimizer_step)
+            if self._rollback is not None:
+                self._healer = self._make_healer()
+                if self.optimizer is None:
+                    self._post_handle = register_optimizer_step_post_hook(self._after_optimizer_step)
+                else:
+                    self._post_handle = self.optimizer.register_step_post_hook(self._after_optimizer_step)
             if self.scaler is not None:
                 self._scaler_watch = ScalerWatch(self.scaler, self._on_scaler_update)
                 self._scaler_watch.install()
@@ -383,12 +432,39 @@ class GradTracker:
                 stacklevel=2,
             )
 
+    def _make_healer(self) -> Healer:
+        """The snapshots' keeper; what it cannot snapshot is refused here, at ``__enter__``."""
+        assert self._rollback is not None
+        pipeline = self._pipeline
+        healer = Healer(self.model, every=self._rollback.every, keep=self._rollback.keep,
+                        budget=self._rollback.budget, directory=self._rollback.directory,
+                        schedulers=self._rollback.schedulers, scaler=self.scaler, learnt=pipeline.learnt_state,
+                        load_learnt=pipeline.load_learnt_state)  # fmt: skip
+        parts: list[tuple[str, Any]] = [("optimizer", self.optimizer), ("scaler", self.scaler)]
+        for what, item in parts + [("scheduler", s) for s in self._rollback.schedulers]:
+            if item is None:
+                continue
+            try:
+                copy.deepcopy(item.state_dict())
+            except Exception as exc:
+                raise ValueError(f"on_divergence='rollback' cannot snapshot the {what} "
+                                 f"({type(item).__name__}): its state_dict() fails ({exc!r})") from exc  # fmt: skip
+        if self.optimizer is not None:
+            healer.watch(self.optimizer)
+        pipeline.healer = healer
+        return healer
+
     def _release(self) -> None:
         """Undo what ``__enter__`` registered."""
         self._active = False
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._post_handle is not None:
+            self._post_handle.remove()
+            self._post_handle = None
+        if self._healer is not None:
+            self._healer.close()
         if self._scaler_watch is not None:
             self._scaler_watch.remove()
             self._scaler_watch = None
@@ -417,6 +493,7 @@ class GradTracker:
         if not self._active:
             raise RuntimeError("tracker.step() must be called inside `with GradTracker(...) as tracker:`")
         self._parameters.refresh()
+        self._snapshot_if_due()
         self._measure(self._parameters.params, None, None)
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -429,12 +506,31 @@ class GradTracker:
         if not params:
             return None
         measured = self._parameters.params if self.optimizer is None else params
+        healer = self._healer
+        if healer is not None:
+            healer.watch(optimizer)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
         if callable(closure):  # the gradients do not exist yet: measure them where the closure makes them
+            self._snapshot_if_due()
+            if healer is not None:
+                healer.scale_lr(optimizer)
             return self._with_measuring_closure(closure, measured, optimizer, args, kwargs)
         if self._iteration.starts(optimizer, params):
+            self._snapshot_if_due()
             self._measure(measured, optimizer, amp_state(optimizer, kwargs))
+        if healer is not None:  # after a rollback, which restores the optimizer's own learning rates
+            healer.scale_lr(optimizer)
         return None
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._healer is not None:
+            self._healer.unscale_lr(optimizer)
+
+    def _snapshot_if_due(self) -> None:
+        """At the start of an iteration, before its update: the state a rollback would bring back."""
+        healer, pipeline = self._healer, self._pipeline
+        if healer is not None and healer.due(pipeline.step) and pipeline.healthy:
+            healer.snapshot(pipeline.step)
 
     def _with_measuring_closure(
         self,

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from gradtrack import hookimpl
-from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepStats
+from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart, StepStats
 
 __all__ = ["RecordingBackend"]
 
@@ -46,6 +46,10 @@ class RecordingBackend:
     @hookimpl
     def gradtrack_divergence(self, event: Divergence) -> None:
         self._record("divergence", event)
+
+    @hookimpl
+    def gradtrack_rollback(self, event: Rollback) -> None:
+        self._record("rollback", event)
 
     @hookimpl
     def gradtrack_run_end(self, end: RunEnd) -> None:

@@ -1,0 +1,176 @@
+"""Self-healing (``on_divergence="rollback"``): a diverging run goes back to its last good state and on.
+
+Real training of tiny models: a poisoned batch is skipped and the run recovers, parameters and BatchNorm's
+buffers included; a run that never rolls back is bitwise the run without the option; repeated blow-ups
+halve the learning rate inside the optimizer step, whatever the loop sets; the budget ends in a verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from gradtrack import GradTracker
+from gradtrack_testing.recording import RecordingBackend
+
+STEPS = 120
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
+
+
+def _batches(poison: set[int] = frozenset(), steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[assignment]
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(8, 1, generator=generator)
+    batches = []
+    for step in range(steps):
+        x = torch.randn(32, 8, generator=generator)
+        y = x @ weights
+        if step in poison:
+            x = x.clone()
+            x[0, 0] = math.nan  # one bad record: NaN in the forward pass, BatchNorm's statistics first
+        batches.append((x, y))
+    return batches
+
+
+def _train(model: nn.Module, tracker: GradTracker, optimizer: torch.optim.Optimizer, batches: list[Any],
+           lr: float | None = None, seen: list[float] | None = None) -> list[float]:  # fmt: skip
+    losses = []
+    for x, y in batches:
+        if lr is not None:  # as most loops and schedulers do: set the learning rate at every iteration
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        tracker.observe(loss)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())  # NaN on the poisoned step: the loop goes on all the same
+    return losses
+
+
+def test_a_poisoned_batch_is_rolled_back_skipped_and_the_run_recovers() -> None:
+    model, recorder = _net(), RecordingBackend()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tracker = GradTracker(model, backend=recorder, optimizer=optimizer, on_divergence="rollback", rollback_every=10)
+    with tracker:
+        losses = _train(model, tracker, optimizer, _batches(poison={57}))
+    (event,) = recorder.of("rollback")
+    assert (event.step, event.restored_step, event.skipped, event.lr_scale, event.count) == (57, 50, 8, 1.0, 1)
+    assert "loss is nan" in event.reason
+    assert not tracker.diverged and not recorder.of("divergence")
+    assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers()])  # BatchNorm's too
+    assert math.isnan(losses[57]) and all(math.isfinite(loss) for loss in losses[58:])
+    assert losses[-1] < 0.2 * losses[0]  # and it goes on learning
+    summary = tracker.summary()
+    assert summary.rollbacks == ((57, 50),) and not summary.diverged and summary.snapshot_bytes > 0
+    (record,) = [s for s in recorder.of("step") if s.step == 57]
+    assert record.skipped and not record.diverged
+    assert tracker.steps == STEPS  # the step axis counts iterations and keeps increasing
+
+
+def test_a_run_that_never_rolls_back_is_bitwise_the_run_without_the_option() -> None:
+    results = []
+    for option in ("continue", "rollback"):
+        model = _net()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(5)  # dropout draws from the global generator: snapshots must not
+        with GradTracker(model, on_divergence=option, rollback_every=3 if option == "rollback" else None) as tracker:
+            _train(model, tracker, optimizer, _batches())
+        results.append([p.detach().clone() for p in [*model.parameters(), *model.buffers()]])
+        assert not tracker.summary().rollbacks
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_blow_ups_that_come_back_halve_the_learning_rate_inside_the_step() -> None:
+    model, recorder = _net(), RecordingBackend()
+    optimizer = torch.optim.SGD(model.parameters(), lr=3.0)  # far too high: it blows up, again and again
+    used: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    tracker = GradTracker(model, backend=recorder, clip=None, on_divergence="rollback", rollback_every=5,
+                          rollback_budget=6)  # fmt: skip
+    with tracker:
+        _train(model, tracker, optimizer, _batches(), lr=3.0)  # the loop sets lr=3.0 at every iteration
+    events = recorder.of("rollback")
+    assert len(events) >= 2
+    assert events[0].lr_scale == 1.0 and events[1].lr_scale == 0.5  # the first keeps it; a second soon after halves
+    scales = sorted({round(lr / 3.0, 6) for lr in used})
+    assert min(scales) == events[-1].lr_scale  # what the optimizer used, though the loop set 3.0 each time
+    assert optimizer.param_groups[0]["lr"] == 3.0  # undone after each step: the loop's own value stays
+    assert tracker.summary().lr_scale == events[-1].lr_scale
+
+
+def test_a_spent_budget_ends_in_the_usual_verdict() -> None:
+    model, recorder = _net(), RecordingBackend()
+    optimizer = torch.optim.SGD(model.parameters(), lr=50.0)  # hopeless
+    tracker = GradTracker(model, backend=recorder, clip=None, on_divergence="rollback", rollback_every=5,
+                          rollback_budget=2)  # fmt: skip
+    with tracker:
+        _train(model, tracker, optimizer, _batches(steps=80), lr=50.0)
+    assert len(recorder.of("rollback")) == 2
+    assert tracker.diverged and len(recorder.of("divergence")) == 1
+
+
+def test_snapshots_on_disk_restore_the_scheduler_and_the_scaler_too(tmp_path: Any) -> None:
+    model, recorder = _net(), RecordingBackend()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.99)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    tracker = GradTracker(model, backend=recorder, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
+                          on_divergence="rollback", rollback_every=10, rollback_dir=tmp_path)  # fmt: skip
+    epochs, scales = [], []
+    with tracker:
+        for x, y in _batches(poison={33}):  # a NaN loss: the scaler skips the step, the rollback heals it
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            tracker.observe(loss)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            epochs.append(scheduler.last_epoch)
+            scales.append(scaler.get_scale())
+        files = list(tmp_path.glob("*.pt"))
+    (event,) = recorder.of("rollback")
+    assert (event.step, event.restored_step) == (33, 30)
+    assert epochs[32:35] == [33, 31, 32]  # the scheduler went back to its state of step 30, then stepped on
+    assert scales[33] == scales[29] / 2  # the scaler's state of step 30, then backed off for this step's NaN
+    assert 1 <= len(files) <= 2 and not list(tmp_path.glob("*.pt"))  # the ring on disk, removed at the end
+    assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"on_divergence": "rollback", "rollback_every": 0}, r"rollback_every must be an int in \[1, "),
+        ({"on_divergence": "rollback", "rollback_keep": "2"}, r"rollback_keep must be an int in \[1, 100\], got '2'"),
+        ({"on_divergence": "rollback", "rollback_budget": -1}, "rollback_budget must be an int"),
+        ({"rollback_every": 10}, "rollback_every are settings of on_divergence='rollback', not of"),
+        ({"on_divergence": "rollback", "on_nonfinite": "raise"}, "cannot heal a run that on_nonfinite='raise'"),
+        ({"on_divergence": "rollback", "scheduler": object()}, "scheduler=object has no state_dict"),
+        ({"scheduler": object()}, "scheduler= is used by on_divergence='rollback'"),
+        ({"on_divergence": "heal"}, "on_divergence must be 'continue', 'raise' or 'rollback', got 'heal'"),
+    ],
+)
+def test_rollback_settings_that_cannot_work_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradTracker(_net(), **options)
+
+
+def test_an_optimizer_whose_state_cannot_be_snapshotted_is_refused_at_enter() -> None:
+    class Opaque(torch.optim.SGD):
+        def state_dict(self) -> dict[str, Any]:
+            raise RuntimeError("no state here")
+
+    model = _net()
+    tracker = GradTracker(model, optimizer=Opaque(model.parameters(), lr=0.1), on_divergence="rollback")
+    with pytest.raises(ValueError, match=r"cannot snapshot the optimizer \(Opaque\): its state_dict\(\) fails"):
+        tracker.__enter__()
+    with GradTracker(model):  # nothing left behind
+        pass
