@@ -32,6 +32,8 @@ def summary_note(summary: Summary, status: str, images: Sequence[tuple[str, str]
     if summary.diverged:
         reason = _escape(summary.diverged_reason or "")
         headline = f"### gradtrack: diverged at step {summary.diverged_step}\n\n{reason}"
+    elif summary.rollbacks:
+        headline = f"### gradtrack: healed by {len(summary.rollbacks)} rollback(s), not diverged"
     elif summary.explosions:
         headline = f"### gradtrack: {summary.explosions} explosion(s), not diverged"
     else:
@@ -54,6 +56,10 @@ def summary_note(summary: Summary, status: str, images: Sequence[tuple[str, str]
         f"| recommended max_norm | {advice} |",
         f"| top offenders | {offenders} |",
     ]
+    if summary.rollbacks:  # healed: the states that came back, and what it cost the learning rate
+        listed = ", ".join(f"step {step} -> {restored}" for step, restored in summary.rollbacks[-10:])
+        more = f" (the last 10 of {len(summary.rollbacks)})" if len(summary.rollbacks) > 10 else ""
+        lines.append(f"| rollbacks | {len(summary.rollbacks)}: {listed}{more}; learning rate x{summary.lr_scale:g} |")
     if summary.resumed_from:  # the steps each restart went on from: MLflow keeps both values of a step trained twice
         resumed = ", ".join(f"step {step}" for step in summary.resumed_from)
         lines.append(f"| resumed | {len(summary.resumed_from)} time(s), from {resumed} |")

@@ -301,6 +301,16 @@ class Healer:
         self._load_learnt(_clone_tree(snapshot.learnt, host))
         _set_rng_state(snapshot.rng)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run must remember (the snapshots themselves stay behind: the checkpoint is one)."""
+        return {"count": self.count, "lr_scale": self.lr_scale, "last_rollback": self._last_rollback}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        count, scale, last = state.get("count"), state.get("lr_scale"), state.get("last_rollback")
+        if type(count) is not int or not isinstance(scale, float | int) or not (last is None or type(last) is int):
+            raise ValueError("'rollback' must hold an int 'count', a number 'lr_scale' and 'last_rollback'")
+        self.count, self.lr_scale, self._last_rollback = count, float(scale), last
+
     # -- the learning rate --------------------------------------------------------------------------
 
     def scale_lr(self, optimizer: torch.optim.Optimizer) -> None:

@@ -271,6 +271,7 @@ class GradTracker:
             "world": {"size": topology.world_size, "rank": topology.rank, "strategy": topology.strategy},
             **self._pipeline.state_dict(),
             "backends": backends,
+            "rollback": self._healer.state_dict() if self._healer is not None else None,
         }
         check_plain(state)
         return state
@@ -317,6 +318,9 @@ class GradTracker:
                                  clip_policy=copy.deepcopy(self._pipeline.clip_policy)),
                                  copy.deepcopy(self._pipeline.judge))  # fmt: skip
             probe.load_state_dict(state)  # a dry run: a damaged state must leave this tracker as it was
+            if state.get("rollback") is not None:
+                Healer(self.model, every=1, keep=1, budget=1, directory=None, schedulers=(), scaler=None,
+                       learnt=dict, load_learnt=dict).load_state_dict(part(state, "rollback"))  # fmt: skip
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise StateError(f"state is damaged and cannot be resumed from: {exc}") from exc
         for note in self._pipeline.load_state_dict(state):
@@ -451,6 +455,9 @@ class GradTracker:
                                  f"({type(item).__name__}): its state_dict() fails ({exc!r})") from exc  # fmt: skip
         if self.optimizer is not None:
             healer.watch(self.optimizer)
+        saved = self._loaded.get("rollback") if self._loaded is not None else None
+        if saved is not None:  # the budget spent and the learning-rate scale go on across restarts
+            healer.load_state_dict(saved)
         pipeline.healer = healer
         return healer
 

@@ -174,3 +174,34 @@ def test_an_optimizer_whose_state_cannot_be_snapshotted_is_refused_at_enter() ->
         tracker.__enter__()
     with GradTracker(model):  # nothing left behind
         pass
+
+
+def test_a_rollback_is_in_the_mlflow_run_and_its_count_survives_a_resume(server: Any, tmp_path: Any) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"rollback-{tmp_path.name}"
+    options = {"backend": "mlflow", "backend_options": {"mlflow": {"tracking_uri": server.uri, "plots": False,
+               "experiment_name": experiment, "spool_dir": str(tmp_path / "spool")}}}  # fmt: skip
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tracker = GradTracker(model, on_divergence="rollback", rollback_every=10, **options)
+    with tracker:
+        _train(model, tracker, optimizer, _batches(poison={57}, steps=80))
+    client = MlflowClient(server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    rollbacks = client.get_metric_history(run.info.run_id, "grad/rollback")
+    assert [(m.step, m.value) for m in rollbacks] == [(57, 1.0)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "grad/lr_scale")] == [1.0]
+    tags = run.data.tags
+    assert tags["gradtrack.rollbacks"] == "1" and tags["diverged"] == "false" and run.info.status == "FINISHED"
+    assert "healed by 1 rollback(s)" in tags["mlflow.note.content"]
+    assert "| rollbacks | 1: step 57 -> 50; learning rate x1 |" in tags["mlflow.note.content"]
+
+    state = tracker.state_dict()
+    assert state["rollback"] == {"count": 1, "lr_scale": 1.0, "last_rollback": 57}
+    again = GradTracker(model, on_divergence="rollback", rollback_every=10, rollback_budget=1, **options)
+    again.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match=r"settings changed \(gradtrack.rollback_budget: 5 -> 1\)"), again:
+        _train(model, again, optimizer, _batches(poison={5}, steps=20))  # a budget of one, spent already: the verdict
+    assert again.diverged and again.summary().rollbacks == ((57, 50),)

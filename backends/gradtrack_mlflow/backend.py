@@ -26,7 +26,7 @@ import numpy as np
 
 from gradtrack import hookimpl
 from gradtrack._version import __version__
-from gradtrack.events import Divergence, Explosion, LayersAdded, RunEnd, RunStart, StepBatch, Summary
+from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart, StepBatch, Summary
 from gradtrack.history import RunHistory
 from gradtrack.naming import extend_names, sanitize_names
 from gradtrack.notes import divergence_note, summary_note
@@ -295,6 +295,18 @@ class MLflowBackend:
             tags.update(self._explosion_tags())
         if tags:
             self._send({"op": "fragment", "tags": tags}, urgent=self._explosions == 1)
+
+    @hookimpl
+    def gradtrack_rollback(self, event: Rollback) -> None:
+        """``grad/rollback`` = 1 and the learning-rate scale at that step, the count as a tag, out at once."""
+        ms = int(event.timestamp * 1000)
+        metrics = [["grad/rollback", 1.0, ms, event.step], ["grad/lr_scale", event.lr_scale, ms, event.step]]
+        self._send({"op": "fragment", "metrics": metrics, "tags": {"gradtrack.rollbacks": str(event.count)}},
+                   urgent=True)  # fmt: skip
+        self._write("events.jsonl", json.dumps({"rollback": event.to_dict()}) + "\n")
+        add = getattr(self._history, "add_rollback", None)
+        if add is not None:
+            add(event.step, event.restored_step)
 
     @hookimpl
     def gradtrack_divergence(self, event: Divergence) -> None:
