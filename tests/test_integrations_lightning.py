@@ -269,6 +269,10 @@ def test_options_are_checked_when_the_callback_is_created() -> None:
         GradTrackerCallback(norm_type=3)
     with pytest.raises(TypeError, match="optimizer="):
         GradTrackerCallback(optimizer=None)
+    with pytest.raises(TypeError, match="takes no scheduler= option: it uses the scheduler of the trainer"):
+        GradTrackerCallback(on_divergence="rollback", scheduler=None)
+    with pytest.raises(ValueError, match=r"rollback_every must be an int in \[1, "):
+        GradTrackerCallback(on_divergence="rollback", rollback_every=0)
 
 
 def test_importing_gradtrack_imports_no_framework() -> None:
@@ -502,3 +506,21 @@ def test_rollback_restores_the_scaler_of_lightnings_precision_plugin(
     assert scales[7] == scales[5] / 2  # step 6's scale (after step 5), halved for step 7's overflow
     assert all(torch.isfinite(t).all() for t in [*module.parameters(), *module.buffers()])
     assert all(math.isfinite(loss) for loss in module.losses[8:])
+
+
+def test_an_optimizer_a_rollback_cannot_snapshot_is_refused_before_training(tmp_path: Path) -> None:
+    class Opaque(torch.optim.SGD):
+        def state_dict(self) -> dict[str, Any]:
+            raise RuntimeError("no state here")
+
+    class Module(Regression):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return Opaque(self.parameters(), lr=0.1)
+
+    module = Module()
+    callback = GradTrackerCallback(on_divergence="rollback")
+    with pytest.raises(ValueError, match=r"cannot snapshot the trainer's optimizer \(Opaque\): its state_dict"):
+        fit(tmp_path, [callback], module)
+    assert callback.tracker is None
+    with GradTracker(module):  # nothing left behind
+        pass
