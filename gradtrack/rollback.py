@@ -114,6 +114,33 @@ def _clone_tree(value: Any, device_copy: Callable[[torch.Tensor], torch.Tensor])
     return copy.deepcopy(value)
 
 
+_Layout = tuple[Any, Any, torch.Size, tuple[int, ...], torch.device]  # mesh, placements, shape, stride, device
+
+
+def _layouts(state: Mapping[str, Any]) -> dict[tuple[Any, str], _Layout]:
+    """Which of an optimizer's state tensors are DTensors (FSDP2), and their layout: a snapshot keeps only this
+    rank's shard of each, and the restore must hand the optimizer DTensors again, not bare shards."""
+    return {
+        (index, key): (value.device_mesh, value.placements, value.shape, value.stride(), _local(value).device)
+        for index, per_param in state.get("state", {}).items()
+        for key, value in per_param.items()
+        if getattr(value, "device_mesh", None) is not None  # a DTensor (a plain tensor has no mesh)
+    }
+
+
+def _resharded(state: dict[str, Any], layouts: Mapping[tuple[Any, str], _Layout]) -> dict[str, Any]:
+    """``state`` (a restored copy) with each shard that was a DTensor made one again, in its old layout."""
+    if not layouts:
+        return state
+    from torch.distributed.tensor import DTensor
+
+    for (index, key), (mesh, placements, shape, stride, device) in layouts.items():
+        local = state["state"][index][key].to(device)
+        state["state"][index][key] = DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
+                                                        stride=stride)  # fmt: skip
+    return state
+
+
 def _nbytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -145,6 +172,7 @@ class _Snapshot:
     schedulers: list[dict[str, Any]]
     learnt: dict[str, Any]
     rng: dict[str, Any]
+    layouts: list[dict[tuple[Any, str], _Layout]]  # per optimizer: its DTensor states (kept here, never on disk)
     nbytes: int = 0
     path: Path | None = None  # rollback_dir: the tensors live there, not here
     ready: Any = None  # a CUDA event: the non-blocking copies are done
@@ -223,7 +251,9 @@ class Healer:
         buffers = reuse.tensors if reuse is not None and reuse.path is None else []
         copies = [_host_copy(t, buffers[i] if i < len(buffers) else None) for i, t in enumerate(tensors)]
         host = lambda t: _host_copy(t)  # noqa: E731 (optimizer state: fresh copies)
-        optimizers = [(weakref.ref(o), _clone_tree(o.state_dict(), host)) for o in list(self._optimizers)]
+        watched = list(self._optimizers)
+        states = [o.state_dict() for o in watched]  # the live tensors: read their layouts before copying
+        optimizers = [(weakref.ref(o), _clone_tree(state, host)) for o, state in zip(watched, states, strict=True)]
         snapshot = _Snapshot(
             step=step,
             tensors=copies,
@@ -232,6 +262,7 @@ class Healer:
             schedulers=[copy.deepcopy(s.state_dict()) for s in self.schedulers],
             learnt=_clone_tree(self._learnt(), host),
             rng=_rng_state(),
+            layouts=[_layouts(state) for state in states],
         )
         snapshot.nbytes = _nbytes(copies) + _nbytes([state for _, state in optimizers]) + _nbytes(snapshot.learnt)
         if any(t.is_cuda for t in tensors):
@@ -290,10 +321,10 @@ class Healer:
             for target, saved in zip(self._tensors(), tensors, strict=True):
                 _local(target).copy_(saved, non_blocking=saved.is_pinned())
         host = lambda t: t.clone()  # noqa: E731 (load_state_dict may keep what it is given: keep ours intact)
-        for (ref, _), state in zip(snapshot.optimizers, optimizer_states, strict=True):
+        for (ref, _), state, layouts in zip(snapshot.optimizers, optimizer_states, snapshot.layouts, strict=True):
             optimizer = ref()
             if optimizer is not None:
-                optimizer.load_state_dict(_clone_tree(state, host))
+                optimizer.load_state_dict(_resharded(_clone_tree(state, host), layouts))
         if self.scaler is not None and snapshot.scaler is not None:
             self.scaler.load_state_dict(copy.deepcopy(snapshot.scaler))
         for scheduler, state in zip(self.schedulers, snapshot.schedulers, strict=True):

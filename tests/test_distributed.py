@@ -162,7 +162,51 @@ def _fsdp2(rank: int, world: int) -> dict[str, Any]:
     result["value_clip"] = _value_clip(rank)
     result["changing_set"] = _changing_set(rank)
     result["resume"] = _resume(rank)
+    result["rollback"] = _rollback(rank)
     return result
+
+
+def _rollback(rank: int) -> dict[str, Any]:
+    """A NaN batch on rank 1 alone at step 5: every rank rolls back to step 4's snapshot, each restoring its own
+    shards (the parameters and Adam's moments, DTensors); the run goes on as if steps 4 and 5 never happened."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from gradtrack import GradTracker
+
+    def loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
+        torch.manual_seed(100 * step + rank)  # each rank its own batch
+        x = torch.randn(4, 8)
+        if step == 5 and rank == 1:
+            x[0, 0] = math.nan
+        return model(x).square().mean()
+
+    model, reference = _sharded_mlp(), _sharded_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    collectives = []
+    with GradTracker(model, clip=None, on_divergence="rollback", rollback_every=2) as tracker:
+        for step in range(8):
+            optimizer.zero_grad()
+            loss = loss_of(model, step)
+            tracker.observe(loss)
+            loss.backward()
+            with CommDebugMode() as comm:
+                optimizer.step()
+            collectives.append(comm.get_total_counts())
+    reference_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for step in (0, 1, 2, 3, 6, 7):  # the run without the steps the rollback undid
+        reference_optimizer.zero_grad()
+        loss_of(reference, step).backward()
+        reference_optimizer.step()
+    pairs = list(zip(model.parameters(), reference.parameters(), strict=True))
+    return {
+        "rollbacks": [list(pair) for pair in tracker.summary().rollbacks],
+        "collectives": collectives,
+        "finite": all(torch.isfinite(p.to_local()).all() for p in model.parameters()),
+        "as_reference": all(torch.equal(a.to_local(), b.to_local()) for a, b in pairs),
+        "moments_sharded": all(isinstance(state["exp_avg"], DTensor) for state in optimizer.state.values()),
+        "steps": tracker.steps,
+    }
 
 
 def _resume(rank: int) -> dict[str, Any]:
@@ -349,6 +393,12 @@ def test_fsdp2_norms_are_global_with_one_collective_and_every_rank_decides_alike
     assert resume0["steps"] == resume1["steps"] == 9 and resume0["resumed_from"] == [6]
     assert resume0["collectives"] == resume1["collectives"] == [1, 1, 1]  # no collective of its own
     assert "saved on rank 1, which does not report" in resume0["refused"] and resume1["refused"] == ""
+    rollback0, rollback1 = rank0["rollback"], rank1["rollback"]
+    assert rollback0["rollbacks"] == rollback1["rollbacks"] == [[5, 4]]  # rank 0 saw no NaN, and rolled back too
+    assert rollback0["collectives"] == rollback1["collectives"] == [1] * 8  # snapshots and the restore: none
+    assert rollback0["finite"] and rollback1["finite"] and rollback0["steps"] == rollback1["steps"] == 8
+    assert rollback0["as_reference"] and rollback1["as_reference"]  # each rank's shards: steps 4 and 5 undone
+    assert rollback0["moments_sharded"] and rollback1["moments_sharded"]
 
 
 # -- FSDP2 + tensor parallel on a 2-D mesh --------------------------------------------------------------

@@ -269,6 +269,10 @@ def test_options_are_checked_when_the_callback_is_created() -> None:
         GradTrackerCallback(norm_type=3)
     with pytest.raises(TypeError, match="optimizer="):
         GradTrackerCallback(optimizer=None)
+    with pytest.raises(TypeError, match="takes no scheduler= option: it uses the scheduler of the trainer"):
+        GradTrackerCallback(on_divergence="rollback", scheduler=None)
+    with pytest.raises(ValueError, match=r"rollback_every must be an int in \[1, "):
+        GradTrackerCallback(on_divergence="rollback", rollback_every=0)
 
 
 def test_importing_gradtrack_imports_no_framework() -> None:
@@ -401,3 +405,122 @@ def test_mlflow_logger_run_resumed_by_id_continues_gradtracks_step_axis(tmp_path
     assert [m.step for m in history] == list(range(2 * STEPS))  # no second step 0: the axis went on
     assert [m.value for m in history] == pytest.approx(probe.before, rel=1e-6)
     assert client.get_run(run_id).data.metrics["gradtrack.summary.steps"] == 2 * STEPS
+
+
+# -- self-healing -------------------------------------------------------------------------------------
+
+
+class Healing(Regression):
+    """BatchNorm (a NaN batch corrupts its running statistics), SGD with momentum, a per-step StepLR."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.05)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.5)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.95)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class StepProbe(pl.Callback):
+    """After each optimizer step (before Lightning steps the scheduler): the learning rate the update used and
+    the scheduler's count."""
+
+    def __init__(self) -> None:
+        self.used: list[float] = []
+        self.epochs: list[int] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+
+        def after(optimizer: torch.optim.Optimizer, *_: Any) -> None:  # before gradtrack's (global) post-hook
+            self.used.append(optimizer.param_groups[0]["lr"])
+            self.epochs.append(scheduler.last_epoch)
+
+        trainer.optimizers[0].register_step_post_hook(after)
+
+
+def poisoned_loader() -> torch.utils.data.DataLoader:
+    """``loader()``'s kind of data with one bad record, in the 8th batch of each epoch (steps 7, 15, ...)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=generator)
+    y = 3.0 * x.sum(-1)
+    x[60, 0] = math.nan
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def heal(tmp_path: Path, callbacks: list[pl.Callback], module: Healing, steps: int, **options: Any) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=False,
+        enable_checkpointing=False, default_root_dir=tmp_path, max_steps=steps, callbacks=callbacks, **options,
+    )  # fmt: skip
+    trainer.fit(module, poisoned_loader())
+    return trainer
+
+
+def test_rollback_restores_the_module_optimizer_and_scheduler_lightning_owns(
+    tmp_path: Path, recorder: RecordingBackend
+) -> None:
+    probe, module = StepProbe(), Healing()
+    callback = GradTrackerCallback(backend=recorder, max_norm=10.0, on_divergence="rollback", rollback_every=3)
+    trainer = heal(tmp_path, [probe, callback], module, 20)
+
+    first, second = recorder.of("rollback")
+    assert (first.step, first.restored_step, first.lr_scale) == (7, 6, 1.0)
+    assert (second.step, second.restored_step, second.lr_scale) == (15, 12, 0.5)  # soon after: the lr halves
+    assert callback.tracker is not None and not callback.tracker.diverged and callback.tracker.steps == 20
+    assert all(torch.isfinite(t).all() for t in [*module.parameters(), *module.buffers()])  # BatchNorm's too
+    assert [math.isnan(loss) for loss in module.losses] == [step in (7, 15) for step in range(20)]
+    assert sum(module.losses[16:]) < 0.3 * sum(module.losses[:4])  # and it goes on learning (the same batches)
+    # The scheduler came back with the rest: its count is that of the updates the model kept.
+    assert probe.epochs[5:9] == [5, 6, 6, 7]  # step 7 back to step 6's count; then one behind the steps
+    assert probe.epochs[14:17] == [13, 11, 12]  # step 15 back to step 12's (11); then three behind
+    # The halved rate is used inside Lightning's optimizer.step(closure), and undone after it.
+    expected = [0.05 * 0.95**epoch * (0.5 if step >= 15 else 1.0) for step, epoch in enumerate(probe.epochs)]
+    assert probe.used == pytest.approx(expected, rel=1e-6)
+    last_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.95**last_epoch)
+
+
+def test_rollback_restores_the_scaler_of_lightnings_precision_plugin(
+    tmp_path: Path, recorder: RecordingBackend
+) -> None:
+    """16-mixed: the NaN loss is judged though the scaler skips that step (no closure: the optimizer steps
+    after Lightning's hooks), and the scaler comes back with the rest, then backs off for the bad step."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)  # doubles at every good step
+    scales: list[float] = []
+
+    class Scales(pl.Callback):
+        def on_train_batch_end(self, *_: Any) -> None:
+            scales.append(scaler.get_scale())
+
+    module = Healing()
+    callback = GradTrackerCallback(backend=recorder, max_norm=10.0, on_divergence="rollback", rollback_every=3)
+    heal(tmp_path, [Scales(), callback], module, 10, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+
+    (event,) = recorder.of("rollback")
+    assert (event.step, event.restored_step) == (7, 6)
+    assert scales[:6] == [2.0**k for k in range(1, 7)]
+    assert scales[7] == scales[5] / 2  # step 6's scale (after step 5), halved for step 7's overflow
+    assert all(torch.isfinite(t).all() for t in [*module.parameters(), *module.buffers()])
+    assert all(math.isfinite(loss) for loss in module.losses[8:])
+
+
+def test_an_optimizer_a_rollback_cannot_snapshot_is_refused_before_training(tmp_path: Path) -> None:
+    class Opaque(torch.optim.SGD):
+        def state_dict(self) -> dict[str, Any]:
+            raise RuntimeError("no state here")
+
+    class Module(Regression):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return Opaque(self.parameters(), lr=0.1)
+
+    module = Module()
+    callback = GradTrackerCallback(on_divergence="rollback")
+    with pytest.raises(ValueError, match=r"cannot snapshot the trainer's optimizer \(Opaque\): its state_dict"):
+        fit(tmp_path, [callback], module)
+    assert callback.tracker is None
+    with GradTracker(module):  # nothing left behind
+        pass

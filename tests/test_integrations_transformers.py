@@ -261,3 +261,78 @@ def test_resume_from_a_checkpoint_without_gradtracks_state_goes_on_from_the_glob
           **RESUMABLE)  # fmt: skip
     assert recorder.of("run_start")[0].resumed is None
     assert [s.step for s in recorder.of("step")] == list(range(STEPS, 2 * STEPS))
+
+
+# -- self-healing -------------------------------------------------------------------------------------
+
+
+class Embedded(torch.utils.data.IterableDataset):
+    """Records in a fixed order (an iterable dataset is never shuffled by the Trainer), given as embeddings so that
+    some can be poisoned: a NaN in each record of ``poison``."""
+
+    def __init__(self, poison: set[int], n: int = 64, length: int = 16) -> None:
+        generator = torch.Generator().manual_seed(0)
+        table = torch.randn(64, 32, generator=generator)
+        self.rows = []
+        for index in range(n):
+            ids = torch.randint(0, 64, (length,), generator=generator)
+            embeds = table[ids].clone()
+            if index in poison:
+                embeds[0, 0] = math.nan
+            self.rows.append({"inputs_embeds": embeds, "labels": ids})
+
+    def __iter__(self) -> Any:
+        return iter(self.rows)
+
+
+class Restored(TrainerCallback):
+    """After each optimizer step, before the Trainer steps its scheduler: the parameters, AdamW's step count and
+    the scheduler's count; and the learning rate each update used, against the scheduler's."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.adam_steps: list[int] = []
+        self.epochs: list[int] = []
+        self.lr_ratios: list[float] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        scheduler = kwargs["lr_scheduler"]
+
+        def used(optimizer: torch.optim.Optimizer, *_: Any) -> None:  # runs before gradtrack's (global) post-hook
+            self.lr_ratios.append(optimizer.param_groups[0]["lr"] / scheduler.get_last_lr()[0])
+
+        kwargs["optimizer"].optimizer.register_step_post_hook(used)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model, optimizer = kwargs["model"], kwargs["optimizer"]
+        self.params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        self.adam_steps.append(int(next(iter(optimizer.state.values()))["step"]))
+        self.epochs.append(kwargs["lr_scheduler"].last_epoch)
+
+
+def test_rollback_restores_the_model_optimizer_and_scheduler_the_trainer_owns(
+    tmp_path: Path, recorder: RecordingBackend
+) -> None:
+    restored = Restored()
+    callback = GradTrackerCallback(backend=recorder, on_divergence="rollback", rollback_every=3)
+    model = tiny_gpt2()
+    # max_grad_norm: the default 1.0 (the Trainer clips, gradtrack watches and heals)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4,
+                             learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True)  # fmt: skip
+    poisoned = Embedded(poison={4 * 7 + 1, 4 * 10 + 2})  # 4 records a step: steps 7 and 10
+    trainer = Trainer(model=model, args=args, train_dataset=poisoned, callbacks=[restored, callback])
+    trainer.train()
+
+    first, second = recorder.of("rollback")
+    assert (first.step, first.restored_step, first.skipped, first.lr_scale) == (7, 6, 2, 1.0)
+    assert (second.step, second.lr_scale) == (10, 0.5)  # soon after the first: the learning rate halves
+    assert callback.tracker is not None and not callback.tracker.diverged and trainer.state.global_step == 12
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [math.isnan(s.loss) for s in recorder.of("step")] == [step in (7, 10) for step in range(12)]  # it goes on
+    assert torch.equal(restored.params[7], restored.params[5])  # step 6's start came back; step 7's update skipped
+    assert not torch.equal(restored.params[8], restored.params[7])
+    assert restored.adam_steps[5:9] == [6, 7, 6, 7]  # AdamW's state came back with it
+    assert restored.epochs[5:9] == [5, 6, 6, 7]  # and the scheduler's
+    # The halved rate is used inside the Trainer's optimizer.step(), and undone before its scheduler steps.
+    assert restored.lr_ratios == pytest.approx([1.0] * 10 + [0.5] * 2)

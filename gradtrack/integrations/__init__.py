@@ -13,26 +13,34 @@ gradtrack's own optimizer hook. A framework runs code of its own between the gra
 optimizer step (its AMP unscaling, its clipping, a closure around both): the callbacks measure at the
 point they choose, by hand, and the tracker's global optimizer step pre-hook is removed so that the
 optimizer step that follows is never measured a second time.
+
+Self-healing (``on_divergence="rollback"``) restores what the trainer owns beside the model: its optimizers,
+LR schedulers and AMP scaler (:class:`Owned`). The snapshot is taken where the callback measures, before the
+update; the halved learning rate of a repeated rollback is applied inside each of the trainer's optimizer
+steps, after the callback measured (and maybe rolled back), and undone right after the step.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from torch.utils.hooks import RemovableHandle
 
     from gradtrack.amp import AmpState
     from gradtrack.tracker import GradTracker
 
 __all__: list[str] = []
 
-# Options the callbacks set themselves: the optimizer step is found by the framework, and AMP is read
-# from the framework's own GradScaler.
-_FRAMEWORK_OPTIONS = ("optimizer", "scaler")
+# Options the callbacks set themselves: the optimizer step is found by the framework, AMP is read from the
+# framework's own GradScaler, and a rollback restores the framework's own optimizers, schedulers and scaler.
+_FRAMEWORK_OPTIONS = ("optimizer", "scaler", "scheduler")
 
 
 def check_options(owner: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,25 +144,67 @@ def loss_scale(scaler: Any) -> torch.Tensor | None:
 
 
 @final
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """What the trainer owns beside the model; ``on_divergence="rollback"`` snapshots and restores it."""
+
+    optimizers: tuple[Any, ...] = ()  # framework wrappers allowed: the torch optimizer under each is used
+    schedulers: tuple[Any, ...] = ()
+    scaler: Any = None  # a torch.amp.GradScaler; anything else (None, a bf16 plugin's) is not snapshotted
+
+
+def _snapshottable(owned: Owned) -> tuple[list[torch.optim.Optimizer], torch.amp.GradScaler | None]:
+    """The trainer's torch optimizers and GradScaler, refused now (before the tracker is entered) if a
+    snapshot could not copy their state."""
+    import torch
+
+    optimizers = list(dict.fromkeys(inner_optimizer(o) for o in owned.optimizers))
+    optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
+    scaler = owned.scaler if isinstance(owned.scaler, torch.amp.GradScaler) else None
+    parts: list[tuple[str, Any]] = [("optimizer", o) for o in optimizers] + [("scaler", scaler)]
+    for what, item in parts:
+        if item is None:
+            continue
+        try:
+            copy.deepcopy(item.state_dict())
+        except Exception as exc:
+            raise ValueError(f"on_divergence='rollback' cannot snapshot the trainer's {what} "
+                             f"({type(item).__name__}): its state_dict() fails ({exc!r})") from exc  # fmt: skip
+    return optimizers, scaler
+
+
+@final
 class HandDriven:
     """A ``GradTracker`` entered by a callback, stepped by hand, closed by another callback."""
 
     def __init__(self, tracker: GradTracker) -> None:
         self.tracker = tracker
         self.open = False
+        self._lr_hooks: list[RemovableHandle] = []
 
     @classmethod
     def start(
-        cls, model: nn.Module, options: Mapping[str, Any], state: Mapping[str, Any] | None = None, step: int = 0
+        cls,
+        model: nn.Module,
+        options: Mapping[str, Any],
+        state: Mapping[str, Any] | None = None,
+        step: int = 0,
+        owned: Owned | None = None,
     ) -> HandDriven:
         """Create and enter the tracker, resuming ``state`` (``tracker.state_dict()`` in a checkpoint) if given.
 
         Without a state, ``step`` is the framework's own count of optimizer steps already done (a trainer
         resumed from a checkpoint that holds no gradtrack state): gradtrack's step axis goes on from there
-        instead of restarting at 0 in a run that may already hold those steps.
+        instead of restarting at 0 in a run that may already hold those steps. ``owned``: what a rollback
+        restores beside the model (used only with ``on_divergence="rollback"``).
         """
         from gradtrack.tracker import GradTracker
 
+        optimizers: list[torch.optim.Optimizer] = []
+        scaler = None
+        if owned is not None and options.get("on_divergence") == "rollback":
+            optimizers, scaler = _snapshottable(owned)
+            options = {**options, "scheduler": list(owned.schedulers) or None}
         tracker = GradTracker(model, **options)
         if state is not None:
             tracker.load_state_dict(state)
@@ -170,30 +220,56 @@ class HandDriven:
         if handle is not None:
             handle.remove()
             tracker._handle = None
+        healer = tracker._healer
+        if healer is not None:
+            healer.scaler = scaler  # entered without scaler=: gradtrack reads AMP from the framework's own way
+            for optimizer in optimizers:
+                healer.watch(optimizer)
+                driven._lr_hooks.append(optimizer.register_step_pre_hook(driven._scale_lr))
         return driven
+
+    def _scale_lr(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        """A trainer's optimizer step starts: its learning rates times the healer's ``lr_scale`` for this update
+        (the tracker's post-hook undoes it), once the callback has measured, and maybe rolled back, which
+        restores the learning rates. With a closure (Lightning), the callback measures inside it: scale after it."""
+        healer = self.tracker._healer
+        if healer is None or not self.open:
+            return None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if not callable(closure):
+            healer.scale_lr(optimizer)
+            return None
+
+        def scaled_closure() -> Any:
+            loss = closure()
+            healer.scale_lr(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": scaled_closure}
+        return (args[0], scaled_closure, *args[2:]), kwargs
 
     def observe(self, loss: torch.Tensor | float) -> None:
         if self.open:
             self.tracker.observe(loss)
 
     def step(self, amp: AmpState | None = None, params: list[Any] | None = None) -> None:
-        """One gradtrack step: measure, clip, judge, report (the tracker's ``step()``, with the AMP state)."""
+        """One gradtrack step: a rollback snapshot if one is due, then measure, clip, judge, report (the
+        tracker's ``step()``, with the AMP state)."""
         if not self.open:
             return
         tracker = self.tracker
-        if amp is None and params is None:
-            tracker.step()
-        elif params is not None:
-            tracker._measure(params, None, amp)
-        else:
-            tracker._parameters.refresh()
-            tracker._measure(tracker._parameters.params, None, amp)
+        tracker._parameters.refresh()
+        tracker._snapshot_if_due()
+        tracker._measure(params if params is not None else tracker._parameters.params, None, amp)
 
     def close(self, exc: BaseException | None = None) -> None:
         """Leave the tracker as its ``with`` block would: ``failed`` (``killed`` for a KeyboardInterrupt) on ``exc``."""
         if not self.open:
             return
         self.open = False
+        while self._lr_hooks:
+            self._lr_hooks.pop().remove()
         if exc is None:
             self.tracker.__exit__(None, None, None)
         else:

@@ -24,6 +24,12 @@ Where each piece of work happens, in the order Lightning runs its hooks for one 
 * ``on_fit_end`` closes the tracker (``finished``), ``on_exception`` closes it ``failed`` (``killed`` on
   Ctrl-C), ``teardown`` closes it if neither ran.
 
+Self-healing: ``GradTrackerCallback(on_divergence="rollback", ...)`` snapshots, beside the LightningModule, the
+trainer's optimizers, its LR schedulers (``trainer.lr_scheduler_configs``) and the precision plugin's GradScaler,
+at ``on_before_optimizer_step``; a rollback there restores them all and skips that update. A halved learning rate
+is applied inside each ``optimizer.step``: after its closure (where this hook runs), or before the step itself
+under ``16-mixed``, where Lightning runs the closure first and the scaler may skip the step.
+
 Resuming: Lightning's checkpoints hold the callback's ``state_dict()`` (``{"gradtrack": tracker.state_dict()}``),
 and ``fit(ckpt_path=...)`` hands it to ``load_state_dict`` before ``on_train_start``, where the tracker loads it
 before it is entered: the same tracking run goes on, with its step, detectors, clip policy and summary. From a
@@ -43,6 +49,7 @@ from lightning.pytorch.callbacks import Callback
 
 from gradtrack.integrations import (
     HandDriven,
+    Owned,
     amp_state,
     auto_backend,
     backend_options,
@@ -61,14 +68,15 @@ class GradTrackerCallback(Callback):
     """Tracks the LightningModule's gradients with a ``GradTracker`` for the duration of each ``fit``.
 
     ``GradTrackerCallback(**options)`` takes the keyword options of :class:`gradtrack.GradTracker`
-    (``clip``, ``max_norm``, ``backend``, ``backend_options``, ``layer_every``, ...), except ``optimizer``
-    and ``scaler``, which come from the trainer.
+    (``clip``, ``max_norm``, ``backend``, ``backend_options``, ``layer_every``, ``on_divergence``, ...), except
+    ``optimizer``, ``scaler`` and ``scheduler``, which come from the trainer.
 
     * ``backend`` not given: the trainer's loggers decide. An ``MLFlowLogger`` makes it ``"mlflow"`` into
       that logger's run (``run_id`` and ``tracking_uri`` from the logger), a ``WandbLogger`` ``"wandb"`` into
       that logger's run (``logger.experiment`` is created first); both: both; neither: no backend.
       ``backend`` given: it is used as given, and an ``"mlflow"`` / ``"wandb"`` named there still logs into the
       logger's run unless ``backend_options`` say otherwise (``run_id``, ...).
+    * ``on_divergence="rollback"`` restores the module, the trainer's optimizers, LR schedulers and AMP scaler.
     * ``fit(ckpt_path=...)`` resumes gradtrack's run from Lightning's checkpoint (see ``state_dict``).
     * ``Trainer(gradient_clip_val=...)``: Lightning clips, so gradtrack only watches (``clip=None``), with a
       warning; it measures before Lightning's clipping, so ``grad/total_norm`` is the norm Lightning clipped.
@@ -134,7 +142,9 @@ class GradTrackerCallback(Callback):
         if options is None:
             return
         resumed, self._resumed = self._resumed, None
-        self._driven = HandDriven.start(pl_module, options, state=resumed, step=trainer.global_step)
+        owned = Owned(optimizers=tuple(trainer.optimizers), scaler=self._scaler,
+                      schedulers=tuple(config.scheduler for config in trainer.lr_scheduler_configs))  # fmt: skip
+        self._driven = HandDriven.start(pl_module, options, state=resumed, step=trainer.global_step, owned=owned)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close(None)

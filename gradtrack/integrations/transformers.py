@@ -49,6 +49,11 @@ write checkpoints (``args.should_save``). ``train(resume_from_checkpoint=...)`` 
 Trainer is) before it is entered: the same tracking run goes on, with its step, detectors, clip policy and summary.
 From a checkpoint without the file, gradtrack's steps go on from ``state.global_step``.
 
+Self-healing: ``GradTrackerCallback(on_divergence="rollback", ...)`` snapshots, beside the model, the Trainer's
+optimizer, LR scheduler and accelerate's GradScaler where gradtrack measures (before the update); a rollback there
+restores them all and the Trainer's ``optimizer.step()`` then skips that update. A halved learning rate is applied
+inside that ``optimizer.step()`` and undone after it, before the Trainer steps its scheduler.
+
 transformers has no exception event: when ``train()`` raises, the tracker stays open until the next
 ``train()`` with this callback (which closes it ``failed``) or the end of the process (the reporter then ends
 gradtrack's own run ``killed``).
@@ -66,7 +71,15 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from gradtrack.integrations import HandDriven, amp_state, auto_backend, check_options, monitor_only, warn_once
+from gradtrack.integrations import (
+    HandDriven,
+    Owned,
+    amp_state,
+    auto_backend,
+    check_options,
+    monitor_only,
+    warn_once,
+)
 from gradtrack.tracker import GradTracker
 
 __all__ = ["GradTrackerCallback"]
@@ -79,7 +92,8 @@ class GradTrackerCallback(TrainerCallback):
     """Tracks the Trainer's model with a ``GradTracker`` for the duration of each ``train()``.
 
     ``GradTrackerCallback(**options)`` takes the keyword options of :class:`gradtrack.GradTracker` (``clip``,
-    ``max_norm``, ``backend``, ``backend_options``, ``layer_every``, ...), except ``optimizer`` and ``scaler``.
+    ``max_norm``, ``backend``, ``backend_options``, ``layer_every``, ``on_divergence``, ...), except ``optimizer``,
+    ``scaler`` and ``scheduler``: ``on_divergence="rollback"`` restores the Trainer's own, with the model.
     ``train(resume_from_checkpoint=...)`` resumes gradtrack's run from the ``gradtrack_state.pt`` that this
     callback wrote into the checkpoint folder.
     """
@@ -125,7 +139,14 @@ class GradTrackerCallback(TrainerCallback):
         if "backend" not in options:
             report_to = list(args.report_to or [])
             options["backend"] = auto_backend([name for name in _REPORTERS if name in report_to])
-        self._driven = HandDriven.start(model, options, state=_saved_state(checkpoint), step=state.global_step)
+        optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+        owned = Owned(
+            optimizers=(optimizer,) if optimizer is not None else (),
+            schedulers=(scheduler,) if scheduler is not None else (),
+            scaler=getattr(optimizer, "scaler", None),  # accelerate's GradScaler, kept on its optimizer
+        )
+        self._driven = HandDriven.start(model, options, state=_saved_state(checkpoint), step=state.global_step,
+                                        owned=owned)  # fmt: skip
         self._pending, self._loss = False, None
         if trainer is None:
             warn_once(
