@@ -68,10 +68,10 @@ def _norms_figure(history: RunHistory, title: str) -> Any:
         axes.scatter(steps[bad], np.full(bad.sum(), top), marker="^", color=_DIVERGED, label="NaN / Inf", zorder=3)
     if history.threshold is not None and math.isfinite(history.threshold):
         axes.axhline(history.threshold, color="#888888", linestyle="--", linewidth=1, label="explosion threshold")
-    if history.explosions:
-        xs, ys = zip(*[(s, v) for s, v in history.explosions if math.isfinite(v) and v > 0], strict=False) or ([], [])
-        axes.scatter(xs, ys, marker="x", color=_EXPLOSION, s=28, label=f"explosions ({len(history.explosions)})",
-                     zorder=3)  # fmt: skip
+    if history.explosions:  # those with a NaN/Inf norm are counted, and drawn as NaN / Inf above
+        drawn = [(step, value) for step, value in history.explosions if math.isfinite(value) and value > 0]
+        axes.scatter([step for step, _ in drawn], [value for _, value in drawn], marker="x", color=_EXPLOSION, s=28,
+                     label=f"explosions ({len(history.explosions)})", zorder=3)  # fmt: skip
     _mark_rollbacks(axes, history.rollbacks, _ROLLBACK, f"rollbacks ({len(history.rollbacks)})")
     if history.diverged_step is not None:
         label = f"diverged (step {history.diverged_step})"

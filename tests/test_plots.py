@@ -51,6 +51,15 @@ def test_a_run_without_rollbacks_has_no_rollback_marks() -> None:
     assert not axes.patches and not axes.collections[1:]  # only the explosions' scatter
 
 
+def test_explosions_with_non_finite_norms_only_are_counted(tmp_path: Path) -> None:
+    """A poisoned batch's explosion has a NaN norm: nothing to place on a log axis, but it counts."""
+    history = _history([(57, 50)])
+    history.explosions = [(57, float("nan"))]
+    labels = _norms_figure(history, "").axes[0].get_legend_handles_labels()[1]
+    assert "explosions (1)" in labels and "rollbacks (1)" in labels
+    assert draw_norms(history, tmp_path / "norms.png").read_bytes().startswith(PNG)
+
+
 def test_the_heatmap_and_the_comparison_mark_rollbacks_too(tmp_path: Path) -> None:
     history = _history([(57, 50), (400, 390)])  # 400: after the last per-layer sample
     axes = _layers_figure(history, "", 60).axes[0]
