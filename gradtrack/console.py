@@ -1,4 +1,4 @@
-"""The built-in ``console`` backend: one concise line per explosion, divergence and run end."""
+"""The built-in ``console`` backend: one concise line per explosion, rollback, divergence and run end."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO, final
 
-from gradtrack.events import Divergence, Explosion, RunEnd, RunStart, StepBatch
+from gradtrack.events import Divergence, Explosion, Rollback, RunEnd, RunStart, StepBatch
 from gradtrack.hookspecs import hookimpl
 from gradtrack.validate import count
 
@@ -17,7 +17,7 @@ __all__ = ["ConsoleBackend"]
 class ConsoleBackend:
     """Prints like the hand-written loops it replaces: ``Step 3: loss=..., grad_norm=... [EXPLODING]``.
 
-    ``every``: also print every N-th step (0: only explosions, divergence and the end).
+    ``every``: also print every N-th step (0: only explosions, rollbacks, divergence and the end).
     ``stream``: where to print (default: standard output, which the reporter process shares with the
     training process). A stream object keeps the console in the training process, on a thread.
     """
@@ -59,6 +59,10 @@ class ConsoleBackend:
         self._print(f"EXPLOSION {event.describe()}")
 
     @hookimpl
+    def gradtrack_rollback(self, event: Rollback) -> None:
+        self._print(f"ROLLBACK {event.describe()}")
+
+    @hookimpl
     def gradtrack_divergence(self, event: Divergence) -> None:
         self._print(f"DIVERGED at step {event.step}: {event.reason}")
 
@@ -68,9 +72,10 @@ class ConsoleBackend:
         median = f"{s.norm_median:.4g}" if s.norm_median is not None else "n/a"
         advice = f", recommended max_norm {s.recommended_max_norm:.3g}" if s.recommended_max_norm else ""
         overflow = f", AMP overflow steps {s.amp_overflow_steps}" if s.amp_overflow_steps else ""
+        rollbacks = f", rollbacks {len(s.rollbacks)} (learning rate x{s.lr_scale:g})" if s.rollbacks else ""
         self._print(
             f"run {end.status}: {s.steps} steps, median norm {median}, clipped {s.clipped_steps}, "
-            f"explosions {s.explosions}, diverged {s.diverged}{overflow}{advice}"
+            f"explosions {s.explosions}{rollbacks}, diverged {s.diverged}{overflow}{advice}"
         )
 
 

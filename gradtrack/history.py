@@ -3,7 +3,7 @@
 Backends keep one while the run goes (from the records they receive); ``gradtrack report`` rebuilds one
 from a run's logged metrics. Total norms are max-pooled into at most ``BUCKETS`` points, per-layer
 norms likewise (one row per layer), so a run of a million steps of a 5,000-layer model stays a few
-megabytes.
+megabytes; explosions and rollbacks keep their latest thousand.
 """
 
 from __future__ import annotations
@@ -71,10 +71,15 @@ class _Pooled:
 @final
 @dataclass
 class RunHistory:
-    """Everything the two plots show: total norm, explosions, divergence, threshold, per-layer norms."""
+    """Everything the two plots show: total norm, explosions, rollbacks, divergence, threshold, per-layer norms.
+
+    ``rollbacks``: ``(step, restored_step)`` of each rollback (``on_divergence="rollback"``); the restored
+    step is None where it is not known (a history rebuilt from metrics, which log only the step).
+    """
 
     threshold: float | None = None
     explosions: list[tuple[int, float]] = field(default_factory=list)
+    rollbacks: list[tuple[int, int | None]] = field(default_factory=list)
     diverged_step: int | None = None
     diverged_reason: str | None = None
     _totals: _Pooled = field(default_factory=_Pooled)
@@ -104,6 +109,11 @@ class RunHistory:
         self.explosions.append((step, total_norm))
         del self.explosions[:-1000]  # the latest thousand are plenty for a plot
 
+    def add_rollback(self, step: int, restored_step: int | None) -> None:
+        """At ``step`` the state of ``restored_step`` came back (None: not known)."""
+        self.rollbacks.append((step, restored_step))
+        del self.rollbacks[:-1000]
+
     def absorb(self, later: RunHistory) -> None:
         """Append a later part of the run (a resumed process's), whose steps all come after these."""
         self._totals.add_many(*later._totals.series())
@@ -111,6 +121,7 @@ class RunHistory:
             for step, value in zip(*pooled.series(), strict=True):
                 self.add_layer_values(int(step), {name: float(value)})
         self.explosions = [*self.explosions, *later.explosions][-1000:]
+        self.rollbacks = [*self.rollbacks, *later.rollbacks][-1000:]
         if later.diverged_step is not None:
             self.diverged_step, self.diverged_reason = later.diverged_step, later.diverged_reason
         self.threshold = later.threshold if later.threshold is not None else self.threshold

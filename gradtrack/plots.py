@@ -25,6 +25,7 @@ __all__ = ["compare_runs", "draw_layers", "draw_norms", "report_html", "rows_to_
 
 _EXPLOSION = "#d62728"
 _DIVERGED = "#7f0000"
+_ROLLBACK = "#ff7f0e"
 
 
 _LOCK = threading.Lock()  # matplotlib is not thread-safe: two backends end their run at the same time
@@ -48,12 +49,14 @@ def _figure(width: float, height: float) -> Any:
 
 
 def draw_norms(history: RunHistory, path: Path, title: str = "") -> Path:
-    """Total norm over steps, log scale, with the threshold, the explosions and the divergence point."""
+    """Total norm over steps, log scale, with the threshold, the explosions, the rollbacks and the divergence point."""
     with _LOCK:
-        return _draw_norms(history, path, title)
+        figure = _norms_figure(history, title)
+        _save(figure, path)
+        return path
 
 
-def _draw_norms(history: RunHistory, path: Path, title: str) -> Path:
+def _norms_figure(history: RunHistory, title: str) -> Any:
     steps, norms = history.totals()
     figure = _figure(9, 3.6)
     axes = figure.subplots()
@@ -65,10 +68,11 @@ def _draw_norms(history: RunHistory, path: Path, title: str) -> Path:
         axes.scatter(steps[bad], np.full(bad.sum(), top), marker="^", color=_DIVERGED, label="NaN / Inf", zorder=3)
     if history.threshold is not None and math.isfinite(history.threshold):
         axes.axhline(history.threshold, color="#888888", linestyle="--", linewidth=1, label="explosion threshold")
-    if history.explosions:
-        xs, ys = zip(*[(s, v) for s, v in history.explosions if math.isfinite(v) and v > 0], strict=False) or ([], [])
-        axes.scatter(xs, ys, marker="x", color=_EXPLOSION, s=28, label=f"explosions ({len(history.explosions)})",
-                     zorder=3)  # fmt: skip
+    if history.explosions:  # those with a NaN/Inf norm are counted, and drawn as NaN / Inf above
+        drawn = [(step, value) for step, value in history.explosions if math.isfinite(value) and value > 0]
+        axes.scatter([step for step, _ in drawn], [value for _, value in drawn], marker="x", color=_EXPLOSION, s=28,
+                     label=f"explosions ({len(history.explosions)})", zorder=3)  # fmt: skip
+    _mark_rollbacks(axes, history.rollbacks, _ROLLBACK, f"rollbacks ({len(history.rollbacks)})")
     if history.diverged_step is not None:
         label = f"diverged (step {history.diverged_step})"
         axes.axvline(history.diverged_step, color=_DIVERGED, linewidth=1.5, label=label)
@@ -80,8 +84,23 @@ def _draw_norms(history: RunHistory, path: Path, title: str) -> Path:
     axes.grid(True, which="both", alpha=0.25)
     axes.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
-    _save(figure, path)
-    return path
+    return figure
+
+
+def _mark_rollbacks(axes: Any, rollbacks: Sequence[tuple[int, int | None]], colour: str, label: str | None) -> None:
+    """A dashed line at each rollback's step, and the steps whose training was thrown away (from the restored
+    state to the rollback) shaded, where the restored step is known: the step axis counts loop iterations,
+    so the run goes on to the right of the line from the state of the shaded span's left edge."""
+    if not rollbacks:
+        return
+    steps = [step for step, _ in rollbacks]
+    # One collection, whatever the number: x in data, y across the whole axes.
+    axes.vlines(steps, 0, 1, transform=axes.get_xaxis_transform(), colors=colour, linestyles="--", linewidth=1.2,
+                label=label, zorder=2)  # fmt: skip
+    spans = [(restored, step) for step, restored in rollbacks if restored is not None and restored < step]
+    for index, (start, end) in enumerate(spans):
+        shaded = "steps undone by rollbacks" if label and index == 0 else None
+        axes.axvspan(start, end, color=colour, alpha=0.12, linewidth=0, label=shaded, zorder=1)
 
 
 def rows_to_show(history: RunHistory, max_rows: int = 60) -> tuple[list[str], Mapping[str, list[str]]]:
@@ -103,10 +122,12 @@ def rows_to_show(history: RunHistory, max_rows: int = 60) -> tuple[list[str], Ma
 def draw_layers(history: RunHistory, path: Path, title: str = "", max_rows: int = 60) -> Path:
     """Layers x steps, log10 of each layer's gradient norm; non-finite cells marked."""
     with _LOCK:
-        return _draw_layers(history, path, title, max_rows)
+        figure = _layers_figure(history, title, max_rows)
+        _save(figure, path)
+        return path
 
 
-def _draw_layers(history: RunHistory, path: Path, title: str, max_rows: int) -> Path:
+def _layers_figure(history: RunHistory, title: str, max_rows: int) -> Any:
     rows, members = rows_to_show(history, max_rows)
     wanted = [name for row in rows for name in members[row]]
     names, steps, matrix = history.layers(wanted)
@@ -138,6 +159,10 @@ def _draw_layers(history: RunHistory, path: Path, title: str, max_rows: int) -> 
         axes.set_yticklabels(rows if len(rows) <= 80 else [""] * len(rows), fontsize=6 if len(rows) > 30 else 8)
     else:
         axes.text(0.5, 0.5, "no per-layer norms were logged", ha="center", va="center", transform=axes.transAxes)
+    if grid.size and history.rollbacks:
+        extent = axes.get_xlim()  # the heatmap's: a rollback after the last per-layer sample must not stretch it
+        _mark_rollbacks(axes, [(step, None) for step, _ in history.rollbacks], _ROLLBACK, None)
+        axes.set_xlim(extent)
     if history.diverged_step is not None:
         axes.axvline(history.diverged_step, color="#ff4040", linewidth=1.2)
     shown = "modules" if rows and len(members[rows[0]]) > 1 else "layers"
@@ -145,8 +170,7 @@ def _draw_layers(history: RunHistory, path: Path, title: str, max_rows: int) -> 
     axes.set_title(title or f"gradient norm per layer ({len(rows)} {shown} of {total} tensors)")
     axes.set_xlabel("step")
     figure.tight_layout()
-    _save(figure, path)
-    return path
+    return figure
 
 
 def _hold_between_samples(grid: np.ndarray) -> None:
@@ -166,7 +190,7 @@ def _hold_between_samples(grid: np.ndarray) -> None:
 
 
 def compare_runs(histories: Mapping[str, RunHistory], path: Path, title: str = "") -> Path:
-    """Several runs' total norms on one log axis, with each run's explosions and divergence."""
+    """Several runs' total norms on one log axis, with each run's rollbacks and divergence."""
     with _LOCK:
         figure = _figure(9, 4)
         axes = figure.subplots()
@@ -182,6 +206,9 @@ def _compare(figure: Any, axes: Any, histories: Mapping[str, RunHistory], path: 
         if history.diverged_step is not None:
             axes.axvline(history.diverged_step, color=colour, linestyle=":", linewidth=1.5,
                          label=f"{label}: diverged at step {history.diverged_step}")  # fmt: skip
+        if history.rollbacks:
+            _mark_rollbacks(axes, [(step, None) for step, _ in history.rollbacks], colour,
+                            f"{label}: rollbacks ({len(history.rollbacks)})")  # fmt: skip
     axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel("total gradient norm (before clipping)")

@@ -16,6 +16,7 @@ from torch import nn
 
 from gradtrack import GradTracker
 from gradtrack.events import StepStats, format_norm
+from gradtrack_testing.healing import healed_run
 from gradtrack_testing.models import VanillaRNN, mlp, regression_batches
 from gradtrack_testing.recording import RecordingBackend
 
@@ -26,12 +27,15 @@ from gradtrack_wandb.backend import (  # noqa: E402  (after the importorskip)
     EXPLODED_TAG,
     HISTOGRAM_EXCLUDED_KEY,
     HISTOGRAM_KEY,
+    ROLLBACK_TITLE,
+    ROLLED_BACK_TAG,
     STEP_KEY,
     WandbBackend,
     _wandb_keys,
 )
+from gradtrack_wandb.live import Throttle  # noqa: E402
 
-from gradtrack_testing.wandb_files import WandbRun, run_files  # noqa: E402
+from gradtrack_testing.wandb_files import WandbRun, read_records, run_files  # noqa: E402
 
 CONTRACT = (
     "grad/total_norm",
@@ -204,6 +208,76 @@ def test_alert_every_zero_alerts_on_every_explosion(wandb_dir: Path, no_backend_
     levels = [alert.level for alert in run.alerts]
     assert levels.count("WARN") == tracker.summary().explosions == len(recorder.of("explosion"))
     assert all("gradtrack/loss" not in row and HISTOGRAM_KEY not in row for row in run.history)
+
+
+def _notes(run: WandbRun) -> list[str]:
+    """The run's notes, each time gradtrack wrote them, in order."""
+    return [record.run.notes for record in read_records(run.path) if record.WhichOneof("record_type") == "run"]
+
+
+def test_a_healed_run_logs_its_rollbacks_tags_alerts_and_stays_undiverged(
+    wandb_dir: Path, no_backend_failures: list
+) -> None:
+    recorder = RecordingBackend()
+    options = {"wandb": {"dir": str(wandb_dir)}}  # with the plots, which mark the rollbacks (the end may take a while)
+    tracker = healed_run(["wandb", recorder], poison=(27, 57), backend_options=options, close_timeout=120)
+    first, second = events = recorder.of("rollback")
+    assert [(e.step, e.restored_step, e.lr_scale) for e in events] == [(27, 20, 1.0), (57, 50, 0.5)]
+    run = only_run(wandb_dir)
+
+    # grad/rollback = 1 and grad/lr_scale at each rollback's step, right after that step's own row
+    rows = run.rows_with("grad/rollback")
+    assert [(row[STEP_KEY], row["grad/rollback"], row["grad/lr_scale"]) for row in rows] == [(27, 1, 1.0), (57, 1, 0.5)]
+    steps = [row[STEP_KEY] for row in run.rows_with(STEP_KEY)]
+    assert steps == sorted(steps) and steps[-1] == 69  # the axis counts iterations: never goes back
+    for row in rows:
+        position = run.history.index(row)
+        assert run.history[position - 1][STEP_KEY] == row[STEP_KEY] and "grad/total_norm" in run.history[position - 1]
+    assert not any("grad/rollback" in row for row in run.history if row not in rows)
+
+    # tags: exploded and rolled-back, never diverged; one rollback alert (rate limited), WARN
+    assert run.tags == (EXPLODED_TAG, ROLLED_BACK_TAG)
+    (alert,) = [alert for alert in run.alerts if alert.title == ROLLBACK_TITLE]
+    assert alert.level == "WARN" and alert.text == first.describe() and "rolled back to step 20" in alert.text
+    assert not [alert for alert in run.alerts if alert.level == "ERROR"]
+
+    # the summary: counted live, and at the end from the run's summary
+    state = run.summary["gradtrack"]
+    assert (state["rollbacks"], state["rollback_steps"], state["lr_scale"]) == (2, [[27, 20], [57, 50]], 0.5)
+    assert state["diverged"] is False and not tracker.diverged and state["explosions"] == 2
+
+    # the notes say it while the run goes
+    live = [note for note in _notes(run) if "rolled back" in note]
+    assert "### gradtrack: rolled back 1 time(s), not diverged" in live[0]
+    assert "- step 27: rolled back to step 20" in live[0] and "step 57" not in live[0]
+    assert "rolled back 2 time(s)" in live[1] and "- step 57: rolled back to step 50" in live[1]
+    assert "Learning rate now x0.5." in live[1] and second.lr_scale == 0.5
+    assert run.rows_with("gradtrack/norms_plot")  # drawn from the history, which marks the rollbacks
+
+
+def test_a_spent_rollback_budget_diverges_with_the_rollbacks_in_the_notes(
+    wandb_dir: Path, no_backend_failures: list
+) -> None:
+    options = {"dir": str(wandb_dir), "alert_every": 0, "plots": False}
+    tracker = healed_run("wandb", poison=(27, 57), rollback_budget=1, backend_options={"wandb": options},
+                         close_timeout=120)  # fmt: skip
+    assert tracker.diverged and tracker.summary().rollbacks == ((27, 20),)
+    run = only_run(wandb_dir)
+    assert run.tags == (EXPLODED_TAG, ROLLED_BACK_TAG, DIVERGED_TAG)
+    assert [alert.level for alert in run.alerts if alert.title == ROLLBACK_TITLE] == ["WARN"]
+    assert [row[STEP_KEY] for row in run.rows_with("grad/rollback")] == [27]
+    divergence = next(note for note in _notes(run) if "diverged at step" in note)  # written live, at the verdict
+    assert "- step 27: rolled back to step 20" in divergence and "not diverged" not in divergence
+    state = run.summary["gradtrack"]
+    assert (state["rollbacks"], state["diverged"]) == (1, True)
+
+
+def test_throttle_sends_the_first_at_once_then_one_per_interval_counting_the_rest() -> None:
+    slow, fast = Throttle(600.0), Throttle(0.0)
+    assert [slow.due(first=True), slow.due(first=False), slow.due(first=False)] == [1, 0, 0]
+    slow.every = 0.0
+    assert slow.due(first=False) == 3  # stands for the two held back, and itself
+    assert [fast.due(first=True), fast.due(first=False)] == [1, 1]
 
 
 def test_active_user_run_is_reused_left_open_and_user_logs_interleave(

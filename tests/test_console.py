@@ -7,7 +7,9 @@ import io
 import torch
 
 from gradtrack import GradTracker
+from gradtrack_testing.healing import healed_run
 from gradtrack_testing.models import mlp
+from gradtrack_testing.recording import RecordingBackend
 
 
 def test_console_lines() -> None:
@@ -28,3 +30,17 @@ def test_console_lines() -> None:
     assert lines[3].startswith("[gradtrack] EXPLOSION step 3: threshold explosion, total_norm=")
     assert "offenders: 0.weight (" in lines[3]
     assert lines[4].startswith("[gradtrack] run finished: 4 steps") and "explosions 1" in lines[4]
+
+
+def test_console_prints_each_rollback_and_counts_them_at_the_end() -> None:
+    stream, recorder = io.StringIO(), RecordingBackend()
+    healed_run(["console", recorder], poison=(27, 57), backend_options={"console": {"stream": stream}})
+    events = recorder.of("rollback")
+    assert [(event.step, event.restored_step, event.lr_scale) for event in events] == [(27, 20, 1.0), (57, 50, 0.5)]
+    lines = stream.getvalue().splitlines()
+    rollbacks = [line for line in lines if "ROLLBACK" in line]
+    assert rollbacks == [f"[gradtrack] ROLLBACK {event.describe()}" for event in events]
+    assert "rolled back to step 20" in rollbacks[0] and "learning rate x0.5 (rollback 2)" in rollbacks[1]
+    assert lines.index(rollbacks[0]) > lines.index(next(line for line in lines if "EXPLOSION step 27" in line))
+    assert not any("DIVERGED" in line for line in lines)  # healed, not diverged
+    assert "rollbacks 2 (learning rate x0.5), diverged False" in lines[-1]

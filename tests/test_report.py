@@ -120,6 +120,27 @@ def test_report_draws_the_run_and_prints_its_summary(
     assert main(["report", "nonexistent-run", "--tracking-uri", uri]) == 2
 
 
+def test_report_rebuilds_the_rollbacks_from_the_metrics(server: Any, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """As the MLflow backend logs them: ``grad/rollback`` = 1 at each rollback's step, nothing elsewhere."""
+    from gradtrack_mlflow.cli import history_of
+    from mlflow.entities import Metric
+
+    client = MlflowClient(server.uri)
+    experiment_id = client.create_experiment(f"healed-{uuid.uuid4().hex[:8]}")
+    run_id = client.create_run(experiment_id, run_name="healed").info.run_id
+    metrics = [Metric("grad/total_norm", 1.0 + step % 7, 1000 + step, step) for step in range(100)]
+    metrics += [Metric("grad/rollback", 1.0, 2000 + step, step) for step in (37, 81)]
+    metrics += [Metric("grad/lr_scale", scale, 2000 + step, step) for step, scale in ((37, 1.0), (81, 0.5))]
+    client.log_batch(run_id, metrics=metrics)
+    history = history_of(client, client.get_run(run_id))
+    assert history.rollbacks == [(37, None), (81, None)]  # which state came back is not a metric
+    assert history_of(client, client.get_run(run_id), before=50).rollbacks == [(37, None)]  # a resumed run's past
+    output = tmp_path / "healed.png"
+    assert main(["report", run_id, "-o", str(output), "--tracking-uri", server.uri]) == 0
+    assert output.read_bytes().startswith(PNG) and str(output) in capsys.readouterr().out
+
+
 def test_every_command_has_help() -> None:
     commands = parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert {"backends", "runs", "report", "replay", "watch"} <= set(commands)

@@ -105,6 +105,7 @@ def _tags(tags: dict[str, str]) -> dict[str, str]:
         "diverged_step": "gradtrack.diverged_step",
         "diverged_reason": "gradtrack.diverged_reason",
         "top_offenders": "gradtrack.summary.top_offenders",
+        "rollbacks": "gradtrack.rollbacks",
     }
     return {names.get(key, key): value for key, value in tags.items()}
 
@@ -148,6 +149,8 @@ def test_one_alert_per_new_condition(
         "step": 120,
         "reason": "non-finite gradients for 3 steps",
         "explosions": 7,
+        "rollbacks": 0,
+        "rollback_steps": None,
         "top_offenders": "W_h.weight (5)",
         "url": f"{server.uri}/#/experiments/{experiment_id}/runs/{diverged}",
     }
@@ -190,7 +193,92 @@ def test_rising_explosions_then_divergence(
     events = [(a["event"], a["step"], a["explosions"]) for a in receiver.delivered]
     assert events == [("explosions", 10, 1), ("explosions", 10, 3), ("diverged", 55, 3)]
     saved = json.loads(state.read_text())["runs"]
-    assert saved == {run_id: {"diverged": True, "explosions": 3}}  # what was sent
+    assert saved == {run_id: {"diverged": True, "explosions": 3, "rollbacks": 0}}  # what was sent
+
+
+def log_rollbacks(client: MlflowClient, run_id: str, *steps: int) -> None:
+    """``grad/rollback`` = 1 at each step, as the MLflow backend logs a rollback."""
+    for step in steps:
+        client.log_metric(run_id, "grad/rollback", 1.0, step=step)
+
+
+def test_each_rollback_is_alerted_once_with_its_steps_and_covers_the_explosions(
+    server: MlflowServer, client: MlflowClient, experiment: tuple[str, str], receiver: Receiver, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    name, experiment_id = experiment
+    healed = make_run(client, experiment_id, "healed", explosions="1", first_explosion_step="27", rollbacks="1")
+    log_rollbacks(client, healed, 27)
+    quiet = make_run(client, experiment_id, "quiet", explosions="0", rollbacks="1")  # a NaN loss: no explosion
+    state, target = tmp_path / "state.json", ("--webhook", receiver.url)
+
+    assert once(server.uri, name, state, *target) == 0
+    alerts = {alert["run_id"]: alert for alert in receiver.delivered}
+    assert len(receiver.posts) == 2 and set(alerts) == {healed, quiet}  # one each: no explosions alert for healed
+    first = alerts[healed]
+    assert (first["event"], first["step"], first["rollbacks"], first["rollback_steps"]) == ("rollback", 27, 1, [27])
+    assert first["explosions"] == 1 and first["reason"] is None
+    assert "|healed> rolled back at step 27, 1 rollback so far (experiment" in first["text"]
+    assert "1 gradient explosion)" in first["text"] and first["text"].startswith(":rewind: gradtrack: run <")
+    assert (alerts[quiet]["step"], alerts[quiet]["rollback_steps"]) == (None, [])  # its metric not logged (yet)
+    assert "sent rollback alert: run 'healed'" in capsys.readouterr().out
+    assert once(server.uri, name, state, *target) == 0
+    assert len(receiver.posts) == 2  # nothing new
+
+    set_tags(client, healed, rollbacks="2", explosions="2")
+    log_rollbacks(client, healed, 57)
+    assert once(server.uri, name, state, *target) == 0
+    assert once(server.uri, name, state, *target) == 0
+    second = receiver.delivered[-1]
+    assert (second["event"], second["step"], second["rollback_steps"]) == ("rollback", 57, [27, 57])
+    assert "rolled back at steps 27, 57, 2 rollbacks so far" in second["text"] and len(receiver.posts) == 3
+
+    set_tags(client, healed, explosions="3")  # an explosion the run came through without a rollback: news
+    assert once(server.uri, name, state, *target) == 0
+    set_tags(client, healed, diverged="true", diverged_step="90", diverged_reason="loss is nan")
+    assert once(server.uri, name, state, *target) == 0
+    events = [(a["event"], a["explosions"], a["rollbacks"]) for a in receiver.delivered if a["run_id"] == healed]
+    assert events == [("rollback", 1, 1), ("rollback", 2, 2), ("explosions", 3, 2), ("diverged", 3, 2)]
+    assert (
+        "(experiment " in receiver.delivered[-1]["text"]
+        and "; 3 gradient explosions; 2 rollbacks)" in (receiver.delivered[-1]["text"])
+    )
+    saved = json.loads(state.read_text())["runs"]
+    assert saved[healed] == {"diverged": True, "explosions": 3, "rollbacks": 2}
+
+
+def test_rollback_steps_that_cannot_be_read_do_not_hold_the_alert_back(
+    server: MlflowServer, client: MlflowClient, experiment: tuple[str, str], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """And a state file written before rollbacks were watched loads: its runs have none alerted."""
+    name, experiment_id = experiment
+    run_id = make_run(client, experiment_id, "healed", explosions="1", rollbacks="2")
+    log_rollbacks(client, run_id, 27, 57)
+    state = tmp_path / "state.json"
+    old = {"version": 1, "tracking_uri": server.uri, "experiments": [name],
+           "runs": {run_id: {"diverged": False, "explosions": 1}}}  # fmt: skip
+    state.write_text(json.dumps(old))
+    record = tmp_path / "events.jsonl"
+    command = ("--exec", sys.executable, "-c", RECORDER, str(record))
+    with FaultServer(server.uri) as proxy:
+        proxy.refuse("metrics/get-history", times=1)
+        assert once(proxy.uri, name, state, *command) == 0
+    assert "cannot read the rollback steps of run" in capsys.readouterr().err
+    assert once(server.uri, name, state, *command) == 0  # delivered: not again
+    (line,) = [json.loads(text) for text in record.read_text().splitlines()]
+    assert (line["stdin"]["event"], line["stdin"]["rollbacks"], line["stdin"]["rollback_steps"]) == (
+        "rollback",
+        2,
+        None,
+    )
+    assert (line["env"]["GRADTRACK_ROLLBACKS"], line["env"]["GRADTRACK_ROLLBACK_STEPS"]) == ("2", "")
+    record.unlink()
+    set_tags(client, run_id, rollbacks="3")
+    log_rollbacks(client, run_id, 80)
+    assert once(server.uri, name, state, *command) == 0
+    (line,) = [json.loads(text) for text in record.read_text().splitlines()]
+    assert line["env"]["GRADTRACK_ROLLBACK_STEPS"] == "27,57,80" and line["env"]["GRADTRACK_STEP"] == "80"
 
 
 def test_a_restart_with_the_same_state_sends_nothing_and_keeps_no_credentials(
@@ -255,6 +343,11 @@ def test_every_experiment_by_default_and_a_local_store(
     assert (local["run_id"], local["explosions"], local["url"]) == (run_id, 2, None)
     assert "(" + run_id + ")" in local["text"]
 
+    set_tags(client, run_id, rollbacks="1")  # the steps, read through MlflowClient too
+    log_rollbacks(client, run_id, 12)
+    assert once(server.store, name, state, *base[1:]) == 0
+    assert (receiver.delivered[-1]["event"], receiver.delivered[-1]["rollback_steps"]) == ("rollback", [12])
+
 
 def test_missing_experiment_is_reported_not_fatal(
     server: MlflowServer, receiver: Receiver, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -313,6 +406,8 @@ def test_exec_gets_the_event_on_stdin_and_in_the_environment(
         "GRADTRACK_STEP": "9",
         "GRADTRACK_REASON": reason,
         "GRADTRACK_EXPLOSIONS": "2",
+        "GRADTRACK_ROLLBACKS": "0",
+        "GRADTRACK_ROLLBACK_STEPS": "",
         "GRADTRACK_TOP_OFFENDERS": "",
         "GRADTRACK_URL": f"{server.uri}/#/experiments/{experiment_id}/runs/{run_id}",
     }
@@ -529,7 +624,7 @@ def test_reason_and_names_cannot_inject_into_the_payload_or_mention_anyone(
     [post] = receiver.posts
     alert = json.loads(post["body"])  # valid JSON, and the values come back exactly
     assert set(alert) == {"text", "event", "run_id", "run_name", "experiment_id", "experiment_name", "step",
-                          "reason", "explosions", "top_offenders", "url"}  # fmt: skip
+                          "reason", "explosions", "rollbacks", "rollback_steps", "top_offenders", "url"}  # fmt: skip
     assert (alert["reason"], alert["run_name"], alert["top_offenders"]) == (reason, run_name, offenders)
     text = alert["text"]
     for mention in ("<!channel>", "<!here", "<@U024BE7LH>", "<!everyone>", "<https://evil"):
@@ -590,7 +685,8 @@ def test_help_documents_everything(capsys: pytest.CaptureFixture[str]) -> None:
     assert watch.main(["--help"]) == 0
     text = capsys.readouterr().out
     for word in ("--experiment", "--webhook", "--exec", "--interval", "--state", "--tracking-uri", "--once",
-                 "--timeout", "exit codes", "GRADTRACK_REASON", "GRADTRACK_URL", "XDG_CACHE_HOME"):  # fmt: skip
+                 "--timeout", "exit codes", "GRADTRACK_REASON", "GRADTRACK_URL", "XDG_CACHE_HOME",
+                 "gradtrack.rollbacks", "GRADTRACK_ROLLBACK_STEPS", "rollback_steps"):  # fmt: skip
         assert word in text, word
 
 

@@ -39,9 +39,9 @@ def add_commands(commands: Any) -> None:
 
     report = commands.add_parser("report", help="plots and a summary of one run",
                                  description="From a run's logged metrics: the total norm over steps (log scale, "
-                                             "explosion threshold, explosions, the divergence point) and a heatmap of "
-                                             "per-layer norms; prints the summary and the top offenders. Exit code 0; "
-                                             "2 when the run cannot be read.")  # fmt: skip
+                                             "explosion threshold, explosions, rollbacks, the divergence point) and a "
+                                             "heatmap of per-layer norms; prints the summary and the top offenders. "
+                                             "Exit code 0; 2 when the run cannot be read.")  # fmt: skip
     report.add_argument("run_id", help="the MLflow run id")
     report.add_argument("-o", "--output", help="FILE.png or FILE.html (default: gradtrack-report-<run>.png)")
     report.add_argument("--tracking-uri", help="the MLflow tracking URI (default: MLflow's own configuration)")
@@ -165,6 +165,10 @@ def history_of(client: Any, run: Any, before: int | None = None) -> RunHistory:
     explosions = [step for step, value in flags.items() if value >= 1]
     for step in explosions:
         history.add_explosion(step, norms.get(step, math.nan))
+    # grad/rollback is logged (=1) at rollback steps only; which step's state came back is not a metric
+    for step, value in newest(client.get_metric_history(run_id, "grad/rollback"), before).items():
+        if value >= 1:
+            history.add_rollback(step, None)
     if run.data.tags.get("gradtrack.diverged_step", "").isdigit():
         history.diverged_step = int(run.data.tags["gradtrack.diverged_step"])
         history.diverged_reason = run.data.tags.get("gradtrack.diverged_reason")

@@ -1,15 +1,19 @@
 """``gradtrack watch``: alerts for MLflow runs that gradtrack monitors (MLflow itself has none).
 
-The watcher polls the tracking server for runs that gradtrack flagged (tag ``diverged`` = ``"true"``, or
-``gradtrack.explosions`` above 0) and sends one alert per new condition: a run whose ``diverged`` tag turned
-``"true"``, a run whose explosion count rose. A run first seen already diverged gets one divergence alert
-(not one per past explosion); once a divergence was alerted, later explosions of that run are not. A
-state file remembers what was delivered, so a restart never alerts twice; an alert that could not be
-delivered (webhook down, command failed) is tried again at the next poll and only then recorded.
+The watcher polls the tracking server for runs that gradtrack flagged (tag ``diverged`` = ``"true"``,
+``gradtrack.explosions`` or ``gradtrack.rollbacks`` above 0) and sends one alert per new condition: a run whose
+``diverged`` tag turned ``"true"``, a run that rolled back again (``on_divergence="rollback"``), a run whose
+explosion count rose. The gravest news stands for the rest: a run first seen already diverged gets one
+divergence alert (not one per past explosion or rollback), a rollback alert covers the explosions so far, and
+once a divergence was alerted nothing more of that run is. A state file remembers what was delivered, so a
+restart never alerts twice; an alert that could not be delivered (webhook down, command failed) is tried
+again at the next poll and only then recorded.
 
-Only two filtered searches per poll reach the server (``tags.diverged = 'true'`` and
-``tags.`gradtrack.explosions` != '0'``): healthy runs are never read. Over HTTP each request is made once,
-bounded by ``--timeout``, without MLflow's own retry loop (minutes by default): the next poll is the retry.
+Only three filtered searches per poll reach the server (``tags.diverged = 'true'``,
+``tags.`gradtrack.explosions` != '0'`` and ``tags.`gradtrack.rollbacks` != '0'``): healthy runs are never
+read; a rollback alert also reads that run's ``grad/rollback`` metric for the steps. Over HTTP each request is
+made once, bounded by ``--timeout``, without MLflow's own retry loop (minutes by default): the next poll is
+the retry.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType
+from types import FrameType, SimpleNamespace
 from typing import IO, Any, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -57,6 +61,8 @@ __all__ = [
 
 DIVERGED = "diverged"
 EXPLOSIONS = "explosions"
+ROLLBACK = "rollback"
+ROLLBACK_METRIC = "grad/rollback"  # 1 at each rollback's step
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -69,7 +75,8 @@ STATE_VERSION = 1
 _API = "/api/2.0/mlflow"
 _PAGE = 1000  # runs or experiments per search request
 _IDS_PER_SEARCH = 100  # experiment ids per runs/search request
-_FILTERS = ("tags.diverged = 'true'", "tags.`gradtrack.explosions` != '0'")
+_FILTERS = ("tags.diverged = 'true'", "tags.`gradtrack.explosions` != '0'", "tags.`gradtrack.rollbacks` != '0'")
+_STEPS_LISTED = 100  # the latest rollback steps an alert carries
 _TEXT_FIELD = 300  # characters of one user-controlled field in the one-line Slack text
 _ERROR_LINE = 500
 _BODY_LIMIT = 64 * 1024  # what is read of a webhook's answer
@@ -77,28 +84,32 @@ _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 _DESCRIPTION = """\
 Alerts for MLflow runs: poll the tracking server and send one alert per new condition of a run that
-gradtrack monitors, a run whose tag `diverged` turned "true" and a run whose `gradtrack.explosions`
-count rose. A run first seen already diverged gets one divergence alert, not one per past explosion;
-after its divergence alert a run's further explosions are not alerted. What was delivered is kept in a
-state file, so a restart never alerts twice (the first start, with no state file, alerts every run
-already flagged, once); an alert that could not be delivered is tried again at the next poll. A
-tracking server that cannot be read costs one line on stderr per poll, never the watcher.
+gradtrack monitors: a run whose tag `diverged` turned "true", a run whose `gradtrack.rollbacks` count rose
+(on_divergence="rollback" healed it) and a run whose `gradtrack.explosions` count rose. A run first seen
+already diverged gets one divergence alert, not one per past explosion or rollback; a rollback alert covers
+the explosions before it; after its divergence alert nothing more of a run is alerted. What was delivered
+is kept in a state file, so a restart never alerts twice (the first start, with no state file, alerts
+every run already flagged, once); an alert that could not be delivered is tried again at the next poll.
+A tracking server that cannot be read costs one line on stderr per poll, never the watcher.
 """
 
 _EPILOG = """\
 alerts:
   --webhook: one JSON POST per alert (Content-Type: application/json) with a Slack-compatible "text"
   (in which "&", "<" and ">" are escaped as Slack documents, so a layer name or a reason cannot mention
-  @channel or forge a link) and the fields: event ("diverged" or "explosions"), run_id, run_name,
-  experiment_id, experiment_name, step (gradtrack.diverged_step, or gradtrack.first_explosion_step for
-  explosions), reason (gradtrack.diverged_reason), explosions, top_offenders
-  (gradtrack.summary.top_offenders, or null) and url (the run in the MLflow UI for an http(s) tracking
-  URI, else null). Any 2xx answer is a delivery; redirects are not followed.
+  @channel or forge a link) and the fields: event ("diverged", "rollback" or "explosions"), run_id,
+  run_name, experiment_id, experiment_name, step (gradtrack.diverged_step; the latest rollback's step; or
+  gradtrack.first_explosion_step for explosions), reason (gradtrack.diverged_reason), explosions,
+  rollbacks (gradtrack.rollbacks), rollback_steps (for a rollback alert the steps of the latest 100, from
+  the metric grad/rollback, else null), top_offenders (gradtrack.summary.top_offenders, or null) and url
+  (the run in the MLflow UI for an http(s) tracking URI, else null). Any 2xx answer is a delivery;
+  redirects are not followed.
   --exec: the command (run directly, never through a shell; --exec comes last on the command line, as
   every argument after it belongs to the command) gets the same JSON on stdin and the variables
   GRADTRACK_EVENT, GRADTRACK_RUN_ID, GRADTRACK_RUN_NAME, GRADTRACK_EXPERIMENT, GRADTRACK_EXPERIMENT_ID,
-  GRADTRACK_STEP, GRADTRACK_REASON, GRADTRACK_EXPLOSIONS, GRADTRACK_TOP_OFFENDERS and GRADTRACK_URL
-  (empty when unknown). Exit status 0 is a delivery; its output is shown only when it fails.
+  GRADTRACK_STEP, GRADTRACK_REASON, GRADTRACK_EXPLOSIONS, GRADTRACK_ROLLBACKS, GRADTRACK_ROLLBACK_STEPS
+  (comma-separated), GRADTRACK_TOP_OFFENDERS and GRADTRACK_URL (empty when unknown). Exit status 0 is a
+  delivery; its output is shown only when it fails.
 
 state:
   default $XDG_CACHE_HOME/gradtrack/watch-<hash>.json (else ~/.cache/gradtrack/...), one per tracking
@@ -159,17 +170,26 @@ class FlaggedRun:
         count = _int_or_none(self.tags.get("gradtrack.explosions"))
         return max(count or 0, 0)
 
+    @property
+    def rollbacks(self) -> int:
+        count = _int_or_none(self.tags.get("gradtrack.rollbacks"))
+        return max(count or 0, 0)
+
 
 @dataclass(frozen=True)
 class Alert:
-    """One alert: ``event`` is ``"diverged"`` or ``"explosions"``."""
+    """One alert: ``event`` is ``"diverged"``, ``"rollback"`` or ``"explosions"``; ``rollback_steps``: for a
+    rollback, the steps of the run's latest rollbacks, oldest first (None when they could not be read)."""
 
     event: str
     run: FlaggedRun
     url: str | None
+    rollback_steps: tuple[int, ...] | None = None
 
     @property
     def step(self) -> int | None:
+        if self.event == ROLLBACK:
+            return self.rollback_steps[-1] if self.rollback_steps else None
         tag = "gradtrack.diverged_step" if self.event == DIVERGED else "gradtrack.first_explosion_step"
         return _int_or_none(self.run.tags.get(tag))
 
@@ -194,14 +214,26 @@ class Alert:
         step = f" at step {self.step}" if self.step is not None else ""
         experiment = slack_escape(_one_line(run.experiment_name or run.experiment_id))
         count = f"{run.explosions} gradient explosion{'s' if run.explosions != 1 else ''}"
+        rollbacks = f"{run.rollbacks} rollback{'s' if run.rollbacks != 1 else ''}"
         if self.event == DIVERGED:
             reason = f": {slack_escape(_one_line(self.reason))}" if self.reason else ""
+            count += f"; {rollbacks}" if run.rollbacks else ""
             return f":rotating_light: gradtrack: run {link} diverged{step}{reason} (experiment {experiment}; {count})"
+        if self.event == ROLLBACK:
+            said = f"{self._steps_said()}, {rollbacks} so far"
+            return f":rewind: gradtrack: run {link} rolled back{said} (experiment {experiment}; {count})"
         details = [f"first{step}"] if step else []
         if self.top_offenders:
             details.append(f"top offenders: {slack_escape(_one_line(self.top_offenders))}")
         said = f" ({'; '.join(details)})" if details else ""
         return f":warning: gradtrack: run {link} has {count}{said} (experiment {experiment})"
+
+    def _steps_said(self) -> str:
+        """`` at step 57`` or `` at steps 27, 57`` (the latest five), or nothing when they are not known."""
+        steps = (self.rollback_steps or ())[-5:]
+        if not steps:
+            return ""
+        return f" at step{'s' if len(steps) > 1 else ''} {', '.join(str(step) for step in steps)}"
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -214,6 +246,8 @@ class Alert:
             "step": self.step,
             "reason": self.reason,
             "explosions": self.run.explosions,
+            "rollbacks": self.run.rollbacks,
+            "rollback_steps": None if self.rollback_steps is None else list(self.rollback_steps),
             "top_offenders": self.top_offenders,
             "url": self.url,
         }
@@ -233,6 +267,8 @@ class Alert:
             "STEP": "" if self.step is None else str(self.step),
             "REASON": self.reason or "",
             "EXPLOSIONS": str(self.run.explosions),
+            "ROLLBACKS": str(self.run.rollbacks),
+            "ROLLBACK_STEPS": ",".join(str(step) for step in self.rollback_steps or ()),
             "TOP_OFFENDERS": self.top_offenders or "",
             "URL": self.url or "",
         }
@@ -246,6 +282,8 @@ class Alert:
         step = f" at step {self.step}" if self.step is not None else ""
         if self.event == DIVERGED:
             return f"sent diverged alert: {where}{step}"
+        if self.event == ROLLBACK:
+            return f"sent rollback alert: {where}, {run.rollbacks} rollbacks{self._steps_said()}"
         first = f" (the first{step})" if step else ""
         return f"sent explosions alert: {where}, {run.explosions} explosions{first}"
 
@@ -266,6 +304,8 @@ class _Reader(Protocol):
 
     def flagged_runs(self, experiments: Mapping[str, str]) -> list[FlaggedRun]: ...
 
+    def rollback_steps(self, run_id: str) -> list[int]: ...
+
 
 def _flagged(info: Mapping[str, Any], tags: dict[str, str], experiments: Mapping[str, str]) -> FlaggedRun:
     experiment_id = str(info.get("experiment_id", ""))
@@ -276,6 +316,15 @@ def _flagged(info: Mapping[str, Any], tags: dict[str, str], experiments: Mapping
         experiment_name=experiments.get(experiment_id, ""),
         tags=tags,
     )
+
+
+def _rolled_back(points: Iterable[Any]) -> list[int]:
+    """The steps of the latest rollbacks from ``grad/rollback``'s points (``step``, ``timestamp``, ``value``):
+    each step's newest value counts (a resumed run logs some steps twice)."""
+    from gradtrack_mlflow.cli import newest
+
+    steps = [step for step, value in newest(points).items() if value >= 1]
+    return steps[-_STEPS_LISTED:]
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -336,6 +385,18 @@ class _RestReader:
                     runs[run.run_id] = run
         return list(runs.values())
 
+    def rollback_steps(self, run_id: str) -> list[int]:
+        points: list[SimpleNamespace] = []
+        token: str | None = None
+        while True:
+            query = {"run_id": run_id, "metric_key": ROLLBACK_METRIC, **({"page_token": token} if token else {})}
+            answer = self._call("GET", "metrics/get-history", query)
+            points += [SimpleNamespace(step=int(point.get("step", 0)), timestamp=int(point.get("timestamp", 0)),
+                                       value=float(point["value"])) for point in answer.get("metrics", [])]  # fmt: skip
+            token = answer.get("next_page_token")
+            if not token:
+                return _rolled_back(points)
+
     def _pages(self, endpoint: str, key: str, body: dict[str, Any]) -> Iterator[Any]:
         """Every item under ``key`` of a paged search, page after page."""
         token: str | None = None
@@ -390,6 +451,9 @@ class _ClientReader:
                     run = _flagged(info, dict(found.data.tags), experiments)
                     runs[run.run_id] = run
         return list(runs.values())
+
+    def rollback_steps(self, run_id: str) -> list[int]:
+        return _rolled_back(self.client.get_metric_history(run_id, ROLLBACK_METRIC))
 
 
 def _client_pages(search: Callable[..., Any]) -> Iterator[Any]:
@@ -525,10 +589,12 @@ def _private_directories(directory: Path) -> None:
 class _Sent:
     diverged: bool = False
     explosions: int = 0
+    rollbacks: int = 0
 
 
 class WatchState:
-    """What was delivered, per run: the divergence alerted or not, and the explosion count alerted."""
+    """What was delivered, per run: the divergence alerted or not, and the explosion and rollback counts alerted
+    (a state written before rollbacks were watched has none: 0)."""
 
     def __init__(self, path: Path, tracking_uri: str, experiments: Sequence[str]) -> None:
         self.path = path
@@ -550,10 +616,11 @@ class WatchState:
                 raise ValueError(f"not a version {STATE_VERSION} gradtrack watch state")
             runs = {}
             for run_id, sent in data["runs"].items():
-                diverged, explosions = sent["diverged"], sent["explosions"]
-                if not isinstance(diverged, bool) or isinstance(explosions, bool) or not isinstance(explosions, int):
+                diverged, explosions, rollbacks = sent["diverged"], sent["explosions"], sent.get("rollbacks", 0)
+                counts_ok = all(isinstance(n, int) and not isinstance(n, bool) for n in (explosions, rollbacks))
+                if not isinstance(diverged, bool) or not counts_ok:
                     raise ValueError(f"bad entry for run {run_id!r}")
-                runs[str(run_id)] = _Sent(diverged, explosions)
+                runs[str(run_id)] = _Sent(diverged, explosions, rollbacks)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StateError(
                 f"{self.path} is not a gradtrack watch state file ({exc}); move it away to start afresh "
@@ -591,7 +658,8 @@ class WatchState:
         sent = self.runs.setdefault(alert.run.run_id, _Sent())
         if alert.event == DIVERGED:
             sent.diverged = True  # covers the explosions so far: no explosion alert for them afterwards
-        sent.explosions = max(sent.explosions, alert.run.explosions)
+        sent.explosions = max(sent.explosions, alert.run.explosions)  # every alert says the counts so far
+        sent.rollbacks = max(sent.rollbacks, alert.run.rollbacks)
 
     def save(self) -> None:
         """Write the whole state to a temporary file in the same folder (0600), then rename it over the old."""
@@ -599,7 +667,10 @@ class WatchState:
             "version": STATE_VERSION,
             "tracking_uri": self.tracking_uri,
             "experiments": self.experiments,
-            "runs": {run_id: {"diverged": s.diverged, "explosions": s.explosions} for run_id, s in self.runs.items()},
+            "runs": {
+                run_id: {"diverged": s.diverged, "explosions": s.explosions, "rollbacks": s.rollbacks}
+                for run_id, s in self.runs.items()
+            },
         }
         _private_directories(self.path.parent)
         descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
@@ -657,6 +728,8 @@ class Watcher:
         url = run_url(self.tracking_uri, run.experiment_id, run.run_id)
         if run.diverged:
             return Alert(DIVERGED, run, url)
+        if run.rollbacks > sent.rollbacks:
+            return Alert(ROLLBACK, run, url)
         if run.explosions > sent.explosions:
             return Alert(EXPLOSIONS, run, url)
         return None
@@ -667,8 +740,9 @@ class Watcher:
         try:
             if self._reader is None:
                 self._reader = _reader(self.tracking_uri, self.timeout)
-            experiments, missing = self._reader.experiments(self.experiments)
-            runs = self._reader.flagged_runs(experiments) if experiments else []
+            reader = self._reader
+            experiments, missing = reader.experiments(self.experiments)
+            runs = reader.flagged_runs(experiments) if experiments else []
         except Exception as exc:
             self.error(f"cannot read the MLflow tracking server at {where}: {type(exc).__name__}: {exc}")
             return False
@@ -685,6 +759,8 @@ class Watcher:
             if unreachable is not None:
                 waiting += 1
                 continue
+            if alert.event == ROLLBACK:
+                alert = self._with_rollback_steps(reader, alert)
             try:
                 failure = self.delivery.send(alert)
             except Exception as exc:  # a bug in delivering costs this alert a retry, never the watcher
@@ -706,6 +782,16 @@ class Watcher:
         if not self.state.path.exists():
             ok = self._save() and ok
         return ok
+
+    def _with_rollback_steps(self, reader: _Reader, alert: Alert) -> Alert:
+        """The alert with the steps of the run's rollbacks; without them when they cannot be read (the count is
+        the news: it is not held back for the steps)."""
+        try:
+            return replace(alert, rollback_steps=tuple(reader.rollback_steps(alert.run.run_id)))
+        except Exception as exc:
+            self.error(f"cannot read the rollback steps of run {alert.run.run_id} ({type(exc).__name__}: {exc}); "
+                       "alerting without them")  # fmt: skip
+            return alert
 
     def _save(self) -> bool:
         try:

@@ -6,7 +6,9 @@ is imported when the run starts, never at import time.
 Step axis: rows carry ``gradtrack/step`` and every gradtrack metric is plotted against it through
 ``define_metric``. ``run.log`` is never given ``step=``, so a user's own ``wandb.log`` calls keep
 working, interleaved, without "step less than current step" warnings; after a restart from a checkpoint
-the axis goes on from the saved step in the same run.
+the axis goes on from the saved step in the same run. A rollback (``on_divergence="rollback"``) does not move
+it back: it counts loop iterations, so the rollback's own row (``grad/rollback`` = 1, ``grad/lr_scale``) sits
+at the step the rollback happened, and which step's state came back is in the summary, the notes and the alert.
 """
 
 from __future__ import annotations
@@ -19,18 +21,28 @@ import os
 import sys
 import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, final
 
-from gradtrack.events import Divergence, Explosion, LayersAdded, Resumed, RunEnd, RunStart, StepBatch, format_norm
+from gradtrack.events import (
+    Divergence,
+    Explosion,
+    LayersAdded,
+    Resumed,
+    Rollback,
+    RunEnd,
+    RunStart,
+    StepBatch,
+    format_norm,
+)
 from gradtrack.history import RunHistory
 from gradtrack.hookspecs import hookimpl
 from gradtrack.naming import extend_names, sanitize_names
 from gradtrack.notes import divergence_note, merge_note, summary_note
 from gradtrack.validate import count, mapping, seconds, text, texts
+from gradtrack_wandb.live import Throttle, rollback_note
 from gradtrack_wandb.resume import RunIdentity, identity_to_resume, resume_note
 
 __all__ = [
@@ -38,6 +50,7 @@ __all__ = [
     "EXPLODED_TAG",
     "HISTOGRAM_KEY",
     "HISTOGRAM_EXCLUDED_KEY",
+    "ROLLED_BACK_TAG",
     "STEP_KEY",
     "WANDB_INVALID",
     "WandbBackend",
@@ -50,9 +63,14 @@ HISTOGRAM_KEY = "grad/layer_log10_norm"
 HISTOGRAM_EXCLUDED_KEY = "grad/layer_log10_excluded"
 DIVERGED_TAG = "diverged"
 EXPLODED_TAG = "exploded"
+ROLLED_BACK_TAG = "rolled-back"  # healed by on_divergence="rollback"; "diverged" only once the budget is spent
+ROLLBACK_KEY = "grad/rollback"
+LR_SCALE_KEY = "grad/lr_scale"
 SUMMARY_KEY = "gradtrack"  # shown in the runs table as gradtrack.explosions, gradtrack.diverged_step, ...
 EXPLOSION_TITLE = "gradtrack: gradients exploded"
 DIVERGENCE_TITLE = "gradtrack: run diverged"
+ROLLBACK_TITLE = "gradtrack: run rolled back"
+ROLLBACKS_KEPT = 100  # the latest (step, restored step) pairs the summary lists
 PLOT_KEYS = ("gradtrack/norms_plot", "gradtrack/layers_plot")
 
 # W&B metric names sort and filter in the UI only when made of letters, digits and underscores;
@@ -80,7 +98,8 @@ class WandbBackend:
     ``layer_scalars``: how many of the largest per-layer norms to log as ``grad_norm/<name>`` at
     each per-layer step (``"all"`` for every layer, 0 for none); the histogram always has them all.
     ``histogram``: log the per-layer log10-norm histogram. ``alerts``: send ``run.alert``s.
-    ``alert_every``: seconds between two explosion alerts (the first is sent at once).
+    ``alert_every``: seconds between two explosion alerts, and between two rollback alerts (the first of
+    each is sent at once).
     ``loss_key``: the key for the observed loss (None: do not log it). The default ``"auto"`` is the
     contract's ``loss`` in a run gradtrack starts, and ``gradtrack/loss`` in the user's own active run,
     where ``loss`` is almost always the user's key on the user's step axis.
@@ -154,11 +173,13 @@ class WandbBackend:
         self._run: Any = None
         self._owned = False
         self._keys: dict[str, str] = {}
-        self._state: dict[str, Any] = {"explosions": 0, "diverged": False, "resumes": 0}
+        self._state: dict[str, Any] = {"explosions": 0, "diverged": False, "resumes": 0, "rollbacks": 0}
         self._last_norm = math.nan
         self._last_explosion: Explosion | None = None
-        self._last_alert = -math.inf
-        self._unalerted = 0
+        self._divergence: Divergence | None = None
+        self._rollbacks: list[tuple[int, int]] = []  # the latest ROLLBACKS_KEPT
+        self._explosion_alerts = Throttle(self.alert_every)
+        self._rollback_alerts = Throttle(self.alert_every)
 
     # -- restarts (training process, before the object is handed to the reporter) ----------------------
 
@@ -222,7 +243,7 @@ class WandbBackend:
         if resumed.explosions:
             self._state["first_explosion_step"] = resumed.first_explosion_step
             tags.append(EXPLODED_TAG)
-        divergence = resumed.divergence
+        divergence = self._divergence = resumed.divergence
         if divergence is not None:
             self._state.update(diverged=True, diverged_step=divergence.step, diverged_reason=divergence.reason)
             self._history.diverged_step, self._history.diverged_reason = divergence.step, divergence.reason
@@ -237,7 +258,11 @@ class WandbBackend:
         run = self._run
         if run is None:
             return
-        self._state.update(end.summary.to_dict(), status=end.status, resumes=len(end.summary.resumed_from))
+        summary = end.summary
+        self._state.update(summary.to_dict(), status=end.status, resumes=len(summary.resumed_from),
+                           rollbacks=len(summary.rollbacks))  # fmt: skip
+        if summary.rollbacks:  # every process's (the live list has this one's)
+            self._state["rollback_steps"] = [list(pair) for pair in summary.rollbacks[-ROLLBACKS_KEPT:]]
         self._publish_state()
         if self.plots:
             self._log_plots()
@@ -335,17 +360,35 @@ class WandbBackend:
             self._state["first_explosion_step"] = event.step
             run.tags = _merged(run.tags, EXPLODED_TAG)
         self._publish_state()
-        self._unalerted += 1
-        now = time.monotonic()
-        if self.alerts and (first or now - self._last_alert >= self.alert_every):
-            since = f" ({self._unalerted} explosions since the last alert)" if self._unalerted > 1 else ""
+        if self.alerts and (held := self._explosion_alerts.due(first)):
+            since = f" ({held} explosions since the last alert)" if held > 1 else ""
             run.alert(
                 title=EXPLOSION_TITLE,
                 text=event.describe(top=None) + since,
                 level="WARN",
                 wait_duration=self.alert_every,
             )
-            self._last_alert, self._unalerted = now, 0
+
+    @hookimpl
+    def gradtrack_rollback(self, event: Rollback) -> None:
+        """A row at the rollback's step, the count and the steps in the summary, a tag, the notes, an alert."""
+        run = self._run
+        if run is None:
+            return
+        run.log({STEP_KEY: event.step, ROLLBACK_KEY: 1.0, LR_SCALE_KEY: event.lr_scale})
+        first = not self._rollbacks
+        self._rollbacks = [*self._rollbacks, (event.step, event.restored_step)][-ROLLBACKS_KEPT:]
+        self._history.add_rollback(event.step, event.restored_step)
+        self._state.update(rollbacks=event.count, lr_scale=event.lr_scale,
+                           rollback_steps=[list(pair) for pair in self._rollbacks])  # fmt: skip
+        if first:
+            run.tags = _merged(run.tags, ROLLED_BACK_TAG)
+        self._publish_state()
+        if self.note:
+            self._write_note(self._live_note())
+        if self.alerts and (held := self._rollback_alerts.due(first)):
+            since = f" ({held} rollbacks since the last alert)" if held > 1 else ""
+            run.alert(title=ROLLBACK_TITLE, text=event.describe() + since, level="WARN", wait_duration=self.alert_every)
 
     @hookimpl
     def gradtrack_divergence(self, event: Divergence) -> None:
@@ -356,8 +399,9 @@ class WandbBackend:
         self._state.update(diverged=True, diverged_step=event.step, diverged_reason=event.reason)
         self._publish_state()
         self._history.diverged_step, self._history.diverged_reason = event.step, event.reason
+        self._divergence = event
         if self.note:
-            self._write_note(divergence_note(event))
+            self._write_note(self._live_note())
         if self.alerts:
             text = f"step {event.step}: {event.reason}; last total_norm={format_norm(self._last_norm)}"
             if self._last_explosion is not None:
@@ -379,6 +423,14 @@ class WandbBackend:
             layers = draw_layers(self._history, Path(folder, "layers.png"))
             # Their own row, on W&B's step (media are not plotted against a step axis).
             self._run.log({PLOT_KEYS[0]: wandb.Image(str(norms)), PLOT_KEYS[1]: wandb.Image(str(layers))})
+
+    def _live_note(self) -> str:
+        """The notes while the run goes: the divergence, if any, then the rollbacks (the end's summary follows)."""
+        section = divergence_note(self._divergence) if self._divergence is not None else ""
+        if self._rollbacks:
+            section += rollback_note(self._rollbacks, self._state["rollbacks"], self._state["lr_scale"],
+                                     headline=self._divergence is None)  # fmt: skip
+        return section
 
     def _write_note(self, section: str, resumes: bool = True) -> None:
         """gradtrack's section of the run's notes, with the steps the run resumed at."""

@@ -9,6 +9,7 @@ gradtrack's wheel. Import from the module that holds a helper:
 * ``fault_training``: the 40-step run the fault tests inject their faults into;
 * ``seed``: the seed's reference functions, as the seed wrote them;
 * ``models``: the tests' tiny models, batches and training loop;
+* ``healing``: a run that rolls back (``on_divergence="rollback"``) at the poisoned batches it is fed;
 * ``recording``: ``RecordingBackend``, a plugin that keeps every hook call;
 * ``probe_plugin``: a plugin found through an entry point, which runs in the reporter process;
 * ``wandb_files``: a reader for the ``.wandb`` files an offline run writes;
