@@ -304,9 +304,7 @@ class MLflowBackend:
         self._send({"op": "fragment", "metrics": metrics, "tags": {"gradtrack.rollbacks": str(event.count)}},
                    urgent=True)  # fmt: skip
         self._write("events.jsonl", json.dumps({"rollback": event.to_dict()}) + "\n")
-        add = getattr(self._history, "add_rollback", None)
-        if add is not None:
-            add(event.step, event.restored_step)
+        self._history.add_rollback(event.step, event.restored_step)
 
     @hookimpl
     def gradtrack_divergence(self, event: Divergence) -> None:
