@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import uuid
@@ -19,6 +21,7 @@ from gradtrack.cli import main, parser
 from gradtrack.history import RunHistory
 from gradtrack.notes import MARKER, merge_note
 from gradtrack.plots import _hold_between_samples, draw_layers, rows_to_show
+from gradtrack_testing.mlflow_server import MlflowServer
 from gradtrack_testing.models import VanillaRNN, rnn_batch, train_steps
 from gradtrack_testing.skips import missing_system_dependency
 
@@ -26,6 +29,7 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def _rnn_run(uri: str, experiment: str, tmp_path: Path, radius: float, clip: str | None,
@@ -194,15 +198,39 @@ def _wait_for_text(browser: Any, text: str, timeout: float = 30.0) -> str:
     raise AssertionError(f"{text!r} never appeared on {browser.current_url}: {body[-1500:]}")
 
 
+@pytest.fixture
+def demo_ui(tmp_path: Path) -> Any:
+    """``make demo``, then the MLflow UI on the store it made: what a new user does first.
+
+    Yields the UI's address and the link to the experiment the demo printed, pointed at that UI."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default store
+    done = subprocess.run([sys.executable, str(EXAMPLES / "rnn_explosion_demo.py")], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = re.search(r"open (http://127\.0\.0\.1:5000)(/\S+)", done.stdout)
+    assert printed is not None, done.stdout[-2000:]
+    with MlflowServer(tmp_path / "ui", store=f"sqlite:///{tmp_path / 'mlflow.db'}") as ui:
+        yield ui.uri, ui.uri + printed.group(2)
+
+
 @pytest.mark.slow
-def test_the_mlflow_ui_shows_which_run_diverged_and_its_plots(two_runs: tuple[str, str, dict[str, str]],
-                                                             browser: Any, tmp_path: Path) -> None:  # fmt: skip
+def test_the_demos_experiment_opens_on_its_runs_and_shows_which_diverged(demo_ui: tuple[str, str], browser: Any,
+                                                                        tmp_path: Path) -> None:  # fmt: skip
     from selenium.webdriver.common.by import By
 
-    uri, experiment, ids = two_runs
-    experiment_id = MlflowClient(uri).get_experiment_by_name(experiment).experiment_id
-    browser.get(f"{uri}/#/experiments/{experiment_id}/runs")
-    _wait_for_text(browser, "exploding")
+    uri, link = demo_ui
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("gradtrack-rnn-demo")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # gradtrack created it
+    ids = {run.info.run_name: run.info.run_id for run in client.search_runs([experiment.experiment_id])}
+    assert set(ids) == {"monitor-only", "clip-norm-5"}
+
+    browser.get(link)  # the page that opens, before any click: the runs table, not the GenAI overview
+    body = _wait_for_text(browser, "monitor-only")
+    browser.save_screenshot(str(tmp_path / "experiment.png"))
+    assert f"/experiments/{experiment.experiment_id}/runs" in browser.current_url
+    assert "Run Name" in body and "clip-norm-5" in body and "Token Usage" not in body
+
     [columns] = [b for b in browser.find_elements(By.XPATH, "//button") if b.text.strip() == "Columns"]
     columns.click()
     browser.find_element(By.XPATH, "//*[normalize-space(text())='diverged']").click()  # the tag, as a column
@@ -210,10 +238,10 @@ def test_the_mlflow_ui_shows_which_run_diverged_and_its_plots(two_runs: tuple[st
     body = _wait_for_text(browser, "true")
     browser.save_screenshot(str(tmp_path / "runs.png"))
     rows = body[body.index("Run Name"):]
-    assert "healthy" in rows and "exploding" in rows and "true" in rows and "false" in rows
-    assert "reporter_main.py" not in rows  # the source is the training script, not gradtrack's reporter
+    assert "true" in rows and "false" in rows
+    assert "rnn_explosion_demo.py" in rows and "reporter_main.py" not in rows  # the source: the user's script
 
-    browser.get(f"{uri}/#/experiments/{experiment_id}/runs/{ids['exploding']}")
+    browser.get(f"{uri}/#/experiments/{experiment.experiment_id}/runs/{ids['monitor-only']}")
     page = _wait_for_text(browser, "gradtrack: diverged at step")  # the description, at the top of the run page
     more = [b for b in browser.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']")]
     if more:  # long descriptions are collapsed to their first lines
@@ -221,7 +249,7 @@ def test_the_mlflow_ui_shows_which_run_diverged_and_its_plots(two_runs: tuple[st
     page = _wait_for_text(browser, "recommended max_norm")
     assert "exploded" in page or "explosion" in page
     browser.save_screenshot(str(tmp_path / "run.png"))
-    browser.get(f"{uri}/#/experiments/{experiment_id}/runs/{ids['exploding']}/artifacts")
+    browser.get(f"{uri}/#/experiments/{experiment.experiment_id}/runs/{ids['monitor-only']}/artifacts")
     _wait_for_text(browser, "gradtrack")
     browser.find_element(By.XPATH, "//*[normalize-space(text())='gradtrack']").click()
     listing = _wait_for_text(browser, "norms.png")
