@@ -13,6 +13,7 @@ test: $(STAMP)
 	bash scripts/system-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(PY) scripts/check_dist.py
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)
