@@ -245,16 +245,19 @@ KIND = "mlflow.experimentKind"  # MLflow 3's UI opens an experiment on the page 
 
 @pytest.mark.parametrize("store", ["server", "local"])
 def test_experiments_gradtrack_creates_open_on_their_runs_and_the_users_are_left_alone(
-    store: str, server: MlflowServer, local_store: Path, tmp_path: Path
+    store: str, server: MlflowServer, local_store: Path
 ) -> None:
+    from gradtrack_mlflow.transport import Sink
+
     uri = server.uri if store == "server" else f"sqlite:///{local_store / 'mlflow.db'}"
     client = MlflowClient(uri)
     created, users = f"created-{uuid.uuid4().hex[:8]}", f"users-{uuid.uuid4().hex[:8]}"
     client.create_experiment(users, tags={"team": "grad"})
-    for experiment in (created, users):
-        opts = {"tracking_uri": uri, "experiment_name": experiment, "spool_dir": str(tmp_path / "spool")}
-        train({"backend": "mlflow", "backend_options": {"mlflow": opts}}, steps=2)
-        assert only_run(uri, experiment).info.status == "FINISHED"
+    sink = Sink(uri, 5.0)  # what the sender runs, live or replaying a spool (the demo's run goes through it all)
+    for key, experiment in (("a", created), ("b", users)):
+        sink.execute({"op": "create_run", "run_key": key, "experiment_name": experiment,
+                      "start_time": int(time.time() * 1000), "tags": {}})  # fmt: skip
+        assert only_run(uri, experiment).info.run_id == sink.run_ids[key]
     assert client.get_experiment_by_name(created).tags[KIND] == "custom_model_development"
     assert client.get_experiment_by_name(users).tags == {"team": "grad"}
 

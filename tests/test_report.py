@@ -21,7 +21,6 @@ from gradtrack.cli import main, parser
 from gradtrack.history import RunHistory
 from gradtrack.notes import MARKER, merge_note
 from gradtrack.plots import _hold_between_samples, draw_layers, rows_to_show
-from gradtrack_testing.mlflow_server import MlflowServer
 from gradtrack_testing.models import VanillaRNN, rnn_batch, train_steps
 from gradtrack_testing.skips import missing_system_dependency
 
@@ -199,26 +198,24 @@ def _wait_for_text(browser: Any, text: str, timeout: float = 30.0) -> str:
 
 
 @pytest.fixture
-def demo_ui(tmp_path: Path) -> Any:
-    """``make demo``, then the MLflow UI on the store it made: what a new user does first.
-
-    Yields the UI's address and the link to the experiment the demo printed, pointed at that UI."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default store
+def demo(server: Any, tmp_path: Path) -> str:
+    """``make demo`` against the tracking server: the link it prints to its experiment in the MLflow UI."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment["MLFLOW_TRACKING_URI"] = server.uri  # the demo's own way to log elsewhere than ./mlflow.db
     done = subprocess.run([sys.executable, str(EXAMPLES / "rnn_explosion_demo.py")], cwd=tmp_path, env=environment,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    printed = re.search(r"open (http://127\.0\.0\.1:5000)(/\S+)", done.stdout)
-    assert printed is not None, done.stdout[-2000:]
-    with MlflowServer(tmp_path / "ui", store=f"sqlite:///{tmp_path / 'mlflow.db'}") as ui:
-        yield ui.uri, ui.uri + printed.group(2)
+    printed = re.search(r"open (\S+)", done.stdout)
+    assert printed is not None and printed.group(1).startswith(f"{server.uri}/#/"), done.stdout[-2000:]
+    return printed.group(1)
 
 
 @pytest.mark.slow
-def test_the_demos_experiment_opens_on_its_runs_and_shows_which_diverged(demo_ui: tuple[str, str], browser: Any,
+def test_the_demos_experiment_opens_on_its_runs_and_shows_which_diverged(server: Any, demo: str, browser: Any,
                                                                         tmp_path: Path) -> None:  # fmt: skip
     from selenium.webdriver.common.by import By
 
-    uri, link = demo_ui
+    uri, link = server.uri, demo
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("gradtrack-rnn-demo")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # gradtrack created it
