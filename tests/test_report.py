@@ -37,8 +37,9 @@ def _rnn_run(uri: str, experiment: str, tmp_path: Path, radius: float, clip: str
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5 if clip is None else 0.05)
     options = {"mlflow": {"tracking_uri": uri, "experiment_name": experiment, "run_name": run_name,
                           "spool_dir": str(tmp_path / "spool")}}  # fmt: skip
+    # close_timeout: the tests read these runs at once; the niced reporter may need more than 10 s on a busy machine
     with GradTracker(model, backend="mlflow", backend_options=options, clip=clip, layer_every=2,
-                     max_norm=5.0 if clip else None) as tracker:  # fmt: skip
+                     max_norm=5.0 if clip else None, close_timeout=120.0) as tracker:  # fmt: skip
         train_steps(tracker, model, optimizer, *rnn_batch(20), steps)
     return tracker
 
