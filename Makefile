@@ -5,14 +5,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradtrack-installed
 
-.PHONY: demo test lint bench
+# Material for MkDocs prints a notice about its end of life on every build; it is no warning of ours.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+
+.PHONY: demo test lint bench docs
 demo: $(STAMP)
 	$(PY) examples/rnn_explosion_demo.py
+
+# The site, into site/; --strict: a broken link, a missing anchor or an API reference that does not resolve fails.
+docs: $(STAMP)
+	$(MKDOCS) build --strict
 
 test: $(STAMP)
 	bash scripts/system-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(MKDOCS) build --strict --quiet
+	$(PY) scripts/check_dist.py
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)

@@ -67,7 +67,9 @@ def train(name: str, **clipping: object) -> dict[str, object]:
     started = time.perf_counter()
     recent: list[float] = []
     first_loss: float | None = None
-    with GradTracker(model, backend="mlflow", backend_options=options, **clipping) as tracker:  # type: ignore[arg-type]
+    # close_timeout: the picture is drawn from what the runs logged, so wait for them to be complete even on a
+    # busy machine (the default 10 s lets the reporter finish alone, after the script has read the runs)
+    with GradTracker(model, backend="mlflow", backend_options=options, close_timeout=300.0, **clipping) as tracker:  # type: ignore[arg-type]
         for x, y in batches(STEPS, SEED + 1):
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
@@ -101,7 +103,7 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print(f"{key.ljust(width)}  {cells}")
 
 
-def draw_comparison(uri: str, names: list[str], path: Path) -> Path:
+def draw_comparison(uri: str, experiment_id: str, names: list[str], path: Path) -> Path:
     """Both runs' gradient norms in one picture, from what they logged."""
     from gradtrack_mlflow.cli import history_of
     from mlflow.tracking import MlflowClient
@@ -109,13 +111,23 @@ def draw_comparison(uri: str, names: list[str], path: Path) -> Path:
     from gradtrack.plots import compare_runs
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("gradtrack-rnn-demo")
     histories = {}
     for name in names:  # the latest run of each name
-        (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'", max_results=1,
+        (run,) = client.search_runs([experiment_id], f"attributes.run_name = '{name}'", max_results=1,
                                     order_by=["attributes.start_time DESC"])  # fmt: skip
         histories[name] = history_of(client, run)
     return compare_runs(histories, path, "vanilla RNN, spectral radius 3: monitor-only vs clipped at 5")
+
+
+def runs_page(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI.
+
+    Recent MLflow UIs open every experiment in the mode of their GenAI / Model training switch (GenAI
+    unless this browser chose otherwise) and no longer read the experiment's ``mlflow.experimentKind``
+    tag; ``workflowType`` in the link picks the mode for this visit, so the link lands on the runs.
+    """
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def main() -> None:
@@ -124,10 +136,17 @@ def main() -> None:
     print()
     print_table(rows)
     uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    picture = draw_comparison(uri, ["monitor-only", "clip-norm-5"], Path("gradtrack-demo.png"))
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(uri).get_experiment_by_name("gradtrack-rnn-demo")
+    assert experiment is not None, "both runs were logged to it"
+    experiment_id = experiment.experiment_id
+    picture = draw_comparison(uri, experiment_id, ["monitor-only", "clip-norm-5"], Path("gradtrack-demo.png"))
     print(f"\nBoth runs' gradient norms, drawn: {picture.absolute()}")
     print("\nBoth runs are in MLflow (experiment 'gradtrack-rnn-demo'); compare them with:")
-    print(f"  mlflow ui --backend-store-uri {uri}")
+    if not uri.startswith(("http://", "https://")):
+        print(f"  mlflow ui --backend-store-uri {uri}")
+    print(f"  open {runs_page(uri, experiment_id)}")
     print("and filter with: tags.diverged = 'true'; or here: gradtrack runs --diverged, gradtrack report <run id>")
 
 

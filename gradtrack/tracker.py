@@ -74,7 +74,8 @@ def _norm_type(value: float | str) -> float:
 class GradTracker:
     """Measures, clips and reports the gradients of ``model`` once per training iteration.
 
-    Use it as a context manager around an unchanged training loop; see README.md for every option.
+    Use it as a context manager around an unchanged training loop; every option is described in the
+    documentation's options reference (``docs/reference/options.md``).
     """
 
     def __init__(
@@ -188,22 +189,27 @@ class GradTracker:
 
     @property
     def norm_type(self) -> float:
+        """The norm measured and clipped: 1, 2 or ``math.inf``."""
         return self._pipeline.settings.norm_type
 
     @property
     def clip_policy(self) -> ClipPolicy | None:
+        """The policy ``clip=`` chose (None: monitor only); adaptive ones carry what they learnt."""
         return self._pipeline.clip_policy
 
     @property
     def on_nonfinite(self) -> OnNonfinite:
+        """What a step with NaN/Inf gradients does: ``"skip"``, ``"raise"`` or ``"continue"``."""
         return self._pipeline.judge.on_nonfinite
 
     @property
     def diverged(self) -> bool:
+        """True once the run is judged diverged; never undone."""
         return self._pipeline.judge.divergence.verdict is not None
 
     @property
     def divergence_event(self) -> Divergence | None:
+        """When and why the run diverged, or None."""
         return self._pipeline.judge.divergence.verdict
 
     @property
@@ -213,9 +219,11 @@ class GradTracker:
 
     @property
     def steps(self) -> int:
+        """Optimizer steps measured so far."""
         return self._pipeline.step
 
     def summary(self) -> Summary:
+        """The run at a glance so far (also after the ``with`` block): what backends store at the end."""
         frozen = self._pipeline.summary.freeze(self._pipeline.outbox.dropped)
         if self._healer is not None:  # held now, whether or not a rollback happened
             frozen = replace(frozen, snapshot_bytes=self._healer.peak_nbytes)

@@ -240,6 +240,28 @@ def test_silent_server_never_blocks_and_leaves_a_replayable_spool(server: Mlflow
     assert tracker.summary().steps == 40
 
 
+KIND = "mlflow.experimentKind"  # MLflow 3's UI opens an experiment on the page its kind says
+
+
+@pytest.mark.parametrize("store", ["server", "local"])
+def test_experiments_gradtrack_creates_open_on_their_runs_and_the_users_are_left_alone(
+    store: str, server: MlflowServer, local_store: Path
+) -> None:
+    from gradtrack_mlflow.transport import Sink
+
+    uri = server.uri if store == "server" else f"sqlite:///{local_store / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    created, users = f"created-{uuid.uuid4().hex[:8]}", f"users-{uuid.uuid4().hex[:8]}"
+    client.create_experiment(users, tags={"team": "grad"})
+    sink = Sink(uri, 5.0)  # what the sender runs, live or replaying a spool (the demo's run goes through it all)
+    for key, experiment in (("a", created), ("b", users)):
+        sink.execute({"op": "create_run", "run_key": key, "experiment_name": experiment,
+                      "start_time": int(time.time() * 1000), "tags": {}})  # fmt: skip
+        assert only_run(uri, experiment).info.run_id == sink.run_ids[key]
+    assert client.get_experiment_by_name(created).tags[KIND] == "custom_model_development"
+    assert client.get_experiment_by_name(users).tags == {"team": "grad"}
+
+
 def test_a_run_that_loses_the_race_to_create_its_experiment_still_starts(server: MlflowServer) -> None:
     from gradtrack_mlflow.transport import Sink
 
@@ -257,7 +279,7 @@ def test_a_run_that_loses_the_race_to_create_its_experiment_still_starts(server:
     sink.execute({"op": "create_run", "run_key": "k", "experiment_name": experiment,
                   "start_time": int(time.time() * 1000), "tags": {}})  # fmt: skip
     found = MlflowClient(server.uri).get_experiment_by_name(experiment)
-    assert found is not None
+    assert found is not None and KIND not in found.tags  # the winner's experiment, not gradtrack's to mark
     assert [r.info.run_id for r in MlflowClient(server.uri).search_runs([found.experiment_id])] == [sink.run_ids["k"]]
 
 

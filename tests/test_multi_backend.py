@@ -31,7 +31,12 @@ def test_mlflow_and_wandb_log_the_same_run(wandb_dir: Path, tmp_path: Path) -> N
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 20, 4, generator=generator), torch.randn(16, generator=generator)
     with GradTracker(
-        model, backend=["mlflow", "wandb", recorder], clip=None, layer_every=4, backend_options=options
+        model,
+        backend=["mlflow", "wandb", recorder],
+        clip=None,
+        layer_every=4,
+        backend_options=options,
+        close_timeout=120.0,  # the runs are read at once: wait for the niced reporter, even on a busy machine
     ) as tracker:
         for _ in range(16):
             optimizer.zero_grad()
@@ -75,7 +80,7 @@ def test_amp_overflow_steps_reach_both_backends_without_norms(wandb_dir: Path, t
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 10, 4, generator=generator), torch.randn(8, generator=generator)
-    with GradTracker(model, backend=["mlflow", "wandb"], backend_options=options) as tracker:
+    with GradTracker(model, backend=["mlflow", "wandb"], backend_options=options, close_timeout=120.0) as tracker:
         for step in range(4):
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)

@@ -13,6 +13,7 @@ __all__ = ["gradtrack_cli_commands", "gradtrack_make_backend"]
 
 @hookimpl
 def gradtrack_cli_commands(subparsers: Any) -> None:
+    """Add ``runs``, ``report``, ``watch`` and ``replay``: commands that read MLflow, so they live here."""
     from gradtrack_mlflow.cli import add_commands
 
     add_commands(subparsers)
@@ -20,6 +21,7 @@ def gradtrack_cli_commands(subparsers: Any) -> None:
 
 @hookimpl
 def gradtrack_make_backend(name: str, options: Mapping[str, Any]) -> object | None:
+    """``backend="mlflow"``: an ``MLflowBackend`` with ``backend_options["mlflow"]``; MLflow is imported later."""
     if name != "mlflow":
         return None
     if importlib.util.find_spec("mlflow") is None:

@@ -17,13 +17,26 @@ import math
 from collections.abc import Mapping
 from typing import Any, final
 
-__all__ = ["RUN_KEY_TAG", "PermanentError", "Sink", "encode_value", "failure_kind", "is_permanent"]
+__all__ = [
+    "EXPERIMENT_KIND_TAG",
+    "RUN_KEY_TAG",
+    "TRAINING_EXPERIMENT_KIND",
+    "PermanentError",
+    "Sink",
+    "encode_value",
+    "failure_kind",
+    "is_permanent",
+]
 
 Op = dict[str, Any]
 
 _API = "/api/2.0/mlflow"
 NOTE_TAG = "mlflow.note.content"  # the run's description, shown at the top of its page
 RUN_KEY_TAG = "gradtrack.run_key"  # on every run gradtrack creates: a retried create_run finds it instead
+# On experiments gradtrack creates, never on others: without it MLflow 3's UI opens an experiment on its GenAI
+# traces overview, one click away from the training runs gradtrack logged there.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
 
 class PermanentError(RuntimeError):
@@ -214,7 +227,7 @@ class Sink:
         if experiment is not None:
             return str(experiment.experiment_id)
         try:
-            return str(self.client.create_experiment(name))
+            return str(self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}))
         except MlflowException as exc:  # another run created it between our two calls
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -232,7 +245,8 @@ class Sink:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
         try:
-            return str(self._rest("POST", "experiments/create", {"name": name})["experiment_id"])
+            kind = [{"key": EXPERIMENT_KIND_TAG, "value": TRAINING_EXPERIMENT_KIND}]
+            return str(self._rest("POST", "experiments/create", {"name": name, "tags": kind})["experiment_id"])
         except MlflowException as exc:  # another run created it between our two requests
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

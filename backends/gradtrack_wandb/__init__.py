@@ -13,6 +13,7 @@ __all__ = ["gradtrack_make_backend"]
 
 @hookimpl
 def gradtrack_make_backend(name: str, options: Mapping[str, Any]) -> object | None:
+    """``backend="wandb"``: a ``WandbBackend`` with ``backend_options["wandb"]``; wandb is imported later."""
     if name != "wandb":
         return None
     if importlib.util.find_spec("wandb") is None:
