@@ -19,7 +19,7 @@ _BAD_NUMBERS = (0, -1, math.nan, "1", True, None)
 _TRACKER: list[tuple[str, Any, str]] = [
     *[("max_norm", bad, "max_norm must be a finite number > 0") for bad in (0, -1, math.nan, "1", True, math.inf)],
     ("on_spike", "drop", "on_spike must be None or 'skip'"),
-    ("on_divergence", "stop", "on_divergence must be 'continue' or 'raise'"),
+    ("on_divergence", "stop", "on_divergence must be 'continue', 'raise' or 'rollback'"),
     ("weight_norms", 1, "weight_norms must be True or False"),
     *[("explosion_threshold", bad, "explosion_threshold must be a number > 0") for bad in _BAD_NUMBERS],
     *[("spike_factor", bad, "spike_factor must be a number > 1") for bad in (1, 0.5, math.nan, "x", True)],
