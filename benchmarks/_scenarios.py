@@ -16,6 +16,22 @@ Diverging scenarios (the unclipped, untracked run really blows up):
 * ``lsq-edge``: full-batch least squares with a learning rate 1% above the stability limit 2/lambda_max:
   the error along the top eigenvector grows by 1.02x a step, smoothly, without a single spike.
 
+Held-out diverging scenarios (``held_out=True``; issue 19): the same two kinds of failure, a run too hot from
+its first step and a smooth geometric blow-up, on other models, optimizers and margins, and a poisoned batch of
+another size at another step, so that a policy tuned on the six above is checked on runs it was not tuned on:
+
+* ``rnn-r1.5``, ``rnn-r3``: torch's tanh ``RNN`` (another task), recurrent spectral radius 1.5 (SGD at 0.3) and 3
+  (SGD at 0.1): too hot from the first step;
+* ``gru-hot``, ``lstm-hot``: a GRU at SGD 0.7, an LSTM at SGD 1.0: too hot from the first step, the gates keep the
+  norms modest until the read-out blows up;
+* ``gru-ramp``: a GRU whose learning rate grows x1.05 a step from 0.01 to a plateau of 0.8 (the twin stops at 0.1);
+* ``transformer-sgd``: a 2-layer transformer with plain SGD at 2.0 (``transformer``'s Adam run is beyond clipping);
+* ``lsq-1.05``: least squares 5% past the stability limit, a faster geometric blow-up than ``lsq-edge``'s;
+* ``lsq-momentum``: least squares with heavy-ball momentum 0.9, 2% past its limit ``2 (1 + 0.9) / lambda_max``;
+* ``lsq-ramp``: least squares whose learning rate grows x1.01 a step from half the limit to 1.1 x the limit: the
+  blow-up starts mid-run, after a healthy phase;
+* ``poison-1e3``: a 4-layer, width-32 MLP with one batch scaled by 1e3 at step 60.
+
 Stable but noisy scenarios (must never be called diverged):
 
 * ``tiny-noisy``: batches of 4 with 30% of the labels replaced by random ones;
@@ -61,6 +77,7 @@ class Scenario:
     steps: int
     make: Callable[[int, bool], Setup]  # (seed, twin) -> Setup
     twin: str = ""  # what the healthy twin changes ("" for stable scenarios: no twin)
+    held_out: bool = False  # not used to design clip="auto": the check that it generalises
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -139,6 +156,25 @@ class TinyTransformer(nn.Module):
         return self.head(self.blocks(self.embed(tokens) + self.position[: tokens.shape[1]]))
 
 
+class Recurrent(nn.Module):
+    """torch's own ``RNN`` (tanh), ``GRU`` or ``LSTM`` and a linear read-out of the last hidden state.
+
+    ``radius``: the recurrent matrix rescaled to that spectral radius (RNN only; None: torch's init).
+    """
+
+    def __init__(self, cell: str, inputs: int, hidden: int, radius: float | None = None) -> None:
+        super().__init__()
+        self.cell = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell](inputs, hidden, batch_first=True)
+        self.readout = nn.Linear(hidden, 1)
+        if radius is not None:
+            with torch.no_grad():
+                weight = self.cell.weight_hh_l0
+                weight.mul_(radius / torch.linalg.eigvals(weight).abs().max())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.cell(x)[0][:, -1]).squeeze(-1)
+
+
 # -- data -----------------------------------------------------------------------------------------------
 
 
@@ -187,6 +223,7 @@ def _classification(
     inputs: Callable[[int, int, torch.Generator], torch.Tensor] | None = None,
     teacher_at: Callable[[int], int] | None = None,
     poison_step: int | None = None,
+    poison_scale: float = 1e6,
 ) -> Setup:
     """An MLP classifier on teacher labels; every knob a scenario turns is an argument."""
     data = _generator(seed, 11)
@@ -206,7 +243,7 @@ def _classification(
         x = draw(step, batch_at(step), data)
         y = _noisy(teachers[teacher_at(step)](x), label_noise, CLASSES, data)
         if step == poison_step:
-            x = x * 1e6
+            x = x * poison_scale
         return x, y
 
     def held_out(step: int) -> Batch:
@@ -245,16 +282,13 @@ def _deep_mlp(seed: int, twin: bool) -> Setup:
 VOCAB, CONTEXT = 16, 16
 
 
-def _transformer(seed: int, twin: bool) -> Setup:
+def _markov(seed: int) -> tuple[Callable[[int], Batch], Batch]:
+    """Sequences of a sparse random Markov chain (each token has two likely successors): learnable."""
     data = _generator(seed, 4)
-    # A sparse random Markov chain: each token has two likely successors, so the task is learnable.
     logits = torch.full((VOCAB, VOCAB), -4.0)
     successors = torch.randint(0, VOCAB, (VOCAB, 2), generator=data)
     logits.scatter_(1, successors, 2.0)
     transition = logits.softmax(-1)
-    torch.manual_seed(seed)
-    model = TinyTransformer(VOCAB, width=32, layers=1, heads=4, context=CONTEXT)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if twin else 1.0)
 
     def sequences(n: int, generator: torch.Generator) -> Batch:
         tokens = [torch.randint(0, VOCAB, (n,), generator=generator)]
@@ -263,7 +297,15 @@ def _transformer(seed: int, twin: bool) -> Setup:
         seq = torch.stack(tokens, 1)
         return seq[:, :-1], seq[:, 1:]
 
-    return Setup(model, opt, lambda step: sequences(16, data), _cross_entropy, sequences(256, _generator(seed, 5)))
+    return (lambda step: sequences(16, data)), sequences(256, _generator(seed, 5))
+
+
+def _transformer(seed: int, twin: bool) -> Setup:
+    batch, eval_set = _markov(seed)
+    torch.manual_seed(seed)
+    model = TinyTransformer(VOCAB, width=32, layers=1, heads=4, context=CONTEXT)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if twin else 1.0)
+    return Setup(model, opt, batch, _cross_entropy, eval_set)
 
 
 def _poison(seed: int, twin: bool) -> Setup:
@@ -280,7 +322,14 @@ def _lr_ramp(seed: int, twin: bool) -> Setup:
 LSQ_FEATURES, LSQ_SAMPLES = 16, 128
 
 
-def _lsq_edge(seed: int, twin: bool) -> Setup:
+def _least_squares(
+    seed: int, lr_factor: float, momentum: float = 0.0, ramp: Callable[[int], float] | None = None
+) -> Setup:
+    """Full-batch least squares at ``lr_factor`` times the stability limit of (heavy-ball) gradient descent.
+
+    The limit is ``2 (1 + momentum) / lambda_max``: past it, the error along the top eigenvector grows
+    geometrically, smoothly, flipping sign each step.
+    """
     data = _generator(seed, 6)
     scales = torch.logspace(0, 0.7, LSQ_FEATURES)  # feature scales 1 to 5: a spread spectrum
 
@@ -293,11 +342,78 @@ def _lsq_edge(seed: int, twin: bool) -> Setup:
     lambda_max = torch.linalg.eigvalsh(2.0 * x.T @ x / LSQ_SAMPLES).max().item()  # Hessian of the mean squared error
     torch.manual_seed(seed)
     model = nn.Linear(LSQ_FEATURES, 1, bias=False)
-    opt = torch.optim.SGD(model.parameters(), lr=(1.0 if twin else 2.02) / lambda_max)
+    lr = lr_factor * 2.0 * (1.0 + momentum) / lambda_max  # in this order: lsq-edge's lr to the bit
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     held_out = _generator(seed, 7)
     x_eval = draw(512, held_out)
     y_eval = x_eval @ w_true + 0.1 * torch.randn(512, generator=held_out)
-    return Setup(model, opt, lambda step: (x, y), _mse, (x_eval, y_eval))
+    lr_at = None if ramp is None else (lambda step: lr * ramp(step))
+    return Setup(model, opt, lambda step: (x, y), _mse, (x_eval, y_eval), lr_at)
+
+
+def _lsq_edge(seed: int, twin: bool) -> Setup:
+    return _least_squares(seed, 0.5 if twin else 1.01)
+
+
+# -- held-out diverging scenarios -----------------------------------------------------------------------------
+# The same failures on other models, optimizers, margins and steps, each with its healthy twin: the check that
+# clip="auto" generalises beyond the six scenarios above.
+
+
+def _sequences(seed: int) -> tuple[Callable[[int], Batch], Batch]:
+    """A recurrent regression task: half the sum of the first input over the last three steps, minus a lag."""
+
+    def make_batch(generator: torch.Generator, n: int) -> Batch:
+        x = torch.randn(n, RNN_STEPS, RNN_INPUTS, generator=generator)
+        return x, x[:, -3:, 0].sum(1) / 2 - 0.5 * x[:, -4, 2]
+
+    data = _generator(seed, 21)
+    return (lambda step: make_batch(data, 16)), make_batch(_generator(seed, 22), 256)
+
+
+def _recurrent(cell: str, lr: float, twin_lr: float, radius: float | None = None, peak: float | None = None,
+               twin_peak: float | None = None) -> Callable[[int, bool], Setup]:  # fmt: skip
+    """torch's RNN, GRU or LSTM with plain SGD; with ``peak``, the lr grows x1.05 a step from ``lr`` to it."""
+
+    def make(seed: int, twin: bool) -> Setup:
+        torch.manual_seed(seed)
+        model = Recurrent(cell, RNN_INPUTS, RNN_HIDDEN, radius)
+        batch, eval_set = _sequences(seed)
+        first, top = (twin_lr, twin_peak) if twin else (lr, peak)
+        lr_at = None if top is None else (lambda step: min(top, first * 1.05**step))
+        return Setup(model, torch.optim.SGD(model.parameters(), lr=first), batch, _mse, eval_set, lr_at)
+
+    return make
+
+
+def _transformer_sgd(seed: int, twin: bool) -> Setup:
+    """A 2-layer transformer on ``transformer``'s task, plain SGD."""
+    batch, eval_set = _markov(seed)
+    torch.manual_seed(seed)
+    model = TinyTransformer(VOCAB, width=32, layers=2, heads=4, context=CONTEXT)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=0.3 if twin else 2.0), batch, _cross_entropy, eval_set)
+
+
+def _lsq(lr_factor: float, momentum: float = 0.0, ramp: bool = False) -> Callable[[int, bool], Setup]:
+    """Least squares at ``lr_factor`` x the limit (twin: half the limit); ``ramp``: from half the limit x1.01 a
+    step up to ``lr_factor`` x it, so that the blow-up starts mid-run, after a healthy phase."""
+
+    def make(seed: int, twin: bool) -> Setup:
+        if twin:
+            return _least_squares(seed, 0.5, momentum)
+        if not ramp:
+            return _least_squares(seed, lr_factor, momentum)
+        return _least_squares(seed, 0.5, momentum, ramp=lambda step: min(2 * lr_factor, 1.01**step))
+
+    return make
+
+
+def _poison_early(seed: int, twin: bool) -> Setup:
+    return _classification(seed, depth=4, width=32, lr=0.05, poison_step=None if twin else 60, poison_scale=1e3)
+
+
+def _held_out(key: str, title: str, make: Callable[[int, bool], Setup], twin: str, steps: int = 200) -> Scenario:
+    return Scenario(key, title, True, steps, make, twin, held_out=True)
 
 
 # -- stable scenarios -----------------------------------------------------------------------------------------
@@ -346,6 +462,34 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("poison", "one batch x1e6 at step 150 (MLP, SGD)", True, 250, _poison, "no poisoned batch"),
         Scenario("lr-ramp", "learning rate x1.04 per step (MLP, SGD)", True, 250, _lr_ramp, "constant lr"),
         Scenario("lsq-edge", "least squares, lr = 1.01 x 2/lambda_max", True, 250, _lsq_edge, "lr = 1/lambda_max"),
+        # held out (issue 19): the same failures elsewhere
+        _held_out("rnn-r1.5", "torch RNN (tanh), radius 1.5, SGD lr 0.3", _recurrent("rnn", 0.3, 0.05, 1.5), "lr 0.05"),
+        _held_out("rnn-r3", "torch RNN (tanh), radius 3, SGD lr 0.1", _recurrent("rnn", 0.1, 0.01, 3.0), "lr 0.01"),
+        _held_out("gru-hot", "GRU, SGD lr 0.7", _recurrent("gru", 0.7, 0.1), "lr 0.1"),
+        _held_out("lstm-hot", "LSTM, SGD lr 1.0", _recurrent("lstm", 1.0, 0.1), "lr 0.1"),
+        _held_out(
+            "gru-ramp",
+            "GRU, lr x1.05 a step up to 0.8",
+            _recurrent("gru", 0.01, 0.01, peak=0.8, twin_peak=0.1),
+            "peak 0.1",
+        ),
+        _held_out("transformer-sgd", "2-layer transformer, SGD lr 2", _transformer_sgd, "lr 0.3"),
+        _held_out("lsq-1.05", "least squares, lr = 1.05 x 2/lambda_max", _lsq(1.05), "lr = limit / 2", steps=250),
+        _held_out(
+            "lsq-momentum",
+            "least squares, momentum 0.9, lr 1.02 x limit",
+            _lsq(1.02, momentum=0.9),
+            "lr = limit / 2",
+            steps=250,
+        ),
+        _held_out(
+            "lsq-ramp",
+            "least squares, lr x1.01 a step to 1.1 x limit",
+            _lsq(1.1, ramp=True),
+            "lr = limit / 2",
+            steps=250,
+        ),
+        _held_out("poison-1e3", "one batch x1e3 at step 60 (4-layer MLP)", _poison_early, "no poison", steps=250),
         Scenario("tiny-noisy", "batch 4, 30% label noise (MLP, SGD)", False, 300, _tiny_noisy),
         Scenario("heavy-tail", "Student-t(1.5) inputs (MLP, Adam)", False, 300, _heavy_tail),
         Scenario("lr-switch", "lr x3 and batch /4 at step 150", False, 300, _lr_switch),
