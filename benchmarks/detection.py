@@ -95,6 +95,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -971,6 +972,16 @@ def _version() -> str:
     return f"gradtrack {gradtrack.__version__}" + (f" ({commit})" if commit else "")
 
 
+def print_blocks(say: Callable[[str], None], heading: str, blocks: Sequence[tuple[str, Any, str]],
+                 markdown: bool) -> None:  # fmt: skip
+    """Each (title, table renderer, legend) as a section of the report."""
+    for title, render, legend in blocks:
+        say(f"\n{heading}{title}\n")
+        say(render(markdown))
+        if legend:
+            say(f"\n{legend}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -1083,11 +1094,7 @@ def main(argv: Sequence[str] | None = None) -> None:
          "Cost is relative to the unclipped run's final held-out loss: a twin that converges to ~0 (lsq-edge: "
          "0.01) makes a small absolute gap a large percentage."),
     ]  # fmt: skip
-    for title, render, legend in blocks:
-        say(f"\n{heading}{title}\n")
-        say(render(args.markdown))
-        if legend:
-            say(f"\n{legend}")
+    print_blocks(say, heading, blocks, args.markdown)
     say(f"\n{heading}Targets (issues 11 and 19)\n")
     for line in report.targets():
         say(("- " if args.markdown else "") + line)

@@ -56,7 +56,7 @@ import detection
 import numpy as np
 import torch
 from _scenarios import SCENARIOS, Scenario
-from detection import COST_HINT, Run, blowup_step, rescued, table
+from detection import COST_HINT, Run, blowup_step, print_blocks, rescued, table
 from snapshot_cost import cost_lines, cost_table
 from snapshot_cost import measure as measure_cost
 
@@ -467,11 +467,7 @@ def main(argv: Sequence[str] | None = None) -> None:
          "runs that never rolled back whose losses equal those of the same clip without rollback."),
         ("2b. Healthy runs by scenario: mean cost, and rollbacks (rb) if any", report.healthy_by_scenario, ""),
     ]  # fmt: skip
-    for title, render, legend in blocks:
-        say(f"\n{heading}{title}\n")
-        say(render(args.markdown))
-        if legend:
-            say(f"\n{legend}")
+    print_blocks(say, heading, blocks, args.markdown)
     say(f"\n{heading}Diverging runs rollback did not rescue, and why\n")
     for line in report.failures():
         say((("  - " + line.strip()) if line.startswith("  ") else "- " + line) if args.markdown else line)

@@ -403,11 +403,16 @@ class StepPipeline:
         self.alarm_since = step if self.alarm_since is None else self.alarm_since
         if verdict.divergence is None:
             return None, None
-        rollback = self.healer.heal(step, verdict.divergence, self.alarm_since)
-        if rollback is None:
-            return verdict.divergence, None
-        self.alarm_since = None
-        return None, rollback
+        rollback = self._heal(step, verdict.divergence)
+        return (verdict.divergence, None) if rollback is None else (None, rollback)
+
+    def _heal(self, step: int, divergence: Divergence) -> Rollback | None:
+        """A rollback to before the trouble began, if one is left; the judgement then starts afresh."""
+        assert self.healer is not None
+        rollback = self.healer.heal(step, divergence, step if self.alarm_since is None else self.alarm_since)
+        if rollback is not None:
+            self.alarm_since = None
+        return rollback
 
     def _judge(self, params: Sequence[nn.Parameter], layout: _Layout, host: HostStats, with_layers: bool) -> None:
         step, now = self.step, time.time()
@@ -433,9 +438,9 @@ class StepPipeline:
             self.alarm_since = None
         divergence, rollback = verdict.divergence, None
         if divergence is not None and self.healer is not None:
-            rollback = self.healer.heal(step, divergence, step if self.alarm_since is None else self.alarm_since)
-            if rollback is not None:  # healed: the state of before the trouble is back, and judged afresh
-                divergence, self.alarm_since = None, None
+            rollback = self._heal(step, divergence)
+            if rollback is not None:  # healed: the state of before the trouble is back
+                divergence = None
         if verdict.skip or rollback is not None:
             for p in params:  # optimizers skip parameters without a gradient: the update is skipped
                 p.grad = None

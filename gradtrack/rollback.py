@@ -40,7 +40,15 @@ from torch import nn
 
 from gradtrack.events import Divergence, Rollback
 
-__all__ = ["LR_WINDOW", "Healer", "RollbackSettings", "check_rollback_options"]
+__all__ = [
+    "LR_WINDOW",
+    "Healer",
+    "RollbackSettings",
+    "check_healer_state",
+    "check_rollback_options",
+    "check_snapshottable",
+    "schedulers_of",
+]
 
 LR_WINDOW = 10  # a rollback within this many snapshot intervals of the previous one halves the learning rate
 LR_FACTOR = 0.5
@@ -74,16 +82,39 @@ def check_rollback_options(
             raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
     if directory is not None and not isinstance(directory, str | Path):
         raise ValueError(f"rollback_dir must be a path or None, got {directory!r}")
-    for item in _schedulers(scheduler):
+    for item in schedulers_of(scheduler):
         if not callable(getattr(item, "state_dict", None)) or not callable(getattr(item, "load_state_dict", None)):
             raise ValueError(f"scheduler={type(item).__name__} has no state_dict()/load_state_dict(): rollback "
                              "cannot restore it")  # fmt: skip
 
 
-def _schedulers(scheduler: object) -> list[Any]:
+def schedulers_of(scheduler: object) -> list[Any]:
+    """``scheduler=``: None, one scheduler, or a list of them."""
     if scheduler is None:
         return []
     return list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
+
+
+def check_snapshottable(parts: Sequence[tuple[str, Any]]) -> None:
+    """Refuse, at ``__enter__``, an optimizer, scaler or scheduler whose state a snapshot cannot copy."""
+    for what, item in parts:
+        if item is None:
+            continue
+        try:
+            copy.deepcopy(item.state_dict())
+        except Exception as exc:
+            raise ValueError(
+                f"on_divergence='rollback' cannot snapshot the {what} ({type(item).__name__}): "
+                f"its state_dict() fails ({exc!r})"
+            ) from exc
+
+
+def check_healer_state(state: Mapping[str, Any]) -> tuple[int, float, int | None]:
+    """The count, learning-rate scale and last rollback step a resumed run goes on with."""
+    count, scale, last = state.get("count"), state.get("lr_scale"), state.get("last_rollback")
+    if type(count) is not int or not isinstance(scale, float | int) or not (last is None or type(last) is int):
+        raise ValueError("'rollback' must hold an int 'count', a number 'lr_scale' and 'last_rollback'")
+    return count, float(scale), last
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -337,10 +368,7 @@ class Healer:
         return {"count": self.count, "lr_scale": self.lr_scale, "last_rollback": self._last_rollback}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        count, scale, last = state.get("count"), state.get("lr_scale"), state.get("last_rollback")
-        if type(count) is not int or not isinstance(scale, float | int) or not (last is None or type(last) is int):
-            raise ValueError("'rollback' must hold an int 'count', a number 'lr_scale' and 'last_rollback'")
-        self.count, self.lr_scale, self._last_rollback = count, float(scale), last
+        self.count, self.lr_scale, self._last_rollback = check_healer_state(state)
 
     # -- the learning rate --------------------------------------------------------------------------
 

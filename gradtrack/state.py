@@ -11,7 +11,6 @@ No torch here: the reporter process reads the summary's part.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,8 +53,6 @@ def real(state: Mapping[str, Any], key: str) -> float:
 
 def integer(state: Mapping[str, Any], key: str) -> int:
     value = state.get(key)
-    if isinstance(value, float) and math.isinf(value):  # -inf: "never" (a diagnosis not yet made)
-        raise ValueError(f"{key!r} must be an integer, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{key!r} must be an integer, got {type(value).__name__}")
     return value

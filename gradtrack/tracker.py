@@ -39,7 +39,14 @@ from gradtrack.pipeline import (
     StepPipeline,
 )
 from gradtrack.plugins import BackendSpec, call_backend_hook, check_backend_spec, requested_names, resolve_backends
-from gradtrack.rollback import Healer, RollbackSettings, check_rollback_options
+from gradtrack.rollback import (
+    Healer,
+    RollbackSettings,
+    check_healer_state,
+    check_rollback_options,
+    check_snapshottable,
+    schedulers_of,
+)
 from gradtrack.state import FORMAT, VERSION, StateError, check_plain, integer, part
 from gradtrack.validate import count, mapping, optional_count, seconds
 
@@ -52,12 +59,6 @@ DEFAULT_ROLLBACK_BUDGET = 5
 _NORM_TYPES = (1.0, 2.0, math.inf)
 
 _tracked_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-def _schedulers(scheduler: Any) -> list[Any]:
-    if scheduler is None:
-        return []
-    return list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
 
 
 def _norm_type(value: float | str) -> float:
@@ -174,7 +175,7 @@ class GradTracker:
                 keep=rollback_keep or DEFAULT_ROLLBACK_KEEP,
                 budget=rollback_budget or DEFAULT_ROLLBACK_BUDGET,
                 directory=rollback_dir,
-                schedulers=tuple(_schedulers(scheduler)),
+                schedulers=tuple(schedulers_of(scheduler)),
             )
             if on_divergence == "rollback"
             else None
@@ -327,8 +328,7 @@ class GradTracker:
                                  copy.deepcopy(self._pipeline.judge))  # fmt: skip
             probe.load_state_dict(state)  # a dry run: a damaged state must leave this tracker as it was
             if state.get("rollback") is not None:
-                Healer(self.model, every=1, keep=1, budget=1, directory=None, schedulers=(), scaler=None,
-                       learnt=dict, load_learnt=dict).load_state_dict(part(state, "rollback"))  # fmt: skip
+                check_healer_state(part(state, "rollback"))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise StateError(f"state is damaged and cannot be resumed from: {exc}") from exc
         for note in self._pipeline.load_state_dict(state):
@@ -452,15 +452,8 @@ class GradTracker:
                         budget=self._rollback.budget, directory=self._rollback.directory,
                         schedulers=self._rollback.schedulers, scaler=self.scaler, learnt=pipeline.learnt_state,
                         load_learnt=pipeline.load_learnt_state)  # fmt: skip
-        parts: list[tuple[str, Any]] = [("optimizer", self.optimizer), ("scaler", self.scaler)]
-        for what, item in parts + [("scheduler", s) for s in self._rollback.schedulers]:
-            if item is None:
-                continue
-            try:
-                copy.deepcopy(item.state_dict())
-            except Exception as exc:
-                raise ValueError(f"on_divergence='rollback' cannot snapshot the {what} "
-                                 f"({type(item).__name__}): its state_dict() fails ({exc!r})") from exc  # fmt: skip
+        check_snapshottable([("optimizer", self.optimizer), ("scaler", self.scaler),
+                             *(("scheduler", s) for s in self._rollback.schedulers)])  # fmt: skip
         if self.optimizer is not None:
             healer.watch(self.optimizer)
         saved = self._loaded.get("rollback") if self._loaded is not None else None

@@ -8,6 +8,7 @@ halve the learning rate inside the optimizer step, whatever the loop sets; the b
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -15,28 +16,14 @@ import torch
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack_testing.healing import healing_net, poisoned_batches
 from gradtrack_testing.recording import RecordingBackend
 
 STEPS = 120
 
 
-def _net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
-
-
-def _batches(poison: set[int] = frozenset(), steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[assignment]
-    generator = torch.Generator().manual_seed(1)
-    weights = torch.randn(8, 1, generator=generator)
-    batches = []
-    for step in range(steps):
-        x = torch.randn(32, 8, generator=generator)
-        y = x @ weights
-        if step in poison:
-            x = x.clone()
-            x[0, 0] = math.nan  # one bad record: NaN in the forward pass, BatchNorm's statistics first
-        batches.append((x, y))
-    return batches
+def _batches(poison: Collection[int] = (), steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return poisoned_batches(poison, steps)
 
 
 def _train(model: nn.Module, tracker: GradTracker, optimizer: torch.optim.Optimizer, batches: list[Any],
@@ -56,7 +43,7 @@ def _train(model: nn.Module, tracker: GradTracker, optimizer: torch.optim.Optimi
 
 
 def test_a_poisoned_batch_is_rolled_back_skipped_and_the_run_recovers() -> None:
-    model, recorder = _net(), RecordingBackend()
+    model, recorder = healing_net(), RecordingBackend()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = GradTracker(model, backend=recorder, optimizer=optimizer, on_divergence="rollback", rollback_every=10)
     with tracker:
@@ -78,7 +65,7 @@ def test_a_poisoned_batch_is_rolled_back_skipped_and_the_run_recovers() -> None:
 def test_a_run_that_never_rolls_back_is_bitwise_the_run_without_the_option() -> None:
     results = []
     for option in ("continue", "rollback"):
-        model = _net()
+        model = healing_net()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         torch.manual_seed(5)  # dropout draws from the global generator: snapshots must not
         with GradTracker(model, on_divergence=option, rollback_every=3 if option == "rollback" else None) as tracker:
@@ -89,7 +76,7 @@ def test_a_run_that_never_rolls_back_is_bitwise_the_run_without_the_option() -> 
 
 
 def test_blow_ups_that_come_back_halve_the_learning_rate_inside_the_step() -> None:
-    model, recorder = _net(), RecordingBackend()
+    model, recorder = healing_net(), RecordingBackend()
     optimizer = torch.optim.SGD(model.parameters(), lr=3.0)  # far too high: it blows up, again and again
     used: list[float] = []
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
@@ -107,7 +94,7 @@ def test_blow_ups_that_come_back_halve_the_learning_rate_inside_the_step() -> No
 
 
 def test_a_spent_budget_ends_in_the_usual_verdict() -> None:
-    model, recorder = _net(), RecordingBackend()
+    model, recorder = healing_net(), RecordingBackend()
     optimizer = torch.optim.SGD(model.parameters(), lr=50.0)  # hopeless
     tracker = GradTracker(model, backend=recorder, clip=None, on_divergence="rollback", rollback_every=5,
                           rollback_budget=2)  # fmt: skip
@@ -118,7 +105,7 @@ def test_a_spent_budget_ends_in_the_usual_verdict() -> None:
 
 
 def test_snapshots_on_disk_restore_the_scheduler_and_the_scaler_too(tmp_path: Any) -> None:
-    model, recorder = _net(), RecordingBackend()
+    model, recorder = healing_net(), RecordingBackend()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.99)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -160,7 +147,7 @@ def test_snapshots_on_disk_restore_the_scheduler_and_the_scaler_too(tmp_path: An
 )
 def test_rollback_settings_that_cannot_work_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        GradTracker(_net(), **options)
+        GradTracker(healing_net(), **options)
 
 
 def test_an_optimizer_whose_state_cannot_be_snapshotted_is_refused_at_enter() -> None:
@@ -168,7 +155,7 @@ def test_an_optimizer_whose_state_cannot_be_snapshotted_is_refused_at_enter() ->
         def state_dict(self) -> dict[str, Any]:
             raise RuntimeError("no state here")
 
-    model = _net()
+    model = healing_net()
     tracker = GradTracker(model, optimizer=Opaque(model.parameters(), lr=0.1), on_divergence="rollback")
     with pytest.raises(ValueError, match=r"cannot snapshot the optimizer \(Opaque\): its state_dict\(\) fails"):
         tracker.__enter__()
@@ -183,7 +170,7 @@ def test_a_rollback_is_in_the_mlflow_run_and_its_count_survives_a_resume(server:
     experiment = f"rollback-{tmp_path.name}"
     options = {"backend": "mlflow", "backend_options": {"mlflow": {"tracking_uri": server.uri, "plots": False,
                "experiment_name": experiment, "spool_dir": str(tmp_path / "spool")}}}  # fmt: skip
-    model = _net()
+    model = healing_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = GradTracker(model, on_divergence="rollback", rollback_every=10, **options)
     with tracker:

@@ -22,7 +22,6 @@ steps, after the callback measured (and maybe rolled back), and undone right aft
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,18 +157,12 @@ def _snapshottable(owned: Owned) -> tuple[list[torch.optim.Optimizer], torch.amp
     snapshot could not copy their state."""
     import torch
 
+    from gradtrack.rollback import check_snapshottable
+
     optimizers = list(dict.fromkeys(inner_optimizer(o) for o in owned.optimizers))
     optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
     scaler = owned.scaler if isinstance(owned.scaler, torch.amp.GradScaler) else None
-    parts: list[tuple[str, Any]] = [("optimizer", o) for o in optimizers] + [("scaler", scaler)]
-    for what, item in parts:
-        if item is None:
-            continue
-        try:
-            copy.deepcopy(item.state_dict())
-        except Exception as exc:
-            raise ValueError(f"on_divergence='rollback' cannot snapshot the trainer's {what} "
-                             f"({type(item).__name__}): its state_dict() fails ({exc!r})") from exc  # fmt: skip
+    check_snapshottable([*(("trainer's optimizer", o) for o in optimizers), ("trainer's scaler", scaler)])
     return optimizers, scaler
 
 
