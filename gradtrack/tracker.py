@@ -524,7 +524,8 @@ class GradTracker:
                 healer.scale_lr(optimizer)
             return self._with_measuring_closure(closure, measured, optimizer, args, kwargs)
         if self._iteration.starts(optimizer, params):
-            self._snapshot_if_due()
+            if healer is not None:
+                self._snapshot_if_due()
             self._measure(measured, optimizer, amp_state(optimizer, kwargs))
         if healer is not None:  # after a rollback, which restores the optimizer's own learning rates
             healer.scale_lr(optimizer)
