@@ -100,8 +100,8 @@ def check_snapshottable(parts: Sequence[tuple[str, Any]]) -> None:
     for what, item in parts:
         if item is None:
             continue
-        try:
-            copy.deepcopy(item.state_dict())
+        try:  # what a snapshot does, without copying the tensors (an optimizer's may be gigabytes)
+            _clone_tree(item.state_dict(), lambda tensor: tensor)
         except Exception as exc:
             raise ValueError(
                 f"on_divergence='rollback' cannot snapshot the {what} ({type(item).__name__}): "
