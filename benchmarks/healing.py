@@ -245,7 +245,7 @@ class Report:
             for config in columns:
                 hits = [(rescued_issue(o.run, self.twin(k)), rescued(o.run, self.twin(k)))
                         for k in keys if (o := self.outcome(k, config)) is not None]  # fmt: skip
-                cells.append(_frac(sum(h for h, _ in hits), len(hits)))
+                cells.append(f"{_frac(sum(h for h, _ in hits), len(hits))} ({sum(s for _, s in hits)})")
                 totals[config] += sum(h for h, _ in hits)
                 strict[config] += sum(s for _, s in hits)
             rows.append(cells)
@@ -413,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 seeds and 1 timed cost block")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 5, --quick 2)")
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=None, help="a subset")
+    parser.add_argument("--configs", nargs="+", default=None, help="a subset of the configurations (untracked "
+                        "is always run: it is the ground truth)")  # fmt: skip
     parser.add_argument("--every", type=int, default=10, help="rollback_every of the main rollback configurations")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -426,6 +428,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen: list[Scenario] = [SCENARIOS[k] for k in (args.scenarios or SCENARIOS)]
     cost_blocks = args.cost_blocks if args.cost_blocks is not None else (1 if args.quick else 8)
     configs = configurations(args.every)
+    if args.configs:
+        unknown = sorted(set(args.configs) - set(configs))
+        if unknown:
+            parser.error(f"--configs: unknown {', '.join(unknown)}; accepted: {', '.join(configs)}")
+        configs = {k: v for k, v in configs.items() if k == "untracked" or k in args.configs}
     notes = []
     for key, (label, short, kwargs) in list(configs.items()):
         problem = refused(kwargs) if kwargs is not None else None
@@ -457,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = Report(outcomes, configs, DEFAULT_ROLLBACK_BUDGET)
     blocks = [
         ("1. Diverging runs rescued (final finite, at least half the twin's progress from L0)", report.rescue,
-         "blow-up step: of the untracked run, median [min, max]. total, detection.py's rule: final <= max(2 x "
-         "twin, twin + 0.1 x L0)."),
+         "blow-up step: of the untracked run, median [min, max]. In brackets, and in the last row: rescued by "
+         "detection.py's rule, final <= max(2 x twin, twin + 0.1 x L0)."),
         ("1b. What the rollback configurations did on the diverging runs", report.actions,
          "lowest lr scale: the learning-rate factor left by the last rollback (halved by each rollback within 10 "
          "snapshot intervals of the previous); kept progress: (L0 - final) / (L0 - twin final)."),

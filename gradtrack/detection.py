@@ -332,6 +332,9 @@ class SpikeSkip:
         return {"on_spike_sigmas": self.sigmas, "on_spike_window": float(self.window)}
 
 
+LOSS_REGRESSED = 0.2  # see DivergenceDetector.loss_regressed
+
+
 @dataclass(slots=True)
 class _LossState:
     ema: float | None = None
@@ -387,6 +390,16 @@ class DivergenceDetector:
     def alarmed(self) -> bool:
         """Any rule on its way to a verdict: a recent explosion, non-finite gradients, a loss above its limit."""
         return self._exploded_count > 0 or self._nonfinite_run > 0 or self._loss.above > 0
+
+    @property
+    def loss_regressed(self) -> bool:
+        """The smoothed loss has climbed ``LOSS_REGRESSED`` x its scale above its best: the run is losing what
+        it learnt, though no rule has judged it yet (a learning rate creeping past the edge under a clip that
+        bounds every norm). A state to go back to is not taken then."""
+        state = self._loss
+        if state.ema is None or state.first is None:
+            return False
+        return state.ema > state.minimum + LOSS_REGRESSED * max(abs(state.minimum), abs(state.first))
 
     def update(
         self,

@@ -307,7 +307,9 @@ class Rollback:
 
     ``skipped``: the batches from ``restored_step`` to ``step``, which the loop does not see again;
     ``lr_scale``: the factor on every learning rate from now on (1.0 at a first rollback, halved by each
-    further one soon after); ``count``: rollbacks so far in the run; ``reason``: what the divergence rule saw.
+    further one soon after, which also holds every learning rate at or below the one the restored state
+    trained with, whatever a schedule sets); ``count``: rollbacks so far in the run; ``reason``: what the
+    divergence rule saw.
     """
 
     step: int

@@ -1,24 +1,29 @@
 """Self-healing: ``on_divergence="rollback"`` puts a diverging run back to its last good state and goes on.
 
-Every ``rollback_every`` steps, while the run is healthy (no explosion or alarm in the judge's window, no
-clip policy in trouble), a *snapshot* of the whole training state is taken at the start of the optimizer
-step, before its update: the model's parameters **and buffers** (a NaN batch corrupts BatchNorm's running
-statistics in the forward pass, before any gradient exists), the state of every optimizer gradtrack hooks,
-the ``GradScaler``'s, the LR schedulers' (``scheduler=``), what gradtrack's judge and clip policy learnt, and
-the RNG states (read, never drawn from: a run that never rolls back is bitwise the run without the option).
-The newest ``rollback_keep`` snapshots are kept, in host memory (on CUDA: pinned buffers filled by
-non-blocking copies, reused from one snapshot to the next, so the training stream never waits), or in
-``rollback_dir`` for a model that does not fit twice in host memory.
+Every ``rollback_every`` steps, while the run is healthy (no explosion or alarm in the judge's window, no clip
+policy in trouble, the smoothed loss not losing what the run learnt: ``loss_regressed``, waived once the
+newest snapshot is ``LR_WINDOW`` intervals old), a *snapshot* of the whole training state is taken at the
+start of the optimizer step, before its update: the model's parameters **and buffers** (a NaN batch corrupts
+BatchNorm's running statistics in the forward pass, before any gradient exists), the state of every optimizer
+gradtrack hooks, the ``GradScaler``'s, the LR schedulers' (``scheduler=``), what gradtrack's judge and clip
+policy learnt, and the RNG states (read, never drawn from: a run that never rolls back is bitwise the run
+without the option). The newest ``rollback_keep`` snapshots are kept, in host memory (on CUDA: pinned buffers
+filled by non-blocking copies, reused from one snapshot to the next, so the training stream never waits), or
+in ``rollback_dir`` for a model that does not fit twice in host memory.
 
-When the divergence rule fires, the newest snapshot taken *before the trouble began* (its first explosion
-or alarm) comes back, inside the optimizer step that found it, and that step's update is skipped. The loop
-simply goes on with its next batch: the batches between the snapshot and the divergence are not seen again,
-which is PaLM's recipe (restart ~100 steps before the spike, skip the batches that caused it) with no
-change to the loop. A blow-up caused by data is cured by skipping it; one that comes back soon after is a
-learning-rate problem: each rollback within ``LR_WINDOW`` snapshots' cadence of the previous one halves
-every learning rate, applied inside the optimizer step (and undone right after it), so that loops and
-schedulers that set ``param_group["lr"]`` on every iteration cannot undo it. After ``rollback_budget``
-rollbacks the run is judged diverged exactly as without the option.
+When the divergence rule fires, the newest snapshot taken *before the trouble began* (its first explosion or
+alarm) comes back, inside the optimizer step that found it, and that step's update is skipped. The loop simply
+goes on with its next batch: the batches between the snapshot and the divergence are not seen again, which is
+PaLM's recipe (restart ~100 steps before the spike, skip the batches that caused it) with no change to the
+loop. A blow-up caused by data is cured by skipping it; one that comes back soon after is a learning-rate
+problem: each rollback within ``LR_WINDOW`` snapshots' cadence of the previous one halves every learning rate,
+and from then on no learning rate may exceed the one its group trained with when the restored snapshot was
+taken: a schedule that keeps raising it, or a warm-up that would climb past the rate that just failed, would
+otherwise take the run back over the edge a few dozen steps later (a snapshot taken soon after an earlier
+rollback vouches for no more than the rate of the state it grew from). Scale and ceiling are applied inside
+the optimizer step (and undone right after it), so that loops and schedulers that set ``param_group["lr"]`` on
+every iteration cannot undo them. After ``rollback_budget`` rollbacks the run is judged diverged exactly as
+without the option.
 """
 
 from __future__ import annotations
@@ -109,12 +114,19 @@ def check_snapshottable(parts: Sequence[tuple[str, Any]]) -> None:
             ) from exc
 
 
-def check_healer_state(state: Mapping[str, Any]) -> tuple[int, float, int | None]:
-    """The count, learning-rate scale and last rollback step a resumed run goes on with."""
+def check_healer_state(state: Mapping[str, Any]) -> tuple[int, float, int | None, list[list[float | None]]]:
+    """The count, learning-rate scale, last rollback step and learning-rate ceilings a resumed run goes on with."""
     count, scale, last = state.get("count"), state.get("lr_scale"), state.get("last_rollback")
     if type(count) is not int or not isinstance(scale, float | int) or not (last is None or type(last) is int):
         raise ValueError("'rollback' must hold an int 'count', a number 'lr_scale' and 'last_rollback'")
-    return count, float(scale), last
+    ceilings = state.get("lr_ceilings", [])  # absent from states saved before the ceilings existed
+    if not isinstance(ceilings, list) or not all(
+        isinstance(groups, list) and all(c is None or (isinstance(c, float | int) and not isinstance(c, bool))
+                                         for c in groups)
+        for groups in ceilings
+    ):  # fmt: skip
+        raise ValueError("'rollback' 'lr_ceilings' must be a list of lists of numbers or None")
+    return count, float(scale), last, [[None if c is None else float(c) for c in groups] for groups in ceilings]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -204,9 +216,16 @@ class _Snapshot:
     learnt: dict[str, Any]
     rng: dict[str, Any]
     layouts: list[dict[tuple[Any, str], _Layout]]  # per optimizer: its DTensor states (kept here, never on disk)
+    lrs: dict[int, list[float | None]]  # per optimizer (by position), per group: the learning rate it has proven
     nbytes: int = 0
     path: Path | None = None  # rollback_dir: the tensors live there, not here
     ready: Any = None  # a CUDA event: the non-blocking copies are done
+
+
+def _lr_value(lr: object) -> float | None:
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        return float(lr)
+    return float(lr) if isinstance(lr, int | float) and not isinstance(lr, bool) and math.isfinite(lr) else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -248,12 +267,16 @@ class Healer:
         self.schedulers = list(schedulers)
         self.scaler = scaler
         self._learnt, self._load_learnt = learnt, load_learnt
-        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._optimizers: list[weakref.ref[torch.optim.Optimizer]] = []  # in the order they first stepped
         self._ring: deque[_Snapshot] = deque()
         self.count = 0
         self.peak_nbytes = 0  # the most the snapshots held at once: what the run needed for them
         self.lr_scale = 1.0
         self._last_rollback: int | None = None
+        # Per optimizer (in ``_optimizers``' order), per group: the highest learning rate allowed once a
+        # rollback has blamed the learning rate (None: no ceiling).
+        self.lr_ceilings: list[list[float | None]] = []
+        self._lineage: dict[int, list[float | None]] | None = None  # the learning rates the last restore proved
         self._serial = itertools.count()
         self._scaled: dict[int, list[Any]] = {}
 
@@ -264,8 +287,14 @@ class Healer:
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer stepping the model: its state is in the snapshots from the next one on."""
-        if optimizer not in self._optimizers:
-            self._optimizers.add(optimizer)
+        if self._position(optimizer) is None:
+            self._optimizers.append(weakref.ref(optimizer))  # never removed: positions index the ceilings
+
+    def _position(self, optimizer: torch.optim.Optimizer) -> int | None:
+        return next((i for i, ref in enumerate(self._optimizers) if ref() is optimizer), None)
+
+    def _watched(self) -> list[tuple[int, torch.optim.Optimizer]]:
+        return [(i, o) for i, ref in enumerate(self._optimizers) if (o := ref()) is not None]
 
     def _tensors(self) -> list[torch.Tensor]:
         return [*self.model.parameters(), *self.model.buffers()]
@@ -275,6 +304,10 @@ class Healer:
     def due(self, step: int) -> bool:
         return step % self.every == 0 and (not self._ring or self._ring[-1].step != step)
 
+    def stale(self, step: int) -> bool:
+        """The newest snapshot is ``LR_WINDOW`` intervals old or more (or there is none)."""
+        return not self._ring or step - self._ring[-1].step >= LR_WINDOW * self.every
+
     def snapshot(self, step: int) -> None:
         """Copy the training state as it is now, at the start of step ``step``, before its update."""
         reuse = self._ring.popleft() if len(self._ring) >= self.keep else None
@@ -282,9 +315,9 @@ class Healer:
         buffers = reuse.tensors if reuse is not None and reuse.path is None else []
         copies = [_host_copy(t, buffers[i] if i < len(buffers) else None) for i, t in enumerate(tensors)]
         host = lambda t: _host_copy(t)  # noqa: E731 (optimizer state: fresh copies)
-        watched = list(self._optimizers)
-        states = [o.state_dict() for o in watched]  # the live tensors: read their layouts before copying
-        optimizers = [(weakref.ref(o), _clone_tree(state, host)) for o, state in zip(watched, states, strict=True)]
+        watched = self._watched()
+        states = [o.state_dict() for _, o in watched]  # the live tensors: read their layouts before copying
+        optimizers = [(weakref.ref(o), _clone_tree(state, host)) for (_, o), state in zip(watched, states, strict=True)]
         snapshot = _Snapshot(
             step=step,
             tensors=copies,
@@ -294,6 +327,7 @@ class Healer:
             learnt=_clone_tree(self._learnt(), host),
             rng=_rng_state(),
             layouts=[_layouts(state) for state in states],
+            lrs={i: self._proven(i, [_lr_value(g.get("lr")) for g in o.param_groups], step) for i, o in watched},
         )
         snapshot.nbytes = _nbytes(copies) + _nbytes([state for _, state in optimizers]) + _nbytes(snapshot.learnt)
         if any(t.is_cuda for t in tensors):
@@ -335,7 +369,9 @@ class Healer:
         self._restore(snapshot)
         if self._last_rollback is not None and step - self._last_rollback <= LR_WINDOW * self.every:
             self.lr_scale *= LR_FACTOR  # it came back soon: the learning rate, not the data
+            self._hold_lr_at(snapshot)
         self._last_rollback = step
+        self._lineage = snapshot.lrs
         self.count += 1
         return Rollback(step=step, restored_step=snapshot.step, skipped=step - snapshot.step + 1,
                         lr_scale=self.lr_scale, count=self.count, reason=divergence.reason,
@@ -365,26 +401,58 @@ class Healer:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run must remember (the snapshots themselves stay behind: the checkpoint is one)."""
-        return {"count": self.count, "lr_scale": self.lr_scale, "last_rollback": self._last_rollback}
+        return {"count": self.count, "lr_scale": self.lr_scale, "last_rollback": self._last_rollback,
+                "lr_ceilings": [list(groups) for groups in self.lr_ceilings]}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.count, self.lr_scale, self._last_rollback = check_healer_state(state)
+        self.count, self.lr_scale, self._last_rollback, self.lr_ceilings = check_healer_state(state)
 
     # -- the learning rate --------------------------------------------------------------------------
 
+    def _proven(self, position: int, lrs: list[float | None], step: int) -> list[float | None]:
+        """The learning rates a snapshot taken now has proven: those in use, but soon after a rollback no more
+        than the restored snapshot's (the state it grew from has not yet shown it stands the new ones)."""
+        lineage = self._lineage.get(position) if self._lineage is not None else None
+        if lineage is None or self._last_rollback is None or step - self._last_rollback > LR_WINDOW * self.every:
+            return lrs
+        return [b if a is None else a if b is None else min(a, b)
+                for a, b in itertools.zip_longest(lrs, lineage[: len(lrs)])]  # fmt: skip
+
+    def _hold_lr_at(self, snapshot: _Snapshot) -> None:
+        """From now on no group's learning rate may exceed the one it had at ``snapshot`` (or a lower ceiling)."""
+        for position, then in snapshot.lrs.items():
+            while len(self.lr_ceilings) <= position:
+                self.lr_ceilings.append([])
+            held = self.lr_ceilings[position]
+            for i, lr in enumerate(then):
+                if i == len(held):
+                    held.append(lr)
+                elif lr is not None:
+                    before = held[i]
+                    held[i] = lr if before is None else min(before, lr)
+
+    def _ceilings_of(self, optimizer: torch.optim.Optimizer) -> list[float | None]:
+        position = self._position(optimizer)
+        return self.lr_ceilings[position] if position is not None and position < len(self.lr_ceilings) else []
+
     def scale_lr(self, optimizer: torch.optim.Optimizer) -> None:
-        """Before an update: every learning rate times ``lr_scale`` (undone by ``unscale_lr`` after it)."""
-        if self.lr_scale == 1.0 or id(optimizer) in self._scaled:
+        """Before an update: every learning rate held at its ceiling, times ``lr_scale`` (undone by
+        ``unscale_lr`` after it)."""
+        if id(optimizer) in self._scaled or (self.lr_scale == 1.0 and not self.lr_ceilings):
             return
+        ceilings = self._ceilings_of(optimizer)
         saved: list[Any] = []
-        for group in optimizer.param_groups:
+        for i, group in enumerate(optimizer.param_groups):
             lr = group.get("lr")
+            ceiling = ceilings[i] if i < len(ceilings) else None
             if isinstance(lr, torch.Tensor):
                 saved.append(lr.clone())
+                if ceiling is not None:
+                    lr.clamp_(max=ceiling)
                 lr.mul_(self.lr_scale)
             elif isinstance(lr, int | float) and math.isfinite(lr):
                 saved.append(lr)
-                group["lr"] = lr * self.lr_scale
+                group["lr"] = (lr if ceiling is None else min(lr, ceiling)) * self.lr_scale
             else:
                 saved.append(None)
         self._scaled[id(optimizer)] = saved

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 
@@ -14,7 +15,7 @@ from gradtrack.adaptive import AGC, AdaGC, AutoClip, ZClip
 from gradtrack.clipping import make_clip_policy
 from gradtrack.policy import ClipPolicy
 from gradtrack.stats import measure
-from gradtrack_testing.models import mlp
+from gradtrack_testing.models import VanillaRNN, mlp
 
 
 def _norm(values: list[torch.Tensor]) -> float:
@@ -57,13 +58,96 @@ def feed(policy: AutoClip, norms: list[float]) -> None:
         policy.observe(value, 1.0 if coef is None else coef.item())
 
 
-def test_auto_bounds_the_first_steps_before_zclip_has_statistics() -> None:
-    auto = AutoClip(max_norm=0.1)
-    assert auto.clip_(measure([torch.full((1,), 50.0)], 2.0)) is None  # the first step: nothing to judge by
-    auto.observe(50.0, 1.0)
-    feed(auto, [1.0, 2.0])  # clipped norms so far: 50, 1, 2 (median 2)
-    assert auto.clip_(measure([torch.full((1,), 100.0)], 2.0)).item() == pytest.approx(4 * 2.0 / 100.0, rel=1e-5)
-    assert not auto.in_trouble  # one high step in warm-up is not trouble: max_norm (0.1) was never applied
+def test_auto_holds_the_warmup_to_max_norm_but_learns_the_runs_own_scale() -> None:
+    auto = AutoClip(max_norm=1.0, warmup=5)
+    assert auto.clip_(measure([torch.full((1,), 50.0)], 2.0)).item() == pytest.approx(1 / (50 + 1e-6), rel=1e-5)
+    auto.observe(50.0, 1 / 50)
+    feed(auto, [0.01, 0.02])  # norms far below max_norm: 4x their median (0.02) is the tighter bound
+    assert auto.clip_(measure([torch.full((1,), 0.5)], 2.0)).item() == pytest.approx(4 * 0.02 / 0.5, rel=1e-4)
+    held = AutoClip(max_norm=1.0, warmup=5)
+    feed(held, [5.0, 4.0, 6.0, 5.0, 5.0])  # every step clipped to 1.0 ...
+    assert held.mean == pytest.approx(5.0)  # ... yet ZClip learns the run's scale, not max_norm's
+
+
+def test_auto_releases_the_hold_gradually_up_to_zclips_own_level() -> None:
+    auto = AutoClip(max_norm=1.0, warmup=5, release=1.1)
+    feed(auto, [5.0] * 5)
+    ceilings = []
+    while auto.threshold_ceiling() is not None:
+        ceilings.append(auto.threshold_ceiling())
+        feed(auto, [5.0])
+    assert ceilings == pytest.approx([1.1**k for k in range(17)])  # 1.1**17 > 5: ZClip alone from then on
+    assert not auto.in_trouble
+
+
+def test_auto_is_in_trouble_when_a_released_run_rebounds() -> None:
+    rng = np.random.default_rng(3)
+    calm = AutoClip(max_norm=1.0, warmup=10)
+    feed(calm, (5.0 + 0.5 * rng.standard_normal(80)).tolist())  # released, then left alone
+    assert not calm.in_trouble and calm.threshold_ceiling() is None
+    hot = AutoClip(max_norm=1.0, warmup=10)
+    feed(hot, (5.0 + 0.5 * rng.standard_normal(15)).tolist())  # held, then releasing
+    assert not hot.in_trouble
+    feed(hot, [12.0, 13.0])
+    assert not hot.in_trouble  # two high steps are not a rebound yet: the median of five is judged
+    feed(hot, [12.0])
+    assert hot.in_trouble and hot.threshold_ceiling() == 1.0  # 2.4x its level under the hold
+
+
+def test_auto_warms_up_again_when_zclip_clips_half_of_the_recent_steps() -> None:
+    rng = np.random.default_rng(4)
+    auto = AutoClip(max_norm=1.0, warmup=10)
+    feed(auto, (0.5 + 0.05 * rng.standard_normal(100)).tolist())
+    assert auto.threshold_ceiling() is None  # settled: ZClip alone
+    steps = 0
+    while auto.mean is not None and steps < 10:
+        steps += 1
+        feed(auto, [3.0 + 0.3 * rng.standard_normal()])  # the learning rate went up: a new, larger scale
+    assert steps == 5 and not auto.in_trouble  # ZClip clipped 5 of the last 10 steps: warm up again
+    assert auto.threshold_ceiling() == 1.0  # held to max_norm while ZClip learns the new scale
+    feed(auto, (3.0 + 0.3 * rng.standard_normal(10)).tolist())
+    assert auto.mean == pytest.approx(3.0, rel=0.1) and auto.threshold_ceiling() == 1.0  # the release begins
+
+
+def test_auto_recognises_a_smooth_geometric_growth_within_ten_steps_of_its_start() -> None:
+    rng = np.random.default_rng(2)
+    auto = AutoClip(max_norm=0.5)
+    feed(auto, (1.0 + 0.1 * rng.standard_normal(150)).tolist())  # past the hold, the release and its probation
+    assert not auto.in_trouble
+    steps = 0
+    while not auto.in_trouble and steps < 50:
+        steps += 1
+        feed(auto, [1.1**steps])  # +10% a step, as least squares 5% past its stability limit
+    assert steps <= 10  # gradtrack's 50-step growth rule alone needs 19 here
+
+
+def test_auto_holds_a_recurrent_net_too_hot_from_its_first_step_to_max_norm() -> None:
+    """A tanh RNN at spectral radius 2 with SGD at 0.2 blows up in its first steps unclipped. auto's warm-up is
+    clip="norm" at max_norm, step for step, and once released the run rebounds and is held again."""
+
+    def train(clip: str | None) -> tuple[list[float], GradTracker]:
+        model = VanillaRNN(radius=2.0, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+        generator = torch.Generator().manual_seed(0)
+        losses = []
+        with GradTracker(model, clip=clip) as tracker:
+            for _ in range(60):
+                x = torch.randn(16, 20, 4, generator=generator)
+                optimizer.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x), x[:, -1, 0] + 0.5 * x[:, -2, 1])
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        return losses, tracker
+
+    unclipped, _ = train(None)
+    assert not max(unclipped) < 100 * unclipped[0]
+    auto, tracker = train("auto")
+    norm, _ = train("norm")
+    policy = tracker.clip_policy
+    assert isinstance(policy, AutoClip) and policy.warmup == 25
+    assert auto[:25] == norm[:25]  # the hold: max_norm from the first step
+    assert policy.in_trouble and auto[-1] < auto[0]  # held again after the release, and learning
 
 
 def test_auto_holds_a_smooth_blowup_to_max_norm_but_not_a_change_of_scale() -> None:
@@ -100,6 +184,39 @@ def test_auto_enforces_max_norm_after_repeated_or_severe_spikes() -> None:
     assert severe.in_trouble
     with pytest.raises(ValueError, match="spikes must be at most window"):
         AutoClip(spikes=11, window=10)
+
+
+def test_auto_resumed_at_any_step_decides_every_later_step_as_the_uninterrupted_policy() -> None:
+    rng = np.random.default_rng(5)
+
+    def noisy(level: float, steps: int) -> list[float]:
+        return (level * (1 + 0.1 * rng.standard_normal(steps))).tolist()
+
+    norms = noisy(5, 50) + [12.0] * 4 + [0.5] * 32  # hold, release, a rebound on probation, 30 calm steps
+    norms += noisy(15, 30) + [40.0] * 5 + [0.5] * 32  # a new scale: warm up again; a rebound while releasing
+    norms += noisy(0.5, 30) + [60.0] + noisy(0.5, 12) + [0.5 * 1.1**k for k in range(20)]  # a spike, a growth
+
+    def run(policy: AutoClip, values: list[float]) -> list[tuple[float | None, bool]]:
+        decisions = []
+        for value in values:
+            decisions.append((policy.threshold_ceiling(), policy.in_trouble))
+            feed(policy, [value])
+        return decisions
+
+    whole = AutoClip(warmup=20, calm=30)
+    expected = run(whole, norms)
+    trouble = [step for step, (_, in_trouble) in enumerate(expected) if in_trouble]
+    assert 50 < trouble[0] < 54 and any(110 < step < 150 for step in trouble) and trouble[-1] == len(norms) - 1
+    for cut in range(1, len(norms), 3):
+        first = AutoClip(warmup=20, calm=30)
+        run(first, norms[:cut])
+        buffer = io.BytesIO()
+        torch.save(first.state_dict(), buffer)
+        buffer.seek(0)
+        resumed = AutoClip(warmup=20, calm=30)
+        resumed.load_state_dict(torch.load(buffer))  # weights_only: plain values only
+        assert run(resumed, norms[cut:]) == expected[cut:], f"resumed at step {cut}"
+        assert resumed.state_dict() == whole.state_dict()
 
 
 def test_adagc_warms_up_globally_then_clips_each_tensor_against_its_own_ema() -> None:

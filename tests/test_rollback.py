@@ -93,6 +93,39 @@ def test_blow_ups_that_come_back_halve_the_learning_rate_inside_the_step() -> No
     assert tracker.summary().lr_scale == events[-1].lr_scale
 
 
+def test_once_the_learning_rate_is_blamed_a_growing_schedule_is_held_below_the_rate_that_failed() -> None:
+    model, recorder = healing_net(), RecordingBackend()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    used: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    tracker = GradTracker(model, backend=recorder, clip=None, on_divergence="rollback", rollback_every=5)
+    losses = []
+    with tracker:
+        for step, (x, y) in enumerate(_batches(steps=160)):
+            for group in optimizer.param_groups:  # a schedule that never stops growing: x1.06 a step
+                group["lr"] = 0.05 * 1.06**step
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            tracker.observe(loss)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    events = recorder.of("rollback")
+    assert len(events) >= 2 and events[1].lr_scale == 0.5, [e.describe() for e in events]
+    blamed = events[1]
+    (ceiling,), *_ = tracker.state_dict()["rollback"]["lr_ceilings"]
+    assert ceiling <= 0.05 * 1.06**blamed.restored_step * (1 + 1e-9)  # no more than the restored state trained with
+    after = used[blamed.step + 1 :]
+    assert after and max(after) <= ceiling * blamed.lr_scale * (1 + 1e-9)  # held, though the loop kept raising it
+    assert used[-1] == pytest.approx(ceiling * events[-1].lr_scale)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 1.06**159)  # the loop's own value, untouched
+    assert not tracker.diverged and math.isfinite(losses[-1]) and losses[-1] < losses[0]
+    state = tracker.state_dict()["rollback"]
+    again = GradTracker(healing_net(), on_divergence="rollback", rollback_every=5, clip=None)
+    again.load_state_dict(tracker.state_dict())  # the ceiling goes on across a resume
+    assert again.state_dict()["rollback"]["lr_ceilings"] == state["lr_ceilings"]
+
+
 def test_a_spent_budget_ends_in_the_usual_verdict() -> None:
     model, recorder = healing_net(), RecordingBackend()
     optimizer = torch.optim.SGD(model.parameters(), lr=50.0)  # hopeless
@@ -186,9 +219,35 @@ def test_a_rollback_is_in_the_mlflow_run_and_its_count_survives_a_resume(server:
     assert "| rollbacks | 1: step 57 -> 50; learning rate x1 |" in tags["mlflow.note.content"]
 
     state = tracker.state_dict()
-    assert state["rollback"] == {"count": 1, "lr_scale": 1.0, "last_rollback": 57}
+    assert state["rollback"] == {"count": 1, "lr_scale": 1.0, "last_rollback": 57, "lr_ceilings": []}
     again = GradTracker(model, on_divergence="rollback", rollback_every=10, rollback_budget=1, **options)
     again.load_state_dict(state)
     with pytest.warns(RuntimeWarning, match=r"settings changed \(gradtrack.rollback_budget: 5 -> 1\)"), again:
         _train(model, again, optimizer, _batches(poison={5}, steps=20))  # a budget of one, spent already: the verdict
     assert again.diverged and again.summary().rollbacks == ((57, 50),)
+
+
+def test_no_snapshot_is_taken_while_the_loss_loses_what_the_run_learnt_until_it_settles() -> None:
+    model, recorder = healing_net(), RecordingBackend()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tracker = GradTracker(model, backend=recorder, optimizer=optimizer, on_divergence="rollback", rollback_every=5)
+    kept: list[int] = []
+    first = math.nan
+    with tracker:
+        for step, (x, y) in enumerate(_batches(poison={139}, steps=150)):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            # From step 40 the loss the loop reports climbs by 5% of the first a step, the gradients healthy:
+            # what a learning rate creeping past the edge under a clip looks like before any rule judges it.
+            first = loss.item() if step == 0 else first
+            tracker.observe(loss.detach() + 0.05 * first * max(0, step - 40))
+            loss.backward()
+            optimizer.step()
+            healer = tracker._healer
+            assert healer is not None
+            kept = sorted({*kept, *(s.step for s in healer._ring)})
+    # The climb is seen some 10 steps in (the loss is smoothed): none taken from 55 to 95, ten intervals, and
+    # then the level it settled at (the loss keeps a constant slope here) is taken as the new normal.
+    assert [s for s in kept if s > 40] == [45, 50, 100]
+    (event,) = recorder.of("rollback")
+    assert (event.step, event.restored_step) == (139, 100) and not tracker.diverged
