@@ -205,7 +205,9 @@ class AutoClip(ZClip):
       ``max_norm``: the only sign that a run held down by the ceiling no longer needs it.
 
     On the benchmark (2026-12-03) this rescues 65 of 80 diverging runs where ``norm`` at 1.0 rescues 68 and the
-    previous rules 33, at a mean cost of +4% on the 100 healthy runs where ``norm`` costs +627%. It still trails
+    previous rules 33, at a mean cost of +4% on the 100 healthy runs where ``norm`` costs +627%; by issue 19's
+    rule (``benchmarks/healing.py``: at least half the twin's progress kept) 62 of 80, as many as ``norm``
+    (one fewer on ``rnn-r3``, one more on ``lstm-hot``). It still trails
     ``norm`` on tanh RNNs whose norms are 10 to 1,000 times ``max_norm`` and heavy-tailed (``rnn`` 4 of 5,
     ``rnn-r3`` 1 of 5): their norms give no sign before the loss blows up, and ``norm`` saves them only by
     keeping every step at ``max_norm``, which costs their healthy twins +100% to +240%.
