@@ -29,12 +29,12 @@ against the untracked run of the same seed.
 
 **Cost** (``benchmarks/snapshot_cost.py``): the 16M-parameter model with Adam on the CPU.
 
-    .venv/bin/python benchmarks/healing.py --jobs 1 --threads 1          # 560 runs + cost: ~25 min on 1 worker
-    .venv/bin/python benchmarks/healing.py --quick --jobs 1 --threads 1  # 2 seeds, 1 timed cost block: ~6 min
-    .venv/bin/python benchmarks/healing.py --markdown                    # the tables for README.md
+    .venv/bin/python benchmarks/healing.py                     # 1,260 runs (~5 min on 2 workers) + cost (~3 min)
+    .venv/bin/python benchmarks/healing.py --quick             # 2 seeds, 1 timed cost block: ~3 min
+    .venv/bin/python benchmarks/healing.py --configs gt:auto   # one configuration (and the untracked truth)
+    .venv/bin/python benchmarks/healing.py --markdown          # the tables for the docs
 
-(Times measured on a shared 2-core machine at a load average of 4 to 10; every run is seeded, so the
-tables do not depend on ``--jobs``, only the times do.)
+(Every run is seeded, so the tables do not depend on ``--jobs``, only the times do.)
 """
 
 from __future__ import annotations
