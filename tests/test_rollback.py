@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrack import GradTracker
+from gradtrack import GradTracker, StateError
 from gradtrack_testing.healing import healing_net, poisoned_batches
 from gradtrack_testing.recording import RecordingBackend
 
@@ -124,6 +124,10 @@ def test_once_the_learning_rate_is_blamed_a_growing_schedule_is_held_below_the_r
     again = GradTracker(healing_net(), on_divergence="rollback", rollback_every=5, clip=None)
     again.load_state_dict(tracker.state_dict())  # the ceiling goes on across a resume
     assert again.state_dict()["rollback"]["lr_ceilings"] == state["lr_ceilings"]
+    damaged = tracker.state_dict()
+    damaged["rollback"]["lr_ceilings"] = [["fast"]]
+    with pytest.raises(StateError, match="'lr_ceilings' must be a list of lists of numbers or None"):
+        GradTracker(healing_net(), on_divergence="rollback", rollback_every=5, clip=None).load_state_dict(damaged)
 
 
 def test_a_spent_budget_ends_in_the_usual_verdict() -> None:
