@@ -216,16 +216,27 @@ class _Snapshot:
     learnt: dict[str, Any]
     rng: dict[str, Any]
     layouts: list[dict[tuple[Any, str], _Layout]]  # per optimizer: its DTensor states (kept here, never on disk)
-    lrs: dict[int, list[float | None]]  # per optimizer (by position), per group: the learning rate it has proven
+    lrs: dict[int, list[_Lr]]  # per optimizer (by position), per group: the learning rate it has proven
     nbytes: int = 0
     path: Path | None = None  # rollback_dir: the tensors live there, not here
     ready: Any = None  # a CUDA event: the non-blocking copies are done
 
 
-def _lr_value(lr: object) -> float | None:
+_Lr = float | torch.Tensor | None  # a tensor learning rate stays one (on its device) until a rollback reads it
+
+
+def _lr_value(lr: object) -> _Lr:
     if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        return float(lr)
+        return lr.detach().clone()  # read at a rollback only: a snapshot never waits for the device
     return float(lr) if isinstance(lr, int | float) and not isinstance(lr, bool) and math.isfinite(lr) else None
+
+
+def _lower(a: _Lr, b: _Lr) -> _Lr:
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, torch.Tensor):
+        return torch.minimum(a, b.to(a.device)) if isinstance(b, torch.Tensor) else a.clamp(max=b)
+    return b.clamp(max=a) if isinstance(b, torch.Tensor) else min(a, b)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -276,7 +287,7 @@ class Healer:
         # Per optimizer (in ``_optimizers``' order), per group: the highest learning rate allowed once a
         # rollback has blamed the learning rate (None: no ceiling).
         self.lr_ceilings: list[list[float | None]] = []
-        self._lineage: dict[int, list[float | None]] | None = None  # the learning rates the last restore proved
+        self._lineage: dict[int, list[_Lr]] | None = None  # the learning rates the last restore proved
         self._serial = itertools.count()
         self._scaled: dict[int, list[Any]] = {}
 
@@ -409,14 +420,13 @@ class Healer:
 
     # -- the learning rate --------------------------------------------------------------------------
 
-    def _proven(self, position: int, lrs: list[float | None], step: int) -> list[float | None]:
+    def _proven(self, position: int, lrs: list[_Lr], step: int) -> list[_Lr]:
         """The learning rates a snapshot taken now has proven: those in use, but soon after a rollback no more
         than the restored snapshot's (the state it grew from has not yet shown it stands the new ones)."""
         lineage = self._lineage.get(position) if self._lineage is not None else None
         if lineage is None or self._last_rollback is None or step - self._last_rollback > LR_WINDOW * self.every:
             return lrs
-        return [b if a is None else a if b is None else min(a, b)
-                for a, b in itertools.zip_longest(lrs, lineage[: len(lrs)])]  # fmt: skip
+        return [_lower(a, b) for a, b in itertools.zip_longest(lrs, lineage[: len(lrs)])]
 
     def _hold_lr_at(self, snapshot: _Snapshot) -> None:
         """From now on no group's learning rate may exceed the one it had at ``snapshot`` (or a lower ceiling)."""
@@ -424,7 +434,8 @@ class Healer:
             while len(self.lr_ceilings) <= position:
                 self.lr_ceilings.append([])
             held = self.lr_ceilings[position]
-            for i, lr in enumerate(then):
+            for i, value in enumerate(then):
+                lr = float(value) if isinstance(value, torch.Tensor) else value  # a rollback may wait for the device
                 if i == len(held):
                     held.append(lr)
                 elif lr is not None:

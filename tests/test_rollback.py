@@ -93,17 +93,22 @@ def test_blow_ups_that_come_back_halve_the_learning_rate_inside_the_step() -> No
     assert tracker.summary().lr_scale == events[-1].lr_scale
 
 
-def test_once_the_learning_rate_is_blamed_a_growing_schedule_is_held_below_the_rate_that_failed() -> None:
+@pytest.mark.parametrize("kind", ["float", "tensor"])
+def test_once_the_learning_rate_is_blamed_a_growing_schedule_is_held_below_the_rate_that_failed(kind: str) -> None:
     model, recorder = healing_net(), RecordingBackend()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    tensor = kind == "tensor"  # a tensor learning rate (compiled or capturable optimizers) is held the same way
+    optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.05) if tensor else 0.05, foreach=not tensor)
     used: list[float] = []
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(float(opt.param_groups[0]["lr"])))
     tracker = GradTracker(model, backend=recorder, clip=None, on_divergence="rollback", rollback_every=5)
     losses = []
     with tracker:
         for step, (x, y) in enumerate(_batches(steps=160)):
             for group in optimizer.param_groups:  # a schedule that never stops growing: x1.06 a step
-                group["lr"] = 0.05 * 1.06**step
+                if tensor:
+                    group["lr"].fill_(0.05 * 1.06**step)
+                else:
+                    group["lr"] = 0.05 * 1.06**step
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             tracker.observe(loss)
@@ -118,7 +123,7 @@ def test_once_the_learning_rate_is_blamed_a_growing_schedule_is_held_below_the_r
     after = used[blamed.step + 1 :]
     assert after and max(after) <= ceiling * blamed.lr_scale * (1 + 1e-9)  # held, though the loop kept raising it
     assert used[-1] == pytest.approx(ceiling * events[-1].lr_scale)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 1.06**159)  # the loop's own value, untouched
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.05 * 1.06**159)  # the loop's own value
     assert not tracker.diverged and math.isfinite(losses[-1]) and losses[-1] < losses[0]
     state = tracker.state_dict()["rollback"]
     again = GradTracker(healing_net(), on_divergence="rollback", rollback_every=5, clip=None)
