@@ -56,10 +56,12 @@ import numpy as np
 
 from gradtrack.events import Divergence, ExplosionKind, Offender
 from gradtrack.records import sorted_quantile
+from gradtrack.state import divergence as _divergence
 from gradtrack.state import flag as _flag
 from gradtrack.state import flags as _flags
 from gradtrack.state import floats as _floats
 from gradtrack.state import integer as _int
+from gradtrack.state import optional as _optional
 from gradtrack.state import part as _part
 from gradtrack.state import real as _float
 from gradtrack.validate import count, number
@@ -510,27 +512,18 @@ class DivergenceDetector:
         self._exploded_count = sum(self._exploded)
         self._clipped = deque(_flags(state, "clipped"), maxlen=self.explosion_window)
         self._clipped_count = sum(self._clipped)
-        start = state.get("param_start")
-        self._param_start = None if start is None else _float(state, "param_start")
+        self._param_start = _optional(state, "param_start", _float)
         self._param_latest = _float(state, "param_latest")
         self._nonfinite_run = _int(state, "nonfinite_run")
         self._norms = deque(_floats(state, "norms"), maxlen=5)
         loss = _part(state, "loss")
         self._loss = _LossState(
-            ema=None if loss.get("ema") is None else _float(loss, "ema"),
-            first=None if loss.get("first") is None else _float(loss, "first"),
+            ema=_optional(loss, "ema", _float),
+            first=_optional(loss, "first", _float),
             minimum=_float(loss, "minimum"),
             above=_int(loss, "above"),
         )
-        verdict = state.get("verdict")
-        if verdict is None:
-            self.verdict = None
-        else:
-            verdict = _part(state, "verdict")
-            reason = verdict.get("reason")
-            if not isinstance(reason, str):
-                raise ValueError("verdict.reason must be a string")
-            self.verdict = Divergence(step=_int(verdict, "step"), reason=reason, timestamp=_float(verdict, "timestamp"))
+        self.verdict = _optional(state, "verdict", _divergence)
 
     def config(self) -> dict[str, float]:
         return {

@@ -284,8 +284,6 @@ class StepPipeline:
         if overflow and (self.healer is None or host.loss is None or math.isfinite(host.loss)):
             self.amp_skipped()  # the optimizer skips its own update; the gradients are no evidence
             return
-        # (With rollback, a non-finite loss is judged even on an overflow step: the forward pass made it, and
-        # it may have corrupted BatchNorm's statistics, which only a rollback puts right.)
         self._judge(with_grad, layout, host, with_layers)
 
     def finish_diagnosis(self) -> None:
@@ -372,6 +370,18 @@ class StepPipeline:
             self.alarm_since is None and not self.judge.troubled and not getattr(self.clip_policy, "in_trouble", False)
         )
 
+    def snapshot_due(self) -> bool:
+        """A rollback snapshot is due at this step and the run is worth going back to: healthy, and its loss
+        not losing what it learnt, unless that has lasted ``LR_WINDOW`` intervals (a loss that settled at a
+        new level, new data, is the new normal)."""
+        healer, step = self.healer, self.step
+        return (
+            healer is not None
+            and healer.due(step)
+            and self.healthy
+            and (not self.judge.divergence.loss_regressed or healer.stale(step))
+        )
+
     def amp_skipped(self) -> None:
         """A step the AMP scaler skipped for overflow: counted and reported, never judged (but see below)."""
         rollback, divergence = None, None
@@ -389,6 +399,9 @@ class StepPipeline:
         self.emit(StepRecord(step=step, timestamp=time.time(), total_norm=math.nan, amp_overflow=True,
                              diverged=self.judge.divergence.verdict is not None,
                              skipped=rollback is not None))  # fmt: skip
+        self._emit_outcome(rollback, divergence)
+
+    def _emit_outcome(self, rollback: Rollback | None, divergence: Divergence | None) -> None:
         if rollback is not None:
             self.emit(RolledBack(event=rollback, snapshot_bytes=self.snapshot_bytes()))
         if divergence is not None:
@@ -459,10 +472,7 @@ class StepPipeline:
             if self.diagnosis.due(step) and not self.topology.sharded:
                 by_name = {self.params.names[id(p)]: p for p in params}
                 self.diagnosis.start(step, [(o.name, by_name[o.name]) for o in explosion.offenders][: settings.top_k])
-        if rollback is not None:
-            self.emit(RolledBack(event=rollback, snapshot_bytes=self.snapshot_bytes()))
-        if divergence is not None:
-            self.emit(Diverged(event=divergence))
+        self._emit_outcome(rollback, divergence)
         if nonfinite and self.judge.on_nonfinite == "raise":
             bad = [o.name for o in explosion.offenders if o.nonfinite] if explosion else []
             raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")

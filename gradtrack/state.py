@@ -14,11 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gradtrack.events import Divergence
+
 __all__ = [
     "FORMAT",
     "VERSION",
     "StateError",
     "check_plain",
+    "divergence",
     "flag",
     "flags",
     "floats",
@@ -27,6 +30,7 @@ __all__ = [
     "part",
     "real",
     "strings",
+    "text",
 ]
 
 FORMAT = "gradtrack.state"
@@ -109,6 +113,19 @@ def strings(state: Mapping[str, Any], key: str) -> list[str]:
     if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
         raise ValueError(f"{key!r} must be a list of strings")
     return list(values)
+
+
+def text(state: Mapping[str, Any], key: str) -> str:
+    value = state.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def divergence(state: Mapping[str, Any], key: str) -> Divergence:
+    """A verdict, as the judge and the summary keep it: ``{"step", "reason", "timestamp"}``."""
+    value = part(state, key)
+    return Divergence(step=integer(value, "step"), reason=text(value, "reason"), timestamp=real(value, "timestamp"))
 
 
 def optional(state: Mapping[str, Any], key: str, reader: Any) -> Any:

@@ -24,7 +24,7 @@ import numpy as np
 
 from gradtrack.events import Divergence, Summary
 from gradtrack.messages import Diagnosed, Diverged, ExplosionRaised, Message, RolledBack, RunStarted, StepRecord
-from gradtrack.state import floats, integer, optional, part, real
+from gradtrack.state import divergence, floats, integer, optional, part, real
 
 __all__ = ["BINS_PER_DECADE", "CHUNK", "NormHistogram", "RunSummary", "SpikeScore"]
 
@@ -203,15 +203,7 @@ class RunSummary:
         for key in ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps", "amp_overflow_steps", "explosions"):
             setattr(self, key, integer(state, key))
         self.first_explosion_step = optional(state, "first_explosion_step", integer)
-        divergence = state.get("divergence")
-        if divergence is None:
-            self.divergence = None
-        else:
-            divergence = part(state, "divergence")
-            reason = divergence.get("reason")
-            if not isinstance(reason, str):
-                raise ValueError("'reason' must be a string")
-            self.divergence = Divergence(integer(divergence, "step"), reason, real(divergence, "timestamp"))
+        self.divergence = optional(state, "divergence", divergence)
         for key in ("all_norms", "healthy_norms", "norm_spikes", "loss_spikes"):
             getattr(self, key).load_state_dict(part(state, key))
         offenders = part(state, "offenders")

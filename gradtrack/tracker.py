@@ -537,13 +537,8 @@ class GradTracker:
 
     def _snapshot_if_due(self) -> None:
         """At the start of an iteration, before its update: the state a rollback would bring back."""
-        healer, pipeline = self._healer, self._pipeline
-        if healer is None or not healer.due(pipeline.step) or not pipeline.healthy:
-            return
-        # A loss losing what the run learnt holds the snapshots back too, but not for ever: a loss that
-        # settled at a new level (new data) for LR_WINDOW intervals without a verdict is the new normal.
-        if not pipeline.judge.divergence.loss_regressed or healer.stale(pipeline.step):
-            healer.snapshot(pipeline.step)
+        if self._healer is not None and self._pipeline.snapshot_due():
+            self._healer.snapshot(self._pipeline.step)
 
     def _with_measuring_closure(
         self,

@@ -18,7 +18,7 @@ from gradtrack import GradTracker
 from gradtrack.events import StepStats, format_norm
 from gradtrack_testing.healing import healed_run
 from gradtrack_testing.models import VanillaRNN, mlp, regression_batches
-from gradtrack_testing.recording import RecordingBackend
+from gradtrack_testing.recording import CONTRACT_METRICS, RecordingBackend
 
 wandb = pytest.importorskip("wandb")
 
@@ -36,18 +36,6 @@ from gradtrack_wandb.backend import (  # noqa: E402  (after the importorskip)
 from gradtrack_wandb.live import Throttle  # noqa: E402
 
 from gradtrack_testing.wandb_files import WandbRun, read_records, run_files  # noqa: E402
-
-CONTRACT = (
-    "grad/total_norm",
-    "grad/clip_coef",
-    "grad/clipped",
-    "grad/explosion",
-    "grad/nonfinite",
-    "grad/diverged",
-    "grad/layer_p50",
-    "grad/layer_p95",
-    "grad/layer_max",
-)
 
 
 @pytest.fixture
@@ -126,7 +114,7 @@ def test_offline_run_records_contract_histograms_tags_alerts(wandb_dir: Path, no
     assert [row["_step"] for row in rows] == list(range(len(rows)))
     for row, stats in zip(rows, sent, strict=True):
         expected = stats.metrics()
-        for key in CONTRACT:
+        for key in CONTRACT_METRICS:
             assert row[key] == pytest.approx(expected[key], nan_ok=True), (stats.step, key)
         assert row["loss"] == pytest.approx(stats.loss, nan_ok=True)
         assert "gradtrack/loss" not in row

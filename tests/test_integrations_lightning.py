@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from gradtrack import GradTracker
 from gradtrack.integrations.lightning import GradTrackerCallback
-from gradtrack_testing.recording import RecordingBackend
+from gradtrack_testing.recording import RecordingBackend, check_resumed_run
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning"),
@@ -355,16 +355,8 @@ def test_fit_from_a_checkpoint_resumes_gradtracks_run(tmp_path: Path, strategy: 
     after = GradTrackerCallback(backend=second, max_norm=1.0)
     fit(tmp_path, [after], max_steps=2 * STEPS, ckpt_path=path, **options)
 
-    (start,) = second.of("run_start")
-    assert start.resumed is not None and start.resumed.step == STEPS
-    steps = second.of("step")
-    assert [s.step for s in steps] == list(range(STEPS, 2 * STEPS))
-    whole = uninterrupted.of("step")
-    assert [s.total_norm for s in first.of("step") + steps] == pytest.approx([s.total_norm for s in whole], rel=1e-5)
     assert after.tracker is not None
-    summary = after.tracker.summary()
-    assert summary.steps == 2 * STEPS and summary.resumed_from == (STEPS,)  # the counts cover both fits
-    assert summary.clipped_steps == uninterrupted.of("run_end")[0].summary.clipped_steps
+    check_resumed_run(first, second, uninterrupted, after.tracker.summary(), STEPS, rel=1e-5)  # both fits
 
 
 def test_fit_from_a_checkpoint_without_gradtracks_state_goes_on_from_the_global_step(tmp_path: Path) -> None:

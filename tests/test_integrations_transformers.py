@@ -23,7 +23,7 @@ from transformers import (
 
 from gradtrack import GradTracker
 from gradtrack.integrations.transformers import STATE_FILE, GradTrackerCallback
-from gradtrack_testing.recording import RecordingBackend
+from gradtrack_testing.recording import RecordingBackend, check_resumed_run
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -240,16 +240,8 @@ def test_resume_from_checkpoint_resumes_gradtracks_run(tmp_path: Path, resume: s
     train(tmp_path, [callback], max_steps=2 * STEPS, max_grad_norm=0.0, resume_from_checkpoint=location,
           **RESUMABLE)  # fmt: skip
 
-    (start,) = second.of("run_start")
-    assert start.resumed is not None and start.resumed.step == STEPS
-    steps = second.of("step")
-    assert [s.step for s in steps] == list(range(STEPS, 2 * STEPS))
-    whole = uninterrupted.of("step")
-    assert [s.total_norm for s in first.of("step") + steps] == pytest.approx([s.total_norm for s in whole], rel=1e-4)
     assert callback.tracker is not None
-    summary = callback.tracker.summary()
-    assert summary.steps == 2 * STEPS and summary.resumed_from == (STEPS,)  # the counts cover both train() calls
-    assert summary.clipped_steps == uninterrupted.of("run_end")[0].summary.clipped_steps
+    check_resumed_run(first, second, uninterrupted, callback.tracker.summary(), STEPS, rel=1e-4)  # both train()s
     assert (tmp_path / "out" / f"checkpoint-{2 * STEPS}" / STATE_FILE).is_file()
 
 

@@ -13,7 +13,20 @@ from typing import Any
 from gradtrack import hookimpl
 from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart, StepStats
 
-__all__ = ["RecordingBackend"]
+__all__ = ["CONTRACT_METRICS", "RecordingBackend", "check_resumed_run"]
+
+# The per-step metrics every backend logs under these names (PRODUCT.md's contract; "loss" when observed).
+CONTRACT_METRICS = (
+    "grad/total_norm",
+    "grad/clip_coef",
+    "grad/clipped",
+    "grad/explosion",
+    "grad/nonfinite",
+    "grad/diverged",
+    "grad/layer_p50",
+    "grad/layer_p95",
+    "grad/layer_max",
+)
 
 
 class RecordingBackend:
@@ -61,3 +74,19 @@ class RecordingBackend:
 
     def of(self, hook: str) -> list[Any]:
         return [value for name, value in self.calls if name == hook]
+
+
+def check_resumed_run(first: RecordingBackend, second: RecordingBackend, uninterrupted: RecordingBackend,
+                      summary: Any, steps: int, rel: float) -> None:  # fmt: skip
+    """A run of ``steps`` steps resumed for as many again (``first`` then ``second``) is the uninterrupted one:
+    the resumed start says where, the step axis goes on, the norms are the same, the summary covers both."""
+    import pytest  # only the tests call this; the distributed workers import this module too
+
+    (start,) = second.of("run_start")
+    assert start.resumed is not None and start.resumed.step == steps
+    resumed = second.of("step")
+    assert [s.step for s in resumed] == list(range(steps, 2 * steps))
+    whole = uninterrupted.of("step")
+    assert [s.total_norm for s in first.of("step") + resumed] == pytest.approx([s.total_norm for s in whole], rel=rel)
+    assert summary.steps == 2 * steps and summary.resumed_from == (steps,)  # the counts cover both
+    assert summary.clipped_steps == uninterrupted.of("run_end")[0].summary.clipped_steps
