@@ -31,6 +31,6 @@ $(STAMP): pyproject.toml testing/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[mlflow,wandb,dev,lightning,transformers]"
+	$(PY) -m pip install -q -e ".[mlflow,wandb,dev,lightning,transformers,deepspeed]"
 	$(PY) -m pip install -q -e ./testing  # gradtrack_testing: helpers of the tests and benchmarks, not in the wheel
 	touch $(STAMP)

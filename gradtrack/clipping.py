@@ -68,7 +68,8 @@ class ValueClip:
 
     needs_max_abs = True  # sharded gradients: the reduction brings the global max in its one collective
 
-    def clip_(self, batch: GradBatch) -> torch.Tensor:
+    def element_coefficient(self, batch: GradBatch) -> torch.Tensor:
+        """``min(1, clip_value / max|g|)`` without clamping anything (for a caller that clamps elsewhere)."""
         max_abs = batch.max_abs
         if max_abs is None and batch.norm_type == math.inf:
             max_abs = batch.total_norm
@@ -77,6 +78,10 @@ class ValueClip:
             max_abs = torch.stack([n.to(batch.device) for n in per_tensor]).max()
             if batch.grad_scale is not None:
                 max_abs = max_abs / batch.grad_scale.to(max_abs.device)
+        return torch.clamp(self.clip_value / max_abs, max=1.0)
+
+    def clip_(self, batch: GradBatch) -> torch.Tensor:
+        clip_coef = self.element_coefficient(batch)
         for grads in batch.groups:
             if batch.grad_scale is None:
                 torch._foreach_clamp_min_(grads, -self.clip_value)
@@ -85,7 +90,7 @@ class ValueClip:
                 bound = (self.clip_value * batch.grad_scale).to(grads[0].device, grads[0].dtype)
                 torch._foreach_clamp_min_(grads, [-bound] * len(grads))
                 torch._foreach_clamp_max_(grads, [bound] * len(grads))
-        return torch.clamp(self.clip_value / max_abs, max=1.0)
+        return clip_coef
 
     def observe(self, total_norm: float, clip_coef: float) -> None:
         pass

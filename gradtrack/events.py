@@ -352,6 +352,8 @@ class Summary:
     steps the run was resumed at from checkpoints, one per restart; the counts cover every process.
     ``rollbacks``: ``(step, restored_step)`` of each rollback (``on_divergence="rollback"``), ``lr_scale``
     the learning-rate factor they left, ``snapshot_bytes`` the host memory (or disk) the snapshots hold.
+    ``unmeasured``: for a run in which gradtrack measured no step, why (the optimizer stepped other tensors than
+    the model's, no gradient reached it, no optimizer step ran).
     """
 
     steps: int
@@ -379,6 +381,7 @@ class Summary:
     rollbacks: tuple[tuple[int, int], ...] = ()
     lr_scale: float = 1.0
     snapshot_bytes: int = 0
+    unmeasured: str | None = None  # a run that measured no step: why (see gradtrack.silence)
 
     @property
     def clip_rate(self) -> float:

@@ -29,6 +29,8 @@ def divergence_note(event: Divergence) -> str:
 
 def summary_note(summary: Summary, status: str, images: Sequence[tuple[str, str]] = ()) -> str:
     """The end-of-run section; ``images``: (caption, markdown image URL) pairs of the plots."""
+    if summary.unmeasured:
+        return f"### gradtrack: nothing measured\n\n| status | {status} |\n|---|---|\n\n{_escape(summary.unmeasured)}\n"
     if summary.diverged:
         reason = _escape(summary.diverged_reason or "")
         headline = f"### gradtrack: diverged at step {summary.diverged_step}\n\n{reason}"

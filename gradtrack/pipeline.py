@@ -45,7 +45,7 @@ from gradtrack.messages import (
 )
 from gradtrack.outbox import Outbox
 from gradtrack.params import ParameterSet
-from gradtrack.policy import ClipPolicy, multiply_
+from gradtrack.policy import ClipPolicy, coefficient_of, multiply_
 from gradtrack.state import integer, part, strings
 from gradtrack.stats import GradBatch, HostStats, Reduce, measure, transfer
 
@@ -53,7 +53,9 @@ if TYPE_CHECKING:
     from gradtrack.rollback import Healer
 from gradtrack.summary import RunSummary
 
-__all__ = ["DivergenceError", "NonFiniteGradientError", "OnDivergence", "OnNonfinite", "Settings", "StepPipeline"]
+__all__ = [
+    "DivergenceError", "NonFiniteGradientError", "OnDivergence", "OnNonfinite", "Outcome", "Settings", "StepPipeline",
+]
 
 OnDivergence = Literal["continue", "raise", "rollback"]
 KEPT_EVENTS = 256
@@ -86,6 +88,15 @@ class Settings:
     weight_norms: bool
     weight_every: int
     on_divergence: OnDivergence
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a judged step asks of the update, for a caller that applies the clip itself (``defer_clip``)."""
+
+    clip_coef: float  # the clip policy's factor (1.0: none; for clip="value", the factor of the largest element)
+    skip: bool  # the update is to be skipped (non-finite gradients, a spike, a rollback)
 
 
 @final
@@ -233,17 +244,34 @@ class StepPipeline:
 
     # -- device work --------------------------------------------------------------------------------
 
-    def run(self, params: Sequence[nn.Parameter], amp: AmpState | None = None) -> None:
-        """Measure, clip and judge the gradients of ``params`` (those that have one)."""
-        with_grad = [p for p in params if p.grad is not None]
+    def run(
+        self,
+        params: Sequence[nn.Parameter],
+        amp: AmpState | None = None,
+        *,
+        grads: Sequence[torch.Tensor] | None = None,
+        defer_clip: bool = False,
+    ) -> Outcome | None:
+        """Measure, clip and judge the gradients of ``params`` (those that have one).
+
+        ``grads``: the gradients to measure instead of ``param.grad``, one per parameter (a DeepSpeed engine's
+        local fragments, empty where a parameter has none on this rank). ``defer_clip``: compute the clip but
+        leave it to the caller, who applies the returned :class:`Outcome` where the optimizer steps (DeepSpeed's
+        flat partitions, after its unscaling). Returns None for a step that was not judged (no gradient, or an
+        AMP overflow, which the optimizer skips itself).
+        """
+        if grads is None:
+            with_grad = [p for p in params if p.grad is not None]
+            grads = [p.grad for p in with_grad]  # type: ignore[misc]
+        else:
+            with_grad = list(params)
         if not with_grad:
-            return
+            return None
         settings, topology, step = self.settings, self.topology, self.step
         ids = tuple(map(id, with_grad))
         known = self._layouts.get(ids)
         if known is None and topology.reduction is not None:
             self._check_ranks(with_grad)
-        grads: list[torch.Tensor] = [p.grad for p in with_grad]  # type: ignore[misc]
         if topology.sharded:
             grads = local_grads(grads)
         layer_every = settings.layer_every
@@ -268,10 +296,12 @@ class StepPipeline:
             deferred = None
             if self._coefficient is not None:  # one factor for every gradient: applied below, unless it is 1
                 clip_coef = deferred = self._coefficient(batch)
+            elif defer_clip and self.clip_policy is not None:  # the caller applies it: only the coefficient
+                clip_coef = coefficient_of(self.clip_policy, batch)
             else:
                 clip_coef = self.clip_policy.clip_(batch) if self.clip_policy is not None else None
             host = transfer(batch, clip_coef, self.diagnosis.extras())
-            if deferred is not None and host.clip_coef != 1.0:  # NaN included: torch multiplies by it too
+            if deferred is not None and host.clip_coef != 1.0 and not defer_clip:  # NaN too: torch multiplies by it
                 multiply_(batch, deferred)
         # From here on only host numbers: nothing below touches the device.
         layout = known
@@ -283,8 +313,9 @@ class StepPipeline:
         overflow = host.overflow or (amp is not None and amp.found_inf is None and not math.isfinite(host.total_norm))
         if overflow and (self.healer is None or host.loss is None or math.isfinite(host.loss)):
             self.amp_skipped()  # the optimizer skips its own update; the gradients are no evidence
-            return
-        self._judge(with_grad, layout, host, with_layers)
+            return None
+        skip = self._judge(with_grad, layout, host, with_layers)
+        return Outcome(clip_coef=host.clip_coef, skip=skip)
 
     def finish_diagnosis(self) -> None:
         """At the end of the run: a diagnosis still waiting for the next step finishes now (one sync, at exit)."""
@@ -427,7 +458,8 @@ class StepPipeline:
             self.alarm_since = None
         return rollback
 
-    def _judge(self, params: Sequence[nn.Parameter], layout: _Layout, host: HostStats, with_layers: bool) -> None:
+    def _judge(self, params: Sequence[nn.Parameter], layout: _Layout, host: HostStats, with_layers: bool) -> bool:
+        """Judge the step on the host; True when its update is to be skipped."""
         step, now = self.step, time.time()
         self.step += 1
         total_norm, norms, settings = host.total_norm, host.layer_norms, self.settings
@@ -478,6 +510,7 @@ class StepPipeline:
             raise NonFiniteGradientError(f"non-finite gradients at step {step} in: {', '.join(bad)}")
         if divergence is not None and settings.on_divergence == "raise":
             raise DivergenceError(f"gradtrack: the run diverged at step {step}: {divergence.reason}")
+        return verdict.skip or rollback is not None
 
     def snapshot_bytes(self) -> int:
         """The memory (or disk) the rollback snapshots hold."""

@@ -14,7 +14,7 @@ import torch
 
 from gradtrack.stats import GradBatch
 
-__all__ = ["ClipPolicy", "clip_coefficient", "multiply_", "scale_", "scale_each_"]
+__all__ = ["ClipPolicy", "clip_coefficient", "coefficient_of", "defers", "multiply_", "scale_", "scale_each_"]
 
 
 @runtime_checkable
@@ -79,3 +79,23 @@ def scale_each_(batch: GradBatch, factors: torch.Tensor) -> None:
         own = factors[start : start + len(grads)].to(grads[0].device, grads[0].dtype)
         torch._foreach_mul_(grads, list(own.unbind()))
         start += len(grads)
+
+
+def defers(policy: ClipPolicy) -> bool:
+    """Whether ``policy``'s clipping can be applied away from the measured tensors, after its coefficient is known:
+    one factor for every gradient (``clip_coefficient``), or an element bound (``element_coefficient``, with
+    ``clip_value``). Per-layer factors (AdaGC) and bounds relative to the weights (AGC) cannot."""
+    return callable(getattr(policy, "clip_coefficient", None)) or callable(getattr(policy, "element_coefficient", None))
+
+
+def coefficient_of(policy: ClipPolicy, batch: GradBatch) -> torch.Tensor | None:
+    """The coefficient ``policy`` would report for ``batch``, leaving the gradients untouched (see :func:`defers`)."""
+    scale = getattr(policy, "clip_coefficient", None)
+    if callable(scale):
+        coefficient: torch.Tensor | None = scale(batch)
+        return coefficient
+    element = getattr(policy, "element_coefficient", None)
+    if callable(element):
+        bounded: torch.Tensor = element(batch)
+        return bounded
+    raise TypeError(f"clip policy {policy.name!r} cannot be applied apart from its measurement (see policy.defers)")

@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from gradtrack._version import __version__
 from gradtrack.amp import AmpState, ScalerWatch, amp_state, check_scaler
 from gradtrack.clipping import ClipPolicy, make_clip_policy
+from gradtrack.deepspeed import EngineDriver, check_engine, clip_rule, engine_of, is_engine, value_bound
 from gradtrack.detection import DivergenceDetector, ExplosionDetector, Judge, SpikeSkip
 from gradtrack.distributed import topology
 from gradtrack.events import Divergence, Explosion, Resumed, RunEnd, RunStart, RunStatus, Summary
@@ -47,6 +48,7 @@ from gradtrack.rollback import (
     check_snapshottable,
     schedulers_of,
 )
+from gradtrack.silence import Silence
 from gradtrack.state import FORMAT, VERSION, StateError, check_plain, integer, part
 from gradtrack.validate import count, mapping, optional_count, seconds
 
@@ -76,7 +78,8 @@ class GradTracker:
     """Measures, clips and reports the gradients of ``model`` once per training iteration.
 
     Use it as a context manager around an unchanged training loop; every option is described in the
-    documentation's options reference (``docs/reference/options.md``).
+    documentation's options reference (``docs/reference/options.md``). ``model`` may be a DeepSpeed engine
+    (what ``deepspeed.initialize`` returns): see ``gradtrack.deepspeed``.
     """
 
     def __init__(
@@ -112,6 +115,18 @@ class GradTracker:
         close_timeout: float = 10.0,
         max_pending: int = 1000,
     ) -> None:
+        engine: Any = model if is_engine(model) else None
+        if engine is not None:
+            check_engine(engine)
+            if optimizer is not None or scaler is not None:
+                raise TypeError("GradTracker(engine) takes no optimizer= or scaler=: it uses the engine's own")
+            if on_divergence == "rollback":
+                raise ValueError(
+                    "on_divergence='rollback' is not supported inside a DeepSpeed engine (a rollback would have to "
+                    "restore its partitions, optimizer and loss scaler): use 'continue' or 'raise' and DeepSpeed's "
+                    "own checkpoints (engine.save_checkpoint / load_checkpoint)"
+                )
+            model = engine.module
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -139,9 +154,17 @@ class GradTracker:
         self.optimizer = optimizer
         self.scaler = check_scaler(scaler)
         self.close_timeout = seconds("close_timeout", close_timeout, allow_inf=True)
+        clip_policy = make_clip_policy(clip, max_norm, clip_value)
+        self._engine: EngineDriver | None = None
+        if engine is not None:
+            clip_policy, applies = clip_rule(engine, clip, max_norm, clip_value, clip_policy)
+            if _norm_type(norm_type) != 2.0:
+                raise ValueError(f"norm_type must be 2 inside a DeepSpeed engine (the norm it clips and reports), "
+                                 f"got {norm_type!r}")  # fmt: skip
+            self._engine = EngineDriver(engine, applies, value_bound(clip_policy) if applies else None)
         settings = Settings(
             norm_type=_norm_type(norm_type),
-            clip_policy=make_clip_policy(clip, max_norm, clip_value),
+            clip_policy=clip_policy,
             log_every=count("log_every", log_every),
             layer_every=optional_count("layer_every", layer_every),
             top_k=count("top_k", top_k),
@@ -185,6 +208,8 @@ class GradTracker:
         self._stepped_since_update = False
         self._active = False
         self._watching = False
+        self._silence = Silence(type(model).__name__)
+        self._unmeasured: str | None = None  # why nothing was measured, once the run ended without a step
 
     # -- public state -----------------------------------------------------------------------------
 
@@ -228,6 +253,8 @@ class GradTracker:
         frozen = self._pipeline.summary.freeze(self._pipeline.outbox.dropped)
         if self._healer is not None:  # held now, whether or not a rollback happened
             frozen = replace(frozen, snapshot_bytes=self._healer.peak_nbytes)
+        if self._unmeasured is not None:
+            frozen = replace(frozen, unmeasured=self._unmeasured)
         return frozen
 
     def config(self) -> dict[str, Any]:
@@ -237,6 +264,8 @@ class GradTracker:
         config: dict[str, Any] = {"gradtrack_version": __version__, "clip": "none"}
         if pipeline.clip_policy is not None:
             config.update(pipeline.clip_policy.config())
+            if self._engine is not None and not self._engine.applies_clip:
+                config.update(clipped_by="deepspeed")  # gradtrack reports DeepSpeed's coefficient, never applies it
         config.update(
             norm_type=settings.norm_type,
             on_nonfinite=pipeline.judge.on_nonfinite,
@@ -353,11 +382,23 @@ class GradTracker:
             raise RuntimeError(
                 f"{type(self.model).__name__} is already tracked by another active GradTracker; exit that one first"
             )
+        if self._engine is None and (wrapping := engine_of(self.model)) is not None:
+            raise ValueError(
+                f"this {type(self.model).__name__} is the module of a {type(wrapping).__name__}, whose optimizer steps "
+                "flat partitions of its own, not these parameters: pass the engine that deepspeed.initialize returned, "
+                "GradTracker(engine, ...), not engine.module"
+            )
         pipeline = self._pipeline
         self._parameters.refresh()
         trainable = self._parameters.trainable()
+        if self._engine is not None:  # the parameters DeepSpeed's optimizer updates
+            measured = set(map(id, self._engine.parameters([p for _, p in trainable])))
+            trainable = [(name, p) for name, p in trainable if id(p) in measured]
         names = [name for name, _ in trainable]
-        pipeline.topology = topology(self.model, [p for _, p in trainable], names)
+        if self._engine is not None:
+            pipeline.topology = self._engine.topology([p for _, p in trainable], names)
+        else:
+            pipeline.topology = topology(self.model, [p for _, p in trainable], names)
         resumed = self._resumed() if self._loaded is not None else None
         pipeline.start(names)
         if pipeline.topology.reports:
@@ -377,7 +418,9 @@ class GradTracker:
             _tracked_models.add(self.model)
             registrations.watch()
             self._watching = True
-            if self.optimizer is None:
+            if self._engine is not None:  # the engine's step measures; its optimizer steps flat partitions
+                self._engine.install(self, [p for _, p in trainable])
+            elif self.optimizer is None:
                 self._handle = register_optimizer_step_pre_hook(self._on_optimizer_step)
             else:
                 self._handle = self.optimizer.register_step_pre_hook(self._on_optimizer_step)
@@ -394,7 +437,11 @@ class GradTracker:
             start = RunStart(
                 config=self.config(),
                 layer_names=tuple(names),
-                num_parameters=sum(p.numel() for _, p in trainable),
+                num_parameters=(
+                    self._engine.num_parameters([p for _, p in trainable])
+                    if self._engine is not None
+                    else sum(p.numel() for _, p in trainable)
+                ),
                 model_class=type(self.model).__name__,
                 timestamp=time.time(),
                 resumed=resumed,
@@ -432,6 +479,8 @@ class GradTracker:
         status: RunStatus = "finished"
         if exc_type is not None:
             status = "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+        if self._pipeline.step == 0:  # never watch nothing in silence: say why, here and in the run
+            self._unmeasured = self._silence.finish()
         self._pipeline.finish_diagnosis()
         outbox = self._pipeline.outbox
         outbox.send(RunEnded(end=RunEnd(status, self.summary(), time.time())))
@@ -465,6 +514,8 @@ class GradTracker:
     def _release(self) -> None:
         """Undo what ``__enter__`` registered."""
         self._active = False
+        if self._engine is not None:
+            self._engine.remove()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -512,6 +563,7 @@ class GradTracker:
         self._parameters.refresh()
         params = self._parameters.of(optimizer)
         if not params:
+            self._silence.foreign(optimizer)
             return None
         measured = self._parameters.params if self.optimizer is None else params
         healer = self._healer
@@ -573,10 +625,12 @@ class GradTracker:
         self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None, amp: AmpState | None
     ) -> None:
         self._stepped_since_update = True
+        before = self._pipeline.step
         try:
             self._pipeline.run(params, amp)
         finally:
             self._iteration.measured(optimizer)
+            self._silence.measured(self._pipeline.step > before)
 
     def _on_scaler_update(self) -> None:
         """``scaler.update()``: with no step since the last one, the scaler skipped it for overflow."""
