@@ -73,7 +73,6 @@ class Trained:
     inner_steps: int = 0  # steps of the torch optimizer under accelerate's AcceleratedOptimizer
     skipped: list[bool] = field(default_factory=list)  # optimizer.step_was_skipped (an fp16 overflow), per boundary
     model_class: str = ""
-    tracker: GradTracker | None = field(default=None, repr=False)
 
     def step_losses(self) -> list[float]:
         """The mean micro-batch loss of each optimizer step."""
@@ -83,17 +82,17 @@ class Trained:
 
 def train(
     accelerator: Accelerator,
-    clip: str,
+    *,
+    accelerate_clips: bool,
     gradtrack: Mapping[str, Any] | None = None,
     poison: Collection[int] = (),
     prepare: Callable[[Accelerator], None] | None = None,
 ) -> Trained:
     """The loop of accelerate's documentation on ``mlp()``, SGD, 16 micro-batches.
 
-    ``clip="accelerate"``: ``accelerator.clip_grad_norm_(model.parameters(), MAX_NORM)`` at each accumulation
-    boundary; ``"gradtrack"``: that line removed and the loop inside ``with GradTracker(model, **gradtrack)``;
-    ``"none"``: neither. ``poison``: boundaries whose first gradient is made inf (an fp16 overflow).
-    ``prepare``: called before ``accelerator.prepare``.
+    ``accelerate_clips``: ``accelerator.clip_grad_norm_(model.parameters(), MAX_NORM)`` at each accumulation
+    boundary. ``gradtrack``: the loop inside ``with GradTracker(model, **gradtrack)``. ``poison``: boundaries whose
+    first gradient is made inf (an fp16 overflow). ``prepare``: called before ``accelerator.prepare``.
     """
     if prepare is not None:
         prepare(accelerator)
@@ -105,7 +104,7 @@ def train(
         trained.inner_steps += 1
 
     optimizer.optimizer.register_step_pre_hook(count_step)
-    tracker = GradTracker(model, **(gradtrack or {})) if clip == "gradtrack" else None
+    tracker = GradTracker(model, **gradtrack) if gradtrack is not None else None
     with tracker if tracker is not None else contextlib.nullcontext():
         for x, y in data:
             with accelerator.accumulate(model):
@@ -118,7 +117,7 @@ def train(
                 if accelerator.sync_gradients:
                     if boundary in poison:
                         next(model.parameters()).grad[0, 0] = math.inf
-                    if clip == "accelerate":
+                    if accelerate_clips:
                         trained.clip_norms.append(accelerator.clip_grad_norm_(model.parameters(), MAX_NORM).item())
                 optimizer.step()
                 optimizer.zero_grad()
@@ -127,7 +126,6 @@ def train(
                     accelerator.log({"train_loss": loss.item()}, step=boundary)  # a no-op without log_with=
                     trained.boundaries += 1
     trained.params = [p.detach().clone() for p in model.parameters()]
-    trained.tracker = tracker
     return trained
 
 
@@ -161,11 +159,11 @@ def check_contract(
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_gradtrack_in_place_of_accelerators_clip_trains_bitwise_the_same(mixed_precision: str) -> None:
-    reference = train(fresh_accelerator(mixed_precision=mixed_precision), "accelerate")
+    reference = train(fresh_accelerator(mixed_precision=mixed_precision), accelerate_clips=True)
     recorder = RecordingBackend()
-    tracked = train(fresh_accelerator(mixed_precision=mixed_precision), "gradtrack",
-                    {"backend": recorder, "max_norm": MAX_NORM, "layer_every": 1})  # fmt: skip
-    unclipped = train(fresh_accelerator(mixed_precision=mixed_precision), "none")
+    options = {"backend": recorder, "max_norm": MAX_NORM, "layer_every": 1}
+    tracked = train(fresh_accelerator(mixed_precision=mixed_precision), accelerate_clips=False, gradtrack=options)
+    unclipped = train(fresh_accelerator(mixed_precision=mixed_precision), accelerate_clips=False)
 
     assert bitwise_equal(tracked, reference)
     assert not bitwise_equal(unclipped, reference)  # the clipping mattered: the equality above says something
@@ -188,13 +186,13 @@ def _scaler_as_on_a_gpu(accelerator: Accelerator) -> None:
 
 
 def test_fp16_with_accelerates_scaler_trains_bitwise_the_same_and_an_overflow_is_amp_overflow() -> None:
-    reference = train(fresh_accelerator(mixed_precision="fp16"), "accelerate", poison={2},
+    reference = train(fresh_accelerator(mixed_precision="fp16"), accelerate_clips=True, poison={2},
                       prepare=_scaler_as_on_a_gpu)  # fmt: skip
     recorder = RecordingBackend()
     accelerator = fresh_accelerator(mixed_precision="fp16")
     _scaler_as_on_a_gpu(accelerator)
-    tracked = train(accelerator, "gradtrack", {"backend": recorder, "max_norm": MAX_NORM, "scaler": accelerator.scaler},
-                    poison={2})  # fmt: skip
+    options = {"backend": recorder, "max_norm": MAX_NORM, "scaler": accelerator.scaler}
+    tracked = train(accelerator, accelerate_clips=False, gradtrack=options, poison={2})
 
     assert bitwise_equal(tracked, reference)
     assert reference.skipped == tracked.skipped == [step == 2 for step in range(STEPS)]
@@ -207,6 +205,16 @@ def test_fp16_with_accelerates_scaler_trains_bitwise_the_same_and_an_overflow_is
     assert [recorded[step].total_norm for step in kept] == [reference.clip_norms[step] for step in kept]
     summary = recorder.of("run_end")[0].summary
     assert summary.amp_overflow_steps == 1 and summary.explosions == 0 and summary.nonfinite_steps == 0
+
+
+def test_beside_accelerators_clip_a_monitor_only_tracker_sees_the_clipped_norm(recorder: RecordingBackend) -> None:
+    """What the guide warns of: gradtrack measures inside ``optimizer.step()``, after ``accelerator.clip_grad_norm_``
+    scaled the gradients, so a ``clip=None`` tracker beside it reports the clipped norm, not the one to watch."""
+    trained = train(fresh_accelerator(), accelerate_clips=True, gradtrack={"backend": recorder, "clip": None})
+
+    totals = [s.total_norm for s in recorder.of("step")]
+    assert len(totals) == STEPS and min(trained.clip_norms) > MAX_NORM
+    assert totals == pytest.approx([MAX_NORM] * STEPS, rel=1e-5)
 
 
 # -- two ranks: DDP by accelerator.prepare ------------------------------------------------------------
@@ -238,9 +246,10 @@ def _ddp(rank: int, world: int) -> dict[str, Any]:
     import traceback
 
     reference_accelerator = fresh_accelerator()
-    reference = train(reference_accelerator, "accelerate")
+    reference = train(reference_accelerator, accelerate_clips=True)
     recorder = RecordingBackend()
-    tracked = train(fresh_accelerator(), "gradtrack", {"backend": recorder, "max_norm": MAX_NORM, "layer_every": 1})
+    options = {"backend": recorder, "max_norm": MAX_NORM, "layer_every": 1}
+    tracked = train(fresh_accelerator(), accelerate_clips=False, gradtrack=options)
     losses = torch.tensor(tracked.step_losses())
     torch.distributed.all_reduce(losses)  # gradtrack's loss under DDP: the mean over the ranks
     contract = ""
@@ -288,7 +297,7 @@ def test_two_ranks_ddp_bitwise_the_same_and_only_rank0_reports(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_log_with_mlflow_gradtrack_logs_into_the_run_accelerate_opened(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mlflow = pytest.importorskip("mlflow")
     from mlflow import MlflowClient
@@ -299,14 +308,16 @@ def test_log_with_mlflow_gradtrack_logs_into_the_run_accelerate_opened(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)  # accelerate's MLflowTracker prefers it
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
-    reference = train(fresh_accelerator(), "accelerate")
+    reference = train(fresh_accelerator(), accelerate_clips=True)
 
     accelerator = fresh_accelerator(log_with="mlflow")
-    accelerator.init_trackers("accelerate-mlflow", config={"lr": 0.1, "max_norm": MAX_NORM})
+    # logging_dir: the new experiment's artifact location (else ./mlruns in the working directory)
+    accelerator.init_trackers("accelerate-mlflow", config={"lr": 0.1, "max_norm": MAX_NORM},
+                              init_kwargs={"mlflow": {"logging_dir": str(tmp_path / "artifacts")}})  # fmt: skip
     opened = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
     assert mlflow.active_run().info.run_id == opened
-    tracked = train(accelerator, "gradtrack", {"backend": "mlflow", "max_norm": MAX_NORM, "layer_every": 2,
-                                               "close_timeout": 120})  # fmt: skip
+    options = {"backend": "mlflow", "max_norm": MAX_NORM, "layer_every": 2, "close_timeout": 120}
+    tracked = train(accelerator, accelerate_clips=False, gradtrack=options)
     accelerator.end_training()  # after the tracker's with block: gradtrack has sent everything
 
     assert bitwise_equal(tracked, reference)
@@ -331,6 +342,9 @@ def test_log_with_mlflow_gradtrack_logs_into_the_run_accelerate_opened(
     assert run.data.params["gradtrack.clip"] == "norm"
     assert run.data.tags["diverged"] == "false"
     assert run.data.metrics["gradtrack.summary.steps"] == STEPS
+    artifacts = {Path(a.path).name for a in client.list_artifacts(opened, "gradtrack")}
+    assert {"summary.json", "norms.png"} <= artifacts
+    assert (tmp_path / "artifacts").is_dir()
 
 
 @pytest.mark.slow
@@ -339,11 +353,12 @@ def test_log_with_wandb_gradtrack_logs_into_the_run_accelerate_opened(wandb_dir:
 
     from gradtrack_testing.wandb_files import WandbRun, run_files
 
-    reference = train(fresh_accelerator(), "accelerate")
+    reference = train(fresh_accelerator(), accelerate_clips=True)
     accelerator = fresh_accelerator(log_with="wandb")
     accelerator.init_trackers("accelerate-wandb", config={"lr": 0.1}, init_kwargs={"wandb": {"dir": str(wandb_dir)}})
     opened = accelerator.get_tracker("wandb", unwrap=True).id
-    tracked = train(accelerator, "gradtrack", {"backend": "wandb", "max_norm": MAX_NORM, "close_timeout": 120})
+    options = {"backend": "wandb", "max_norm": MAX_NORM, "close_timeout": 120}
+    tracked = train(accelerator, accelerate_clips=False, gradtrack=options)
     accelerator.end_training()
     wandb.teardown()
 
