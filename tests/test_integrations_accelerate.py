@@ -297,7 +297,10 @@ def test_two_ranks_ddp_bitwise_the_same_and_only_rank0_reports(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_log_with_mlflow_gradtrack_logs_into_the_run_accelerate_opened(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     mlflow = pytest.importorskip("mlflow")
     from mlflow import MlflowClient
@@ -308,6 +311,7 @@ def test_log_with_mlflow_gradtrack_logs_into_the_run_accelerate_opened(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)  # accelerate's MLflowTracker prefers it
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    request.addfinalizer(mlflow.end_run)  # a failure before end_training() leaves no active run to later tests
     reference = train(fresh_accelerator(), accelerate_clips=True)
 
     accelerator = fresh_accelerator(log_with="mlflow")
