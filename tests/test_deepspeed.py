@@ -93,7 +93,7 @@ def _tracked(engine: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], pois
             {"total": s.total_norm, "coef": s.clip_coef, "loss": s.loss, "layers": dict(s.layer_norms or {}),
              "overflow": s.amp_overflow, "skipped": s.skipped, "nonfinite": s.nonfinite}
             for s in steps
-        ],  # fmt: skip
+        ],
         "explosions": len(recorder.of("explosion")),
         "config": recorder.of("run_start")[0].config if recorder.of("run_start") else None,
         "calls": len(recorder.calls),
@@ -161,3 +161,162 @@ def test_zero_stages_measure_before_clipping_with_one_collective_and_clip_once(t
         assert "clipped_by" not in clipped["config"]
         for mine, theirs in zip(clipped["params"], rank0[f"zero{stage}"]["reference_params"], strict=True):
             assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-7), f"ZeRO-{stage}"
+
+
+# -- precision, overflow, non-finite gradients, refusals -----------------------------------------------------
+
+
+def _precision_and_faults(rank: int, world: int) -> dict[str, Any]:
+    from gradtrack import GradTracker
+    from gradtrack_testing.deepspeed import allow_fp16, config, engine
+
+    out: dict[str, Any] = {}
+    for stage in (2, 3):  # bf16: the fragments are bf16, their norms fp32; DeepSpeed's own norm agrees
+        out[f"bf16_zero{stage}"] = _tracked(engine(_model(), config(stage, dtype="bf16", accumulation=ACCUMULATION)),
+                                            _batches(rank, torch.bfloat16), max_norm=MAX_NORM)  # fmt: skip
+    allow_fp16()
+    # fp16 with DeepSpeed's dynamic loss scaler: a NaN loss at the second step overflows; DeepSpeed skips it
+    out["fp16_overflow"] = _tracked(engine(_model(torch.float16), config(2, dtype="fp16", accumulation=ACCUMULATION)),
+                                    _batches(rank, torch.float16), poison=3, max_norm=MAX_NORM)  # fmt: skip
+    # bf16 has no loss scaler: DeepSpeed would step the NaN; gradtrack's on_nonfinite="skip" keeps it out
+    nan_engine = engine(_model(), config(1, accumulation=ACCUMULATION))
+    out["nonfinite_skip"] = _tracked(nan_engine, _batches(rank), poison=3, max_norm=MAX_NORM)
+    out["nonfinite_params_finite"] = all(math.isfinite(v) for p in out["nonfinite_skip"]["params"] for v in p)
+    # refusals, each with what to do instead
+    refused = {}
+    clipping = engine(_model(), config(2, clip=1.0))
+    for name, attempt in {
+        "twice": lambda: GradTracker(clipping, max_norm=0.5),
+        "value_twice": lambda: GradTracker(clipping, clip="value", clip_value=0.1),
+        "rollback": lambda: GradTracker(clipping, on_divergence="rollback"),
+        "agc": lambda: GradTracker(engine(_model(), config(2)), clip="agc"),
+        "module": lambda: GradTracker(clipping.module).__enter__(),
+    }.items():
+        try:
+            attempt()
+            refused[name] = None
+        except (ValueError, TypeError) as exc:
+            refused[name] = str(exc)
+    out["refused"] = refused
+    # resume: a second tracker on the same engine goes on from the first one's state
+    from gradtrack_testing.recording import RecordingBackend
+
+    resumed = engine(_model(), config(2, accumulation=ACCUMULATION))
+    with GradTracker(resumed, backend=RecordingBackend()) as first:
+        _train(resumed, _batches(rank)[:4])
+    state = first.state_dict()
+    second_recorder = RecordingBackend()
+    second = GradTracker(resumed, backend=second_recorder)
+    second.load_state_dict(state)
+    with second:
+        _train(resumed, _batches(rank)[4:])
+    out["resumed_steps"] = [s.step for s in second_recorder.of("step")]
+    return out
+
+
+@pytest.mark.slow
+def test_precision_overflow_nonfinite_and_refusals(tmp_path: Path) -> None:
+    from gradtrack_testing.deepspeed import spawn
+
+    rank0, rank1 = spawn(_precision_and_faults, 2, tmp_path)
+    for stage in (2, 3):
+        run = rank0[f"bf16_zero{stage}"]
+        assert len(run["steps"]) == STEPS and run["collectives"] == STEPS
+        for step, ds_norm, full in zip(run["steps"], run["ds_norms"], run["full_layers"], strict=True):
+            assert step["total"] == pytest.approx(ds_norm, rel=1e-5)  # DeepSpeed sums bf16 fragments in fp32 too
+            for name, norm in full.items():
+                assert step["layers"][name] == pytest.approx(norm, rel=1e-5)
+        assert run["params"] == rank1[f"bf16_zero{stage}"]["params"]
+    overflow = rank0["fp16_overflow"]
+    assert [s["overflow"] for s in overflow["steps"]] == [False, True, False, False]  # the loss scaler's skip
+    assert overflow["explosions"] == 0  # an overflow is never an explosion
+    for step, ds_norm in zip(overflow["steps"], overflow["ds_norms"], strict=True):
+        if not step["overflow"]:  # measured with the loss scale divided out: DeepSpeed's unscaled norm
+            assert step["total"] == pytest.approx(ds_norm, rel=1e-3)
+    skip = rank0["nonfinite_skip"]
+    assert [s["skipped"] for s in skip["steps"]] == [False, True, False, False]
+    assert skip["steps"][1]["nonfinite"] > 0 and skip["explosions"] == 1
+    assert rank0["nonfinite_params_finite"] and rank1["nonfinite_params_finite"]  # the NaN update never happened
+    refused = rank0["refused"]
+    assert "gradient_clipping=1 would clip the gradients twice" in refused["twice"]
+    assert '"gradient_clipping": 0.0' in refused["twice"]
+    assert "clip='value'" in refused["value_twice"]
+    assert "on_divergence='rollback' is not supported inside a DeepSpeed engine" in refused["rollback"]
+    assert "clip='agc' cannot clip inside a DeepSpeed engine" in refused["agc"]
+    assert "pass the engine" in refused["module"] and "not engine.module" in refused["module"]
+    assert rank0["resumed_steps"] == [2, 3]
+
+
+# -- the Hugging Face Trainer with deepspeed= (accelerate's DeepSpeed plugin) ----------------------------------
+
+
+def _trainer_run(tmp: str, max_grad_norm: float, **options: Any) -> dict[str, Any]:
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from gradtrack.integrations.transformers import GradTrackerCallback
+    from gradtrack_testing.hf import tiny_gpt2, token_data
+    from gradtrack_testing.recording import RecordingBackend
+
+    class Logs(TrainerCallback):
+        def __init__(self) -> None:
+            self.grad_norms: list[float] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if "grad_norm" in (logs or {}):
+                self.grad_norms.append(float(logs["grad_norm"]))
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    zero = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
+    recorder, logs = RecordingBackend(), Logs()
+    callback = GradTrackerCallback(backend=recorder, layer_every=1, **options)
+    args = TrainingArguments(output_dir=tmp, max_steps=STEPS, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=ACCUMULATION, learning_rate=1e-3, logging_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, deepspeed=zero,
+                             max_grad_norm=max_grad_norm)  # fmt: skip
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[logs, callback])
+    trainer.train()
+    steps = recorder.of("step")
+    model = trainer.model_wrapped.module
+    return {
+        "totals": [s.total_norm for s in steps],
+        "coefs": [s.clip_coef for s in steps],
+        "losses": [s.loss for s in steps],
+        "trainer_norms": logs.grad_norms,
+        "config": recorder.of("run_start")[0].config if steps else None,
+        "calls": len(recorder.calls),
+        "params": [p.detach().flatten().tolist()[:64] for p in model.parameters()],
+    }
+
+
+def _trainer(rank: int, world: int) -> dict[str, Any]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return {
+            "deepspeed_clips": _trainer_run(tmp, 0.5),
+            "gradtrack_clips": _trainer_run(tmp, 0.0, max_norm=0.5),
+        }
+
+
+@pytest.mark.slow
+def test_trainer_with_deepspeed_zero2(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from gradtrack_testing.deepspeed import spawn
+
+    rank0, rank1 = spawn(_trainer, 2, tmp_path)
+    follow = rank0["deepspeed_clips"]
+    assert follow["config"]["strategy"] == "deepspeed-zero2" and follow["config"]["clipped_by"] == "deepspeed"
+    assert len(follow["totals"]) == STEPS and rank1["deepspeed_clips"]["calls"] == 0
+    # the Trainer logs DeepSpeed's pre-clip norm: gradtrack's is the same
+    assert follow["totals"] == pytest.approx(follow["trainer_norms"], rel=1e-5)
+    assert follow["coefs"] == pytest.approx([min(1.0, 0.5 / (n + 1e-6)) for n in follow["totals"]], rel=1e-6)
+    assert max(follow["coefs"]) < 1.0  # every step clipped: the clip decides the parameters compared below
+    assert all(loss is not None and loss > 0 for loss in follow["losses"])
+    own = rank0["gradtrack_clips"]
+    assert "clipped_by" not in own["config"] and own["config"]["max_norm"] == 0.5
+    assert own["totals"] == pytest.approx(own["trainer_norms"], rel=1e-5)  # DeepSpeed's norm stays pre-clip
+    for mine, theirs in zip(own["params"], follow["params"], strict=True):  # clipped once, by either, alike
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-6)

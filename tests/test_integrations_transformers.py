@@ -13,16 +13,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from gradtrack import GradTracker
 from gradtrack.integrations.transformers import STATE_FILE, GradTrackerCallback
+from gradtrack_testing.hf import tiny_gpt2, token_data
 from gradtrack_testing.recording import RecordingBackend, check_resumed_run
 
 pytestmark = [
@@ -32,21 +27,6 @@ pytestmark = [
 
 STEPS = 4  # optimizer steps per train()
 ACCUMULATE = 2
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config)
-
-
-def token_data(n: int = 64, length: int = 16) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(0, 64, (length,), generator=generator)
-        rows.append({"input_ids": ids, "labels": ids})
-    return rows
 
 
 class Probe(TrainerCallback):

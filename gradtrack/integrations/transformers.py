@@ -54,6 +54,13 @@ optimizer, LR scheduler and accelerate's GradScaler where gradtrack measures (be
 restores them all and the Trainer's ``optimizer.step()`` then skips that update. A halved learning rate is applied
 inside that ``optimizer.step()`` and undone after it, before the Trainer steps its scheduler.
 
+DeepSpeed (``TrainingArguments(deepspeed=...)``, accelerate's DeepSpeed plugin): the Trainer builds its engine after
+``on_train_begin``, so the tracker starts at the first ``on_step_begin``, on the engine (``GradTracker(engine)``, see
+``gradtrack.deepspeed``): it measures inside the engine's step, before DeepSpeed's clipping, and observes the loss
+``engine.backward`` receives. The Trainer's ``max_grad_norm`` becomes DeepSpeed's ``gradient_clipping`` (``"auto"``):
+DeepSpeed clips and gradtrack reports its coefficient; with ``max_grad_norm=0`` gradtrack clips the partitions
+DeepSpeed steps on. ``on_divergence="rollback"`` is refused there.
+
 transformers has no exception event: when ``train()`` raises, the tracker stays open until the next
 ``train()`` with this callback (which closes it ``failed``) or the end of the process (the reporter then ends
 gradtrack's own run ``killed``).
@@ -71,6 +78,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from gradtrack.deepspeed import is_engine
 from gradtrack.integrations import (
     HandDriven,
     Owned,
@@ -106,6 +114,8 @@ class GradTrackerCallback(TrainerCallback):
         self._patches: list[_Patch] = []
         self._trainer: Trainer | None = None
         self._warned: set[str] = set()
+        self._engine_start: tuple[dict[str, Any], dict[str, Any] | None, int] | None = None  # DeepSpeed, until step 1
+        self._on_engine = False  # the tracker is a DeepSpeed engine's
 
     @property
     def tracker(self) -> GradTracker | None:
@@ -119,13 +129,9 @@ class GradTrackerCallback(TrainerCallback):
     ) -> None:
         if self._driven is not None and self._driven.open:  # the previous train() raised
             self._finish(RuntimeError("the previous Trainer.train() ended without on_train_end"))
-        if getattr(args, "deepspeed", None):
-            raise ValueError(
-                "GradTrackerCallback does not support DeepSpeed (its engine owns the gradients and clips them "
-                "itself); use FSDP2 or DDP"
-            )
         model = kwargs["model"]
         trainer, checkpoint = _find_trainer()
+        deepspeed = bool(getattr(args, "deepspeed", None)) or bool(getattr(trainer, "is_deepspeed_enabled", False))
         options = dict(self._options)
         trainer_clips = bool(args.max_grad_norm) and args.max_grad_norm > 0
         if trainer_clips:
@@ -139,6 +145,17 @@ class GradTrackerCallback(TrainerCallback):
         if "backend" not in options:
             report_to = list(args.report_to or [])
             options["backend"] = auto_backend([name for name in _REPORTERS if name in report_to])
+        if deepspeed:  # the engine does not exist yet: the tracker starts with the first step (_start_engine)
+            if options.get("on_divergence") == "rollback":
+                raise ValueError("GradTrackerCallback(on_divergence='rollback') is not supported with DeepSpeed: a "
+                                 "rollback would have to restore the engine's partitions, optimizer and loss scaler")
+            if trainer is None:
+                raise ValueError("GradTrackerCallback with DeepSpeed needs the transformers.Trainer that calls it (to "
+                                 "find the DeepSpeed engine it builds), and found none up the call stack")
+            self._engine_start = (options, _saved_state(checkpoint), state.global_step)
+            self._trainer = trainer
+            self._pending, self._loss = False, None
+            return
         optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         owned = Owned(
             optimizers=(optimizer,) if optimizer is not None else (),
@@ -187,6 +204,10 @@ class GradTrackerCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self._engine_start is not None:
+            self._start_engine()
+        if self._on_engine:
+            return  # the engine's own step measures, and observes the loss engine.backward receives
         self._pending = True
 
     def on_pre_optimizer_step(
@@ -237,10 +258,24 @@ class GradTrackerCallback(TrainerCallback):
 
         return clip_grad_norm_
 
+    def _start_engine(self) -> None:
+        """DeepSpeed: the Trainer built its engine after ``on_train_begin``; the tracker is the engine's (see
+        ``gradtrack.deepspeed``), measuring inside the engine's step, so no Trainer method is wrapped."""
+        assert self._engine_start is not None
+        options, saved, step = self._engine_start
+        self._engine_start = None
+        engine: Any = getattr(self._trainer, "model_wrapped", None)
+        if not is_engine(engine):
+            raise RuntimeError(f"GradTrackerCallback found no DeepSpeed engine on the Trainer with DeepSpeed enabled "
+                               f"(its model_wrapped is a {type(engine).__name__})")  # fmt: skip
+        self._driven = HandDriven.start(engine, options, state=saved, step=step)
+        self._on_engine = True
+
     def _finish(self, exc: BaseException | None) -> None:
         while self._patches:
             self._patches.pop().remove()
         self._pending, self._loss, self._trainer = False, None, None
+        self._engine_start, self._on_engine = None, False
         if self._driven is not None:
             self._driven.close(exc)
 
