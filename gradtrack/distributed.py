@@ -14,10 +14,13 @@ numbers, whatever each rank holds locally is combined with **one** collective pe
   of its partial sum, so a sum over the whole mesh counts it once. The loss, and the largest element
   for ``clip="value"``, travel in the same vector.
 
+DeepSpeed engines hold their gradients in partitions of their own: ``gradtrack.deepspeed`` reads them and
+builds the same one-collective ``Reduction``.
+
 Refused with a clear error, because their local gradients cannot be combined correctly here: FSDP1
-(``FullyShardedDataParallel``; use FSDP2's ``fully_shard``), DeepSpeed engines, DTensor gradients
-with a ``Partial`` placement, parameters on several device meshes, and a multi-dimensional mesh
-that does not span the whole world.
+(``FullyShardedDataParallel``; use FSDP2's ``fully_shard``), DTensor gradients with a ``Partial``
+placement, parameters on several device meshes, and a multi-dimensional mesh that does not span the
+whole world.
 """
 
 from __future__ import annotations
@@ -227,11 +230,6 @@ def check_symmetric(names: Sequence[str], world: int, device: torch.device) -> N
 
 def _refuse_unsupported(model: nn.Module) -> None:
     """Local gradients that are shards but not DTensors would give every rank its own coefficient."""
-    if type(model).__module__.split(".")[0] == "deepspeed":
-        raise ValueError(
-            "gradtrack: DeepSpeed engines keep ZeRO-partitioned gradients outside param.grad; gradtrack "
-            "cannot measure them. Use DeepSpeed's own gradient clipping, or FSDP2 (fully_shard)"
-        )
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):

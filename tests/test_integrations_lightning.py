@@ -516,3 +516,16 @@ def test_an_optimizer_a_rollback_cannot_snapshot_is_refused_before_training(tmp_
     assert callback.tracker is None
     with GradTracker(module):  # nothing left behind
         pass
+
+
+def test_deepspeed_strategy_is_refused_with_what_works_instead() -> None:
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    # Lightning runs this strategy on CUDA GPUs only (its own check comes later, when fit sets it up)
+    trainer = pl.Trainer(strategy=DeepSpeedStrategy(stage=2), accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False)  # fmt: skip
+    callback = GradTrackerCallback()
+    with pytest.raises(ValueError, match="does not support Lightning's DeepSpeedStrategy") as raised:
+        callback.on_fit_start(trainer, Regression())
+    assert "GradTracker(engine)" in str(raised.value) and "deepspeed=" in str(raised.value)

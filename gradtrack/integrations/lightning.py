@@ -104,6 +104,13 @@ class GradTrackerCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close(None)
         self._driven, self._fit_options = None, None
+        if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
+            raise ValueError(
+                "GradTrackerCallback does not support Lightning's DeepSpeedStrategy: Lightning runs it on CUDA GPUs "
+                "only, where gradtrack's DeepSpeed support has not been tested. gradtrack works inside a DeepSpeed "
+                "engine you build (GradTracker(engine)), the Hugging Face Trainer with deepspeed=, and Lightning's "
+                "DDP and FSDP strategies"
+            )
         options = dict(self._options)
         clip_val = trainer.gradient_clip_val
         if clip_val is not None and clip_val > 0:
