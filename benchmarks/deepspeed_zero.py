@@ -23,51 +23,22 @@ Targets: <= 1.05x the engine's step, <= 1 extra collective per step, agreement w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "reduce", "all_to_all_single", "barrier")  # fmt: skip
-
 
 def _model(layers: int, width: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(layers)])
-
-
-@contextlib.contextmanager
-def _counted() -> Iterator[list[int]]:
-    """Every ``torch.distributed`` collective called meanwhile (DeepSpeed's comm layer calls these too)."""
-    import torch.distributed as dist
-
-    count = [0]
-    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
-
-    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            count[0] += 1
-            return original(*args, **kwargs)
-
-        return counted
-
-    for name, original in originals.items():
-        setattr(dist, name, wrap(original))
-    try:
-        yield count
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 def _step(engine: Any, x: torch.Tensor) -> None:
@@ -79,6 +50,7 @@ def _case(stage: int, layers: int, width: int, args: argparse.Namespace) -> dict
     import torch.distributed as dist
 
     from gradtrack import GradTracker
+    from gradtrack_testing import ranks
     from gradtrack_testing.deepspeed import config, engine
     from gradtrack_testing.recording import RecordingBackend
 
@@ -108,7 +80,7 @@ def _case(stage: int, layers: int, width: int, args: argparse.Namespace) -> dict
     with GradTracker(tracked):
         for name, built in (("bare", bare), ("tracked", tracked)):
             _step(built, batches[0])  # warm
-            with _counted() as count:
+            with ranks.collectives() as count:
                 _step(built, batches[1])
             result[f"collectives_{name}"] = count[0]
         for block in range(args.steps // args.block + 1):

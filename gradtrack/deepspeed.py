@@ -12,8 +12,13 @@ where the optimizer steps:
   them in one fused pass, and the per-layer sums of squares cross ranks in the one collective of the step,
   with the observed loss. The gradients still carry DeepSpeed's loss scale there (fp16): the norms are
   divided by it, and a non-finite norm under a loss scaler is ``grad/amp_overflow`` (DeepSpeed skips that
-  step itself), never an explosion. ``grad/total_norm`` is therefore the pre-clip norm that
-  ``engine.get_global_grad_norm()`` reports.
+  step itself), never an explosion.
+* **No extra collective at ZeRO 1-3.** DeepSpeed would compute the same global norm with an all-reduce of
+  its own per parameter group (``scaled_global_norm`` at ZeRO-1/2, ``_get_norm_groups`` at ZeRO-3): those
+  are answered from gradtrack's measurement instead, so DeepSpeed clips, reports
+  (``engine.get_global_grad_norm()``) and judges overflow with the very norm gradtrack logged as
+  ``grad/total_norm``, the pre-clip one. At ZeRO-0 the gradients are already averaged across ranks (as under
+  DDP) and gradtrack's collective carries only the observed loss.
 * **Clipped once, where the optimizer steps.** Who clips follows from DeepSpeed's ``gradient_clipping``
   (its default is 1.0 since DeepSpeed 0.19.3):
 
@@ -186,7 +191,8 @@ class EngineDriver:
         self._tracker: GradTracker | None = None
         self._pending: Outcome | None = None
         self._applied: set[int] = set()  # tensors already clipped in this step (sub-groups step one at a time)
-        self._originals: dict[str, Any] = {}
+        self._originals: dict[tuple[Any, str], Any] = {}
+        self._scale: float | torch.Tensor = 1.0  # the loss scale the gradients carried at this step's measurement
         self._hooks: list[Any] = []
         self._params: list[nn.Parameter] = []
 
@@ -227,31 +233,35 @@ class EngineDriver:
 
     def install(self, tracker: GradTracker, params: Sequence[nn.Parameter]) -> None:
         self._tracker, self._params = tracker, list(params)
-        self._wrap("_take_model_step", self._wrap_step)
-        self._wrap("backward", self._wrap_backward)
+        self._wrap(self.engine, "_take_model_step", self._wrap_step)
+        self._wrap(self.engine, "backward", self._wrap_backward)
+        optimizer = self.engine.optimizer
+        if self.stage in (1, 2) and hasattr(optimizer, "scaled_global_norm"):
+            self._wrap(optimizer, "scaled_global_norm", self._wrap_norm)
+        elif self.stage == 3 and hasattr(optimizer, "_get_norm_groups"):
+            self._wrap(optimizer, "_get_norm_groups", self._wrap_norm_groups)
         for optimizer in self._stepped_optimizers():
             self._hooks.append(optimizer.register_step_pre_hook(self._apply))
 
     def remove(self) -> None:
-        engine = self.engine
-        for name, (had, previous, wrapper) in self._originals.items():
-            if vars(engine).get(name) is not wrapper:
+        for (owner, name), (had, previous, wrapper) in self._originals.items():
+            if vars(owner).get(name) is not wrapper:
                 continue  # wrapped again over us since: leave the chain as it is
             if had:
-                setattr(engine, name, previous)
+                object.__setattr__(owner, name, previous)
             else:
-                delattr(engine, name)
+                object.__delattr__(owner, name)
         self._originals.clear()
         while self._hooks:
             self._hooks.pop().remove()
         self._tracker, self._pending = None, None
 
-    def _wrap(self, name: str, wrap: Callable[[Any], Any]) -> None:
-        engine = self.engine
-        previous = getattr(engine, name)
+    def _wrap(self, owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
+        """``owner.name`` replaced, on the instance, by ``wrap`` of it (put back by ``remove``)."""
+        previous = getattr(owner, name)
         wrapper = wrap(previous)
-        self._originals[name] = (name in vars(engine), previous, wrapper)
-        object.__setattr__(engine, name, wrapper)
+        self._originals[(owner, name)] = (name in vars(owner), previous, wrapper)
+        object.__setattr__(owner, name, wrapper)
 
     def _stepped_optimizers(self) -> list[torch.optim.Optimizer]:
         """The torch optimizers whose ``step`` updates the model: DeepSpeed's basic optimizer (under its wrapper)."""
@@ -285,13 +295,41 @@ class EngineDriver:
 
         return backward
 
+    def _wrap_norm(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """ZeRO-1/2's ``scaled_global_norm``: the global norm times the loss scale, without its all-reduce."""
+
+        def scaled_global_norm(*args: Any, **kwargs: Any) -> Any:
+            outcome = self._pending
+            if outcome is None:
+                return original(*args, **kwargs)
+            return self._scaled(outcome.total_norm)
+
+        return scaled_global_norm
+
+    def _wrap_norm_groups(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """ZeRO-3's ``_get_norm_groups``: one group, the global norm times the loss scale, without all-reduces."""
+
+        def get_norm_groups(*args: Any, **kwargs: Any) -> Any:
+            outcome = self._pending
+            if outcome is None:
+                return original(*args, **kwargs)
+            return [self._scaled(outcome.total_norm)]
+
+        return get_norm_groups
+
+    def _scaled(self, total_norm: float) -> torch.Tensor:
+        """The norm as DeepSpeed computes it before unscaling: times the loss scale (a device tensor: no sync)."""
+        return torch.tensor(total_norm, dtype=torch.float32, device=self._device()) * self._scale
+
     def _measure(self, tracker: GradTracker) -> None:
         pipeline = tracker._pipeline
         tracker._parameters.refresh()
         grads = None if self.stage == 0 else self._fragments()
+        amp = self._amp()
+        self._scale = self._loss_scale() if self.stage else 1.0
         before = pipeline.step
         try:
-            self._pending = pipeline.run(self._params, self._amp(), grads=grads, defer_clip=True)
+            self._pending = pipeline.run(self._params, amp, grads=grads, defer_clip=True)
         finally:
             tracker._silence.measured(pipeline.step > before)
 
@@ -334,17 +372,25 @@ class EngineDriver:
             from gradtrack.integrations import amp_state
 
             return amp_state(scaler, engine.optimizer)
-        optimizer = engine.optimizer
-        autocast = getattr(optimizer, "torch_autocast_gradscaler", None)
-        if autocast is not None:
-            return AmpState(autocast._scale, None) if autocast._scale is not None else None
-        try:
-            scale = float(optimizer.loss_scale)
-        except (AttributeError, TypeError):
-            return None
+        scale = self._loss_scale()
+        if isinstance(scale, torch.Tensor):
+            return AmpState(scale, None)
         if scale == 1.0 and not engine.fp16_enabled():
             return None
         return AmpState(torch.tensor(scale, dtype=torch.float32, device=self._device()), None)
+
+    def _loss_scale(self) -> float | torch.Tensor:
+        """The factor a ZeRO optimizer's gradients carry: its loss scaler's (1 without one), or under torch autocast
+        its GradScaler's (a device tensor, never read on the host)."""
+        optimizer = self.engine.optimizer
+        autocast = getattr(optimizer, "torch_autocast_gradscaler", None)
+        if autocast is not None and autocast._scale is not None:
+            scale: torch.Tensor = autocast._scale
+            return scale
+        try:
+            return float(optimizer.loss_scale)
+        except (AttributeError, TypeError):
+            return 1.0
 
     def _device(self) -> torch.device:
         device = getattr(self.engine, "device", None)

@@ -95,6 +95,7 @@ class Settings:
 class Outcome:
     """What a judged step asks of the update, for a caller that applies the clip itself (``defer_clip``)."""
 
+    total_norm: float  # the step's global norm, unscaled
     clip_coef: float  # the clip policy's factor (1.0: none; for clip="value", the factor of the largest element)
     skip: bool  # the update is to be skipped (non-finite gradients, a spike, a rollback)
 
@@ -315,7 +316,7 @@ class StepPipeline:
             self.amp_skipped()  # the optimizer skips its own update; the gradients are no evidence
             return None
         skip = self._judge(with_grad, layout, host, with_layers)
-        return Outcome(clip_coef=host.clip_coef, skip=skip)
+        return Outcome(total_norm=host.total_norm, clip_coef=host.clip_coef, skip=skip)
 
     def finish_diagnosis(self) -> None:
         """At the end of the run: a diagnosis still waiting for the next step finishes now (one sync, at exit)."""

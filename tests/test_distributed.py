@@ -7,7 +7,6 @@ since starting processes is most of the cost.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -17,25 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 
-def _spawn(worker: Callable[..., None], world: int, out: Path) -> list[dict[str, Any]]:
-    mp.spawn(_run, args=(worker, world, str(out)), nprocs=world, join=True)
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+def _spawn(worker: Callable[[int, int], dict[str, Any]], world: int, out: Path) -> list[dict[str, Any]]:
+    from gradtrack_testing import ranks
 
-
-def _run(rank: int, worker: Callable[..., dict[str, Any]], world: int, out: str) -> None:
-    import torch.distributed as dist
-
-    # A file rendezvous: no port to pick, so no race with another process for it.
-    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
-    try:
-        result = worker(rank, world)
-        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()  # no rank tears its connections down while another still talks over them
-    finally:
-        dist.destroy_process_group()
+    return ranks.spawn(worker, world, out)
 
 
 # -- DDP ------------------------------------------------------------------------------------------

@@ -11,9 +11,7 @@ module is involved: the plain ``GradTracker`` hooks the torch optimizer under ac
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 pytest.importorskip("accelerate")
@@ -30,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from gradtrack import GradTracker
+from gradtrack_testing import ranks
 from gradtrack_testing.models import mlp, regression_batches
 from gradtrack_testing.recording import CONTRACT_METRICS, RecordingBackend
 
@@ -221,25 +219,9 @@ def test_beside_accelerators_clip_a_monitor_only_tracker_sees_the_clipped_norm(r
 
 
 def _spawn(worker: Callable[[int, int], dict[str, Any]], world: int, out: Path) -> list[dict[str, Any]]:
-    mp.spawn(_run, args=(worker, world, str(out)), nprocs=world, join=True)
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
-
-
-def _run(rank: int, worker: Callable[[int, int], dict[str, Any]], world: int, out: str) -> None:
-    import torch.distributed as dist
-
-    # What torchrun sets, which accelerate reads to choose MULTI_CPU with gloo; OMP_NUM_THREADS keeps it from
-    # resizing torch's thread pool (with a warning). The group itself is made here, with a file rendezvous (no port
-    # to race for): accelerate finds it initialized and uses it.
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1")  # fmt: skip
-    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
-    try:
-        result = worker(rank, world)
-        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()  # no rank tears its connections down while another still talks over them
-    finally:
-        dist.destroy_process_group()
+    """What torchrun sets (which accelerate reads to choose MULTI_CPU with gloo) on ranks whose group is already up:
+    accelerate finds it initialized and uses it. OMP_NUM_THREADS keeps it from resizing torch's thread pool."""
+    return ranks.spawn(worker, world, out, env={"OMP_NUM_THREADS": "1"})
 
 
 def _ddp(rank: int, world: int) -> dict[str, Any]:

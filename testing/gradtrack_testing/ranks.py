@@ -6,13 +6,17 @@ several cases in them. A file rendezvous needs no port, so parallel tests never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["spawn"]
+__all__ = ["COLLECTIVES", "collectives", "spawn"]
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "reduce", "all_to_all_single", "barrier")  # fmt: skip
 
 
 def spawn(
@@ -56,3 +60,28 @@ def _run(
         dist.barrier()  # no rank tears its connections down while another still talks over them
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def collectives() -> Iterator[list[int]]:
+    """Counts every ``torch.distributed`` collective called meanwhile, by anyone (frameworks' comm layers call these
+    functions too; ``CommDebugMode`` sees only DTensor's)."""
+    import torch.distributed as dist
+
+    count = [0]
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            count[0] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    for name, original in originals.items():
+        setattr(dist, name, wrap(original))
+    try:
+        yield count
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
