@@ -165,7 +165,7 @@ def read_view(value: str) -> dict[str, Any]:
 def ui_version(tracking_uri: str, timeout: float = 5.0) -> str:
     """The MLflow version whose UI shows this tracking URI's runs: the server's (``GET /version``) over HTTP,
     else the installed MLflow's (``mlflow ui`` on a local store is this MLflow). "" when a server answers
-    without one (a proxy that does not pass ``/version`` on); a request that fails raises."""
+    without one (4xx: a proxy that does not pass ``/version`` on); a request that fails or a 5xx raises."""
     if not tracking_uri.startswith(("http://", "https://")):
         import mlflow
 
@@ -174,4 +174,7 @@ def ui_version(tracking_uri: str, timeout: float = 5.0) -> str:
     from mlflow.utils.rest_utils import http_request
 
     response = http_request(get_default_host_creds(tracking_uri), "/version", "GET", max_retries=0, timeout=timeout)
-    return str(response.text).strip() if response.status_code == 200 else ""
+    if 400 <= response.status_code < 500:  # answered, without a version: no view, for good
+        return ""
+    response.raise_for_status()  # a server error is worth a retry (requests' errors are OSErrors)
+    return str(response.text).strip()
