@@ -125,8 +125,8 @@ def test_links_open_on_the_answer_at_the_servers_own_address() -> None:
         view_link(uri, "../1")
     assert "viewStateShareKey" not in note_links("3", has_view=False)
     assert re.findall(r"\]\((#/experiments/3/runs\?[^)]*)\)", note_links("3", has_view=True)) == [
-        "#/experiments/3/runs?searchFilter=tags.diverged%20%3D%20%27true%27",
-        "#/experiments/3/runs?viewStateShareKey=gradtrack",
+        "#/experiments/3/runs?searchFilter=tags.diverged%20%3D%20%27true%27&workflowType=machine_learning",
+        "#/experiments/3/runs?viewStateShareKey=gradtrack&workflowType=machine_learning",
     ]
 
 
@@ -168,7 +168,7 @@ def test_runs_are_coloured_by_outcome_and_the_experiment_gets_the_view(server: A
     assert _run(client, experiment, "mine").data.tags[RUN_COLOR_TAG] == "#ff00ff"  # the user's colour, kept
     note = diverged.data.tags["mlflow.note.content"]
     experiment_id = diverged.info.experiment_id
-    assert f"(#/experiments/{experiment_id}/runs?viewStateShareKey=gradtrack)" in note
+    assert f"(#/experiments/{experiment_id}/runs?viewStateShareKey=gradtrack&workflowType=machine_learning)" in note
     view = read_view(client.get_experiment(experiment_id).tags[VIEW_TAG])
     assert view["state"] == view_state()
 

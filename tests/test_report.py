@@ -66,7 +66,7 @@ def test_the_run_page_says_what_happened_and_holds_the_plots(two_runs: tuple[str
         note = run.data.tags["mlflow.note.content"]
         assert note.startswith(MARKER) and f"### gradtrack: {headline}" in note
         assert "| recommended max_norm |" in note and f"run_uuid={ids[name]}" in note  # the plots, inline
-        assert "/runs?searchFilter=tags.diverged%20%3D%20%27true%27)" in note  # a link to the diverged runs
+        assert "/runs?searchFilter=tags.diverged%20%3D%20%27true%27&" in note  # a link to the diverged runs
         artifacts = {a.path for a in client.list_artifacts(ids[name], "gradtrack")}
         assert {"gradtrack/norms.png", "gradtrack/layers.png"} <= artifacts
         picture = Path(client.download_artifacts(ids[name], "gradtrack/norms.png", str(tmp_path / name)))
@@ -288,3 +288,11 @@ def test_the_demos_links_open_on_the_answer_without_a_click(server: Any, demo: l
     body = _wait_for_text(browser, "1 matching run")
     browser.save_screenshot(str(tmp_path / "diverged.png"))
     assert "monitor-only" in body and "clip-norm-5" not in body
+
+    run_page = f"{server.uri}/#/experiments/{experiment.experiment_id}/runs/{ids['monitor-only']}"
+    browser.get(run_page)  # its description links to the same two pages, whole (markdown ends a URL at a quote)
+    for text, page in (("the experiment's diverged runs", diverged), ("the gradtrack view of its runs", view)):
+        link = browser.find_element("xpath", f'//a[normalize-space(.)="{text}"]')  # waits for the page
+        assert link.get_attribute("href").endswith(page.split("/#/")[1]), text
+    browser.execute_script("arguments[0].scrollIntoView()", link)
+    browser.save_screenshot(str(tmp_path / "run.png"))

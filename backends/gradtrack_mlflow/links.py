@@ -67,7 +67,10 @@ def _diverged_query() -> str:
 def note_links(experiment_id: str, has_view: bool) -> str:
     """The markdown line of the run's description that links to the experiment's diverged runs (and its
     gradtrack view when the experiment has one), relative to the UI's page."""
-    links = [f"[the experiment's diverged runs]({_fragment(experiment_id, _diverged_query())})"]
+    diverged = _fragment(experiment_id, f"{_diverged_query()}&{_TRAINING}")
+    links = [f"[the experiment's diverged runs]({diverged})"]
     if has_view:
-        links.append(f"[the gradtrack view of its runs]({_fragment(experiment_id, f'viewStateShareKey={VIEW_ID}')})")
+        links.append(
+            f"[the gradtrack view of its runs]({_fragment(experiment_id, f'viewStateShareKey={VIEW_ID}&{_TRAINING}')})"
+        )
     return "Compare: " + " · ".join(links) + "\n"
