@@ -27,6 +27,7 @@ from gradtrack_mlflow.view import (
     COLUMNS,
     VIEW_TAG,
     read_view,
+    ui_version,
     view_state,
     view_supported,
     view_tag_value,
@@ -225,6 +226,8 @@ def test_gradtrack_view_adds_the_view_to_a_users_experiment(server: Any, capsys:
     assert "--replace" in capsys.readouterr().err and client.get_experiment(experiment_id).tags[VIEW_TAG] == edited
     assert main(["view", name, "--tracking-uri", server.uri, "--replace"]) == 0
     assert main(["view", "no-such-experiment", "--tracking-uri", server.uri]) == 2
+    assert ui_version(server.uri) == mlflow.__version__ == ui_version("sqlite:///mlflow.db")  # the server's, asked
+    assert ui_version("databricks") == ""  # its UI is not the one whose format was read: no view there
 
 
 def test_gradtrack_runs_prints_the_links(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -154,6 +154,7 @@ class MLflowBackend:
         self._tags_sent_at = -math.inf
         self._explosion_tag_due = False
         self._unwritable: set[str] = set()
+        self._outcome: Outcome | None = None  # the last outcome whose colour was asked for
 
     # -- resuming -----------------------------------------------------------------------------------
 
@@ -449,8 +450,10 @@ class MLflowBackend:
             self.sender.put(fragment, urgent=urgent)
 
     def _color(self, outcome: Outcome, urgent: bool = False) -> None:
-        """The run's colour for its outcome, set by the sender (which reads the run's tags first)."""
-        if self.color:
+        """The run's colour for a new outcome, set by the sender (which reads the run's tags first): two
+        requests when the outcome changes, none at every rollback of a run that is healed already."""
+        if self.color and outcome != self._outcome:
+            self._outcome = outcome
             self._send({"op": "run_color", "outcome": outcome}, urgent=urgent)
 
     def _explosion_tags(self) -> dict[str, str]:

@@ -164,8 +164,11 @@ def read_view(value: str) -> dict[str, Any]:
 
 def ui_version(tracking_uri: str, timeout: float = 5.0) -> str:
     """The MLflow version whose UI shows this tracking URI's runs: the server's (``GET /version``) over HTTP,
-    else the installed MLflow's (``mlflow ui`` on a local store is this MLflow). "" when a server answers
-    without one (4xx: a proxy that does not pass ``/version`` on); a request that fails or a 5xx raises."""
+    else the installed MLflow's (``mlflow ui`` on a local store is this MLflow). "" for Databricks, whose UI is
+    not MLflow's open-source one, and when a server answers without one (4xx: a proxy that does not pass
+    ``/version`` on); a request that fails or a 5xx raises."""
+    if tracking_uri.startswith(("databricks", "uc:")):  # a hosted UI of its own: not MLflow's open-source one
+        return ""
     if not tracking_uri.startswith(("http://", "https://")):
         import mlflow
 
