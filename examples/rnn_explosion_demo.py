@@ -6,8 +6,9 @@ and optimizer with norm clipping at 5.0: it trains, and stays ``diverged=false``
 
 Both runs go to MLflow's default store (``sqlite:///mlflow.db`` in the working directory, or
 ``MLFLOW_TRACKING_URI``), each with its plots and a description saying what happened; the script
-draws both runs' gradient norms in one picture (``gradtrack-demo.png``) and ends with the command that
-opens them side by side.
+draws both runs' gradient norms in one picture (``gradtrack-demo.png``) and ends with the links that open
+the MLflow UI on the answer: the runs (the diverged one red), the experiment's "gradtrack" saved view (the
+diverged runs first, with their explosions and the norm charts), and the diverged runs alone.
 """
 
 from __future__ import annotations
@@ -119,18 +120,9 @@ def draw_comparison(uri: str, experiment_id: str, names: list[str], path: Path) 
     return compare_runs(histories, path, "vanilla RNN, spectral radius 3: monitor-only vs clipped at 5")
 
 
-def runs_page(uri: str, experiment_id: str) -> str:
-    """The experiment's runs table in the MLflow UI.
-
-    Recent MLflow UIs open every experiment in the mode of their GenAI / Model training switch (GenAI
-    unless this browser chose otherwise) and no longer read the experiment's ``mlflow.experimentKind``
-    tag; ``workflowType`` in the link picks the mode for this visit, so the link lands on the runs.
-    """
-    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
-
-
 def main() -> None:
+    from gradtrack_mlflow.links import diverged_link, runs_link, view_link
+
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     rows = [train("monitor-only", clip=None), train("clip-norm-5", clip="norm", max_norm=MAX_NORM)]
     print()
@@ -143,11 +135,13 @@ def main() -> None:
     experiment_id = experiment.experiment_id
     picture = draw_comparison(uri, experiment_id, ["monitor-only", "clip-norm-5"], Path("gradtrack-demo.png"))
     print(f"\nBoth runs' gradient norms, drawn: {picture.absolute()}")
-    print("\nBoth runs are in MLflow (experiment 'gradtrack-rnn-demo'); compare them with:")
+    print("\nBoth runs are in MLflow (experiment 'gradtrack-rnn-demo'), coloured by outcome; compare them with:")
     if not uri.startswith(("http://", "https://")):
         print(f"  mlflow ui --backend-store-uri {uri}")
-    print(f"  open {runs_page(uri, experiment_id)}")
-    print("and filter with: tags.diverged = 'true'; or here: gradtrack runs --diverged, gradtrack report <run id>")
+    print(f"  open {runs_link(uri, experiment_id)}    # the runs: red diverged")
+    print(f"  open {view_link(uri, experiment_id)}    # the gradtrack view")
+    print(f"  open {diverged_link(uri, experiment_id)}    # only the diverged runs")
+    print("or here: gradtrack runs --diverged, gradtrack report <run id>")
 
 
 if __name__ == "__main__":

@@ -259,6 +259,7 @@ def test_experiments_gradtrack_creates_open_on_their_runs_and_the_users_are_left
                       "start_time": int(time.time() * 1000), "tags": {}})  # fmt: skip
         assert only_run(uri, experiment).info.run_id == sink.run_ids[key]
     assert client.get_experiment_by_name(created).tags[KIND] == "custom_model_development"
+    assert "mlflow.sharedViewState.gradtrack" in client.get_experiment_by_name(created).tags  # the saved view
     assert client.get_experiment_by_name(users).tags == {"team": "grad"}
 
 

@@ -66,6 +66,7 @@ def test_the_run_page_says_what_happened_and_holds_the_plots(two_runs: tuple[str
         note = run.data.tags["mlflow.note.content"]
         assert note.startswith(MARKER) and f"### gradtrack: {headline}" in note
         assert "| recommended max_norm |" in note and f"run_uuid={ids[name]}" in note  # the plots, inline
+        assert "/runs?searchFilter=tags.diverged%20%3D%20%27true%27&" in note  # a link to the diverged runs
         artifacts = {a.path for a in client.list_artifacts(ids[name], "gradtrack")}
         assert {"gradtrack/norms.png", "gradtrack/layers.png"} <= artifacts
         picture = Path(client.download_artifacts(ids[name], "gradtrack/norms.png", str(tmp_path / name)))
@@ -104,7 +105,9 @@ def test_runs_lists_the_runs_with_their_health(two_runs: tuple[str, str, dict[st
     assert rows["exploding"]["first_explosion_step"] is not None and rows["exploding"]["diverged_step"] is not None
     assert not rows["healthy"]["diverged"] and rows["healthy"]["recommended_max_norm"] > 0
     assert main(["runs", "--tracking-uri", uri, "--experiment", experiment, "--diverged"]) == 0
-    table = capsys.readouterr().out.splitlines()
+    table, links = capsys.readouterr().out.split("\n\n", 1)  # the table, then the links into the MLflow UI
+    table = table.splitlines()
+    assert f"{experiment}: diverged runs http" in links
     assert table[0].split()[:4] == ["run", "name", "experiment", "status"]
     assert len(table) == 2 and "exploding" in table[1] and "True" in table[1]
     assert main(["runs", "--tracking-uri", uri, "--experiment", "no-such-experiment"]) == 2
@@ -208,57 +211,88 @@ def _wait_for_text(browser: Any, text: str, timeout: float = 30.0) -> str:
 
 
 @pytest.fixture
-def demo(server: Any, tmp_path: Path) -> str:
-    """``make demo`` against the tracking server: the link it prints to its experiment in the MLflow UI."""
+def demo(server: Any, tmp_path: Path) -> list[str]:
+    """``make demo`` against the tracking server: the links it prints into the MLflow UI (the runs, the gradtrack
+    view, the diverged runs)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     environment["MLFLOW_TRACKING_URI"] = server.uri  # the demo's own way to log elsewhere than ./mlflow.db
     done = subprocess.run([sys.executable, str(EXAMPLES / "rnn_explosion_demo.py")], cwd=tmp_path, env=environment,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    printed = re.search(r"open (\S+)", done.stdout)
-    assert printed is not None and printed.group(1).startswith(f"{server.uri}/#/"), done.stdout[-2000:]
-    return printed.group(1)
+    printed = re.findall(r"open (\S+)", done.stdout)
+    assert len(printed) == 3 and all(link.startswith(f"{server.uri}/#/") for link in printed), done.stdout[-2000:]
+    return printed
+
+
+def _run_colours(browser: Any) -> dict[str, str]:
+    """Each run's name in the runs table and the CSS colour of its pill (MLflow's run colour)."""
+    pills = browser.find_elements("xpath", "//*[@data-testid='experiment-view-table-run-color']")
+    return {pill.find_element("xpath", "./following-sibling::a").text: pill.value_of_css_property("background-color")
+            for pill in pills}  # fmt: skip
+
+
+def _grid_row(browser: Any, run_name: str) -> str:
+    """The position of a run's row in the runs table as shown (the grid's order in the page is not the shown one)."""
+    row = browser.find_element("xpath", f"//a[normalize-space(.)='{run_name}']/ancestor::*[@row-index][1]")
+    return str(row.get_attribute("row-index"))
+
+
+def _rgb(color: str) -> str:
+    """``#rrggbb`` as Chromium reports a computed colour."""
+    red, green, blue = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({red}, {green}, {blue}, 1)"
 
 
 @pytest.mark.slow
-def test_the_demos_experiment_opens_on_its_runs_and_shows_which_diverged(server: Any, demo: str, browser: Any,
-                                                                        tmp_path: Path) -> None:  # fmt: skip
-    from selenium.webdriver.common.by import By
+def test_the_demos_links_open_on_the_answer_without_a_click(server: Any, demo: list[str], browser: Any,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    """The runs, coloured by outcome; the "gradtrack" saved view, whose format is MLflow's internal one: an
+    MLflow that reads it differently fails here (its sort, columns and charts are checked), not in users' hands."""
+    from gradtrack_mlflow.colors import CALM_COLORS, DIVERGED_COLOR
 
-    uri, link = server.uri, demo
-    client = MlflowClient(uri)
+    runs, view, diverged = demo
+    client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("gradtrack-rnn-demo")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # gradtrack created it
     ids = {run.info.run_name: run.info.run_id for run in client.search_runs([experiment.experiment_id])}
     assert set(ids) == {"monitor-only", "clip-norm-5"}
 
-    browser.get(link)  # the page that opens, before any click: the runs table, not the GenAI overview
-    body = _wait_for_text(browser, "monitor-only")
+    browser.get(runs)  # the page that opens, before any click: the runs table, the diverged run red
+    body = _wait_for_text(browser, "clip-norm-5")
+    colours = _run_colours(browser)
     browser.save_screenshot(str(tmp_path / "experiment.png"))
     assert f"/experiments/{experiment.experiment_id}/runs" in browser.current_url
-    assert "Run Name" in body and "clip-norm-5" in body and "Token Usage" not in body
-
-    [columns] = [b for b in browser.find_elements(By.XPATH, "//button") if b.text.strip() == "Columns"]
-    columns.click()
-    browser.find_element(By.XPATH, "//*[normalize-space(text())='diverged']").click()  # the tag, as a column
-    browser.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Escape closes the menu
-    body = _wait_for_text(browser, "true")
-    browser.save_screenshot(str(tmp_path / "runs.png"))
+    assert "Run Name" in body and "monitor-only" in body and "Token Usage" not in body
+    assert colours["monitor-only"] == _rgb(DIVERGED_COLOR)
+    assert colours["clip-norm-5"] in {_rgb(color) for color in CALM_COLORS}
     rows = body[body.index("Run Name") :]
-    assert "true" in rows and "false" in rows
     assert "rnn_explosion_demo.py" in rows and "reporter_main.py" not in rows  # the source: the user's script
 
-    browser.get(f"{uri}/#/experiments/{experiment.experiment_id}/runs/{ids['monitor-only']}")
-    page = _wait_for_text(browser, "gradtrack: diverged at step")  # the description, at the top of the run page
-    more = [b for b in browser.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']")]
-    if more:  # long descriptions are collapsed to their first lines
-        more[0].click()
-    page = _wait_for_text(browser, "recommended max_norm")
-    assert "exploded" in page or "explosion" in page
+    browser.get(view)  # the saved view: sorted by diverged, its columns, the diverged run first
+    body = _wait_for_text(browser, "gradtrack.explosions")
+    browser.save_screenshot(str(tmp_path / "view.png"))
+    assert "Sort: diverged" in body and "Error loading shared view state" not in body
+    rows = body[body.index("Run Name") :]
+    assert "diverged" in rows and "grad/total_norm" in rows and "loss" in rows
+    assert _grid_row(browser, "monitor-only") == "0" and _grid_row(browser, "clip-norm-5") == "1"  # sorted
+    [cell] = browser.find_elements("xpath", "//*[@row-index='0']/*[@col-id='tags.`diverged`']")  # the view's column
+    assert cell.text == "true"
+    assert _run_colours(browser)["monitor-only"] == _rgb(DIVERGED_COLOR)
+
+    browser.get(view.replace("?", "?compareRunsMode=CHART&", 1))  # the view's charts, its section first
+    body = _wait_for_text(browser, "gradtrack\n(3)")  # a section's name, then its count of charts
+    browser.save_screenshot(str(tmp_path / "charts.png"))
+    assert body.index("gradtrack\n(3)") < body.index("grad\n(")
+
+    browser.get(diverged)  # filtered: the diverged run alone
+    body = _wait_for_text(browser, "1 matching run")
+    browser.save_screenshot(str(tmp_path / "diverged.png"))
+    assert "monitor-only" in body and "clip-norm-5" not in body
+
+    run_page = f"{server.uri}/#/experiments/{experiment.experiment_id}/runs/{ids['monitor-only']}"
+    browser.get(run_page)  # its description links to the same two pages, whole (markdown ends a URL at a quote)
+    for text, page in (("the experiment's diverged runs", diverged), ("the gradtrack view of its runs", view)):
+        link = browser.find_element("xpath", f'//a[normalize-space(.)="{text}"]')  # waits for the page
+        assert link.get_attribute("href").endswith(page.split("/#/")[1]), text
+    browser.execute_script("arguments[0].scrollIntoView()", link)
     browser.save_screenshot(str(tmp_path / "run.png"))
-    browser.get(f"{uri}/#/experiments/{experiment.experiment_id}/runs/{ids['monitor-only']}/artifacts")
-    _wait_for_text(browser, "gradtrack")
-    browser.find_element(By.XPATH, "//*[normalize-space(text())='gradtrack']").click()
-    listing = _wait_for_text(browser, "norms.png")
-    assert "layers.png" in listing and "summary.json" in listing
-    browser.save_screenshot(str(tmp_path / "artifacts.png"))

@@ -32,9 +32,10 @@ from gradtrack.naming import extend_names, sanitize_names
 from gradtrack.notes import divergence_note, summary_note
 from gradtrack.secrets import strip_userinfo
 from gradtrack.validate import mapping, seconds, text
+from gradtrack_mlflow.colors import Outcome
 from gradtrack_mlflow.sender import Sender
 from gradtrack_mlflow.spool import Spool, private_directory, private_open
-from gradtrack_mlflow.transport import Sink, encode_value
+from gradtrack_mlflow.transport import LINKS, Sink, encode_value
 
 __all__ = ["MLflowBackend", "SpoolLeftWarning"]
 
@@ -84,6 +85,8 @@ class MLflowBackend:
     * ``loss_key`` (``"auto"``): the metric key of the observed loss (None: not logged). ``"auto"`` is the
       contract's ``loss`` in a run gradtrack creates and ``gradtrack/loss`` in a run it reuses (yours, a
       Lightning or Trainer logger's), whose ``loss`` is the owner's, on the owner's step axis.
+    * ``color`` (True): colour the run in the MLflow UI by how it goes (red diverged, orange healed by a
+      rollback, a calm colour while healthy), never over a colour you chose (:mod:`gradtrack_mlflow.colors`).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class MLflowBackend:
         plots: bool = True,
         note: bool = True,
         loss_key: str | None = "auto",
+        color: bool = True,
     ) -> None:
         self.tracking_uri = text(_option("tracking_uri"), tracking_uri)
         self.experiment_name = text(_option("experiment_name"), experiment_name)
@@ -113,10 +117,10 @@ class MLflowBackend:
         self.tag_interval_s = seconds(_option("tag_interval_s"), tag_interval_s)
         if spool_dir is not None and not (isinstance(spool_dir, str | os.PathLike) and os.fspath(spool_dir)):
             raise ValueError(f"mlflow option 'spool_dir' must be a path, got {spool_dir!r}")
-        for option, flag in (("plots", plots), ("note", note)):
+        for option, flag in (("plots", plots), ("note", note), ("color", color)):
             if not isinstance(flag, bool):
                 raise ValueError(f"mlflow option {option!r} must be True or False, got {flag!r}")
-        self.plots, self.note = plots, note
+        self.plots, self.note, self.color = plots, note, color
         if loss_key is not None and (not isinstance(loss_key, str) or not _LOSS_KEY.fullmatch(loss_key)
                                      or loss_key.startswith(("grad/", "grad_norm/", "weight_norm/"))):  # fmt: skip
             raise ValueError(
@@ -150,6 +154,7 @@ class MLflowBackend:
         self._tags_sent_at = -math.inf
         self._explosion_tag_due = False
         self._unwritable: set[str] = set()
+        self._outcome: Outcome | None = None  # the last outcome whose colour was asked for
 
     # -- resuming -----------------------------------------------------------------------------------
 
@@ -243,6 +248,7 @@ class MLflowBackend:
             self.sender.put({"op": "new_params", "params": params}, urgent=True)
             params = {}
         self.sender.put({"op": "fragment", "params": params, "tags": start_tags}, urgent=True)
+        self._color("diverged" if resumed and resumed.divergence else "healthy")
         self._write("events.jsonl", "")
 
     @hookimpl
@@ -305,6 +311,8 @@ class MLflowBackend:
                    urgent=True)  # fmt: skip
         self._write("events.jsonl", json.dumps({"rollback": event.to_dict()}) + "\n")
         self._history.add_rollback(event.step, event.restored_step)
+        if self._history.diverged_step is None:
+            self._color("healed")
 
     @hookimpl
     def gradtrack_divergence(self, event: Divergence) -> None:
@@ -314,9 +322,10 @@ class MLflowBackend:
             "gradtrack.diverged_reason": event.reason[:_MAX_TAG_VALUE],
         }
         self._send({"op": "fragment", "tags": tags}, urgent=True)
+        self._color("diverged", urgent=True)
         self._history.diverged_step, self._history.diverged_reason = event.step, event.reason
         if self.note:
-            self._send({"op": "note", "text": divergence_note(event)}, urgent=True)
+            self._send({"op": "note", "text": f"{divergence_note(event)}\n{LINKS}"}, urgent=True)
         self.flush(2 * self.request_timeout + 1.0)  # the tag is out (or spooled) when this hook returns
 
     @hookimpl
@@ -335,7 +344,8 @@ class MLflowBackend:
                 self.sender.put({"op": "log_artifact", "local_path": path, "artifact_path": "gradtrack"})
         if self.note:  # {run_id} is filled in when the note is sent: the run may not exist yet
             images = [(name, f"get-artifact?path=gradtrack/{name}&run_uuid={{run_id}}") for name in plots]
-            self.sender.put({"op": "note", "text": summary_note(end.summary, end.status, images)})
+            self.sender.put({"op": "note", "text": f"{summary_note(end.summary, end.status, images)}\n{LINKS}"})
+        self._color("diverged" if end.summary.diverged else "healed" if end.summary.rollbacks else "healthy")
         if self.owns_run or self._ends_given_run:
             self.sender.put({"op": "terminate", "status": _STATUS[end.status], "end_time": ms})
         done = self.sender.close(max(0.0, deadline - time.monotonic()))
@@ -438,6 +448,13 @@ class MLflowBackend:
     def _send(self, fragment: dict[str, Any], urgent: bool = False) -> None:
         if self.sender is not None:
             self.sender.put(fragment, urgent=urgent)
+
+    def _color(self, outcome: Outcome, urgent: bool = False) -> None:
+        """The run's colour for a new outcome, set by the sender (which reads the run's tags first): two
+        requests when the outcome changes, none at every rollback of a run that is healed already."""
+        if self.color and outcome != self._outcome:
+            self._outcome = outcome
+            self._send({"op": "run_color", "outcome": outcome}, urgent=urgent)
 
     def _explosion_tags(self) -> dict[str, str]:
         self._tags_sent_at = time.monotonic()

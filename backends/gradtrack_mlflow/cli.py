@@ -1,4 +1,5 @@
-"""The MLflow plugin's commands: ``gradtrack runs``, ``gradtrack report``, ``gradtrack replay``, ``gradtrack watch``.
+"""The MLflow plugin's commands: ``gradtrack runs``, ``gradtrack report``, ``gradtrack replay``, ``gradtrack watch``,
+``gradtrack view``.
 
 They read the tracking server (``--tracking-uri``, else MLflow's own configuration: ``MLFLOW_TRACKING_URI``,
 else ``sqlite:///mlflow.db`` here) with MLflow's client, imported when a command runs.
@@ -17,6 +18,8 @@ from typing import Any
 
 from gradtrack.history import RunHistory
 from gradtrack.secrets import redact
+from gradtrack_mlflow.links import diverged_link, view_link
+from gradtrack_mlflow.view import VIEW_TAG
 
 __all__ = ["add_commands"]
 
@@ -27,8 +30,9 @@ def add_commands(commands: Any) -> None:
     runs = commands.add_parser(
         "runs",
         help="a table of the runs gradtrack logged, with their gradient health",
-        description="A table of the runs gradtrack logged to MLflow. Exit code 0; 2 when the server cannot be "
-        "read or an experiment does not exist.",
+        description="A table of the runs gradtrack logged to MLflow, then, for each experiment in it, the links "
+        "that open the MLflow UI on its diverged runs and on its gradtrack view. Exit code 0; 2 when the server "
+        "cannot be read or an experiment does not exist.",
     )
     runs.add_argument("--experiment", action="append", help="an experiment name (repeatable; default: all)")
     runs.add_argument("--diverged", action="store_true", help="only the runs tagged diverged=true")
@@ -57,6 +61,9 @@ def add_commands(commands: Any) -> None:
     replay.add_argument("--request-timeout", type=float, default=30.0, help="seconds per request")
     replay.set_defaults(handler=_replay)
 
+    from gradtrack_mlflow.view_command import add_parser as add_view
+
+    add_view(commands)
     try:
         from gradtrack_mlflow.watch import add_parser as add_watch
     except ImportError:
@@ -102,7 +109,19 @@ def _runs(args: argparse.Namespace) -> int:
     widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
     for row in table:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    shown = {row["experiment"] for row in rows}
+    _print_links(args.tracking_uri or client.tracking_uri, [e for e in experiments if e.name in shown])
     return 0
+
+
+def _print_links(uri: str, experiments: list[Any]) -> None:
+    """Per experiment of the table: the MLflow UI on its diverged runs, and on its gradtrack view."""
+    for experiment in experiments:
+        print(f"\n{experiment.name}: diverged runs {diverged_link(uri, experiment.experiment_id)}")
+        if VIEW_TAG in experiment.tags:
+            print(f"{experiment.name}: gradtrack view {view_link(uri, experiment.experiment_id)}")
+        else:
+            print(f"{experiment.name}: no gradtrack view; add it with: gradtrack view {experiment.experiment_id}")
 
 
 def _row(run: Any, experiments: dict[str, str]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Executing journal operations against one MLflow tracking URI, each request bounded in time.
 
 An operation is a small JSON-able dict (``create_run``, which with ``resume`` opens the run of that key
-again, ``log_batch``, ``new_params``, ``log_artifact``, ``note``, ``terminate``), the same shape whether it
-is sent live or replayed from a spool file.
+again, ``log_batch``, ``new_params``, ``log_artifact``, ``note``, ``run_color``, ``terminate``), the same shape
+whether it is sent live or replayed from a spool file.
 
 Over HTTP the JSON endpoints are called through ``mlflow.utils.rest_utils.http_request`` with
 ``max_retries=0`` and ``timeout=request_timeout``: MLflow's own client reads its retry policy from
@@ -14,8 +14,13 @@ and go through ``MlflowClient``.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any, final
+
+from gradtrack_mlflow.colors import Outcome, color_tags, outcome_color
+from gradtrack_mlflow.links import note_links
+from gradtrack_mlflow.view import VIEW_TAG, ui_version, view_supported, view_tag_value
 
 __all__ = [
     "EXPERIMENT_KIND_TAG",
@@ -33,6 +38,7 @@ Op = dict[str, Any]
 _API = "/api/2.0/mlflow"
 NOTE_TAG = "mlflow.note.content"  # the run's description, shown at the top of its page
 RUN_KEY_TAG = "gradtrack.run_key"  # on every run gradtrack creates: a retried create_run finds it instead
+LINKS = "{gradtrack_links}"  # in a note's text: the links to the experiment's diverged runs and its view
 # On experiments gradtrack creates, never on others: without it MLflow 3's UI opens an experiment on its GenAI
 # traces overview, one click away from the training runs gradtrack logged there.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -83,6 +89,7 @@ class Sink:
         self.is_http = tracking_uri.startswith(("http://", "https://"))
         self.run_ids: dict[str, str] = {}
         self._client: Any = None
+        self._ui_version: str | None = None
 
     @property
     def client(self) -> Any:
@@ -112,6 +119,8 @@ class Sink:
             self._terminate(self.run_id(op), op["status"], op["end_time"])
         elif kind == "note":
             self._note(self.run_id(op), op["text"].replace("{run_id}", self.run_id(op)))
+        elif kind == "run_color":
+            self._run_color(self.run_id(op), op["outcome"])
         elif kind == "new_params":
             self._new_params(self.run_id(op), op["params"])
         else:
@@ -227,7 +236,7 @@ class Sink:
         if experiment is not None:
             return str(experiment.experiment_id)
         try:
-            return str(self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}))
+            return str(self.client.create_experiment(name, tags=self._new_experiment_tags()))
         except MlflowException as exc:  # another run created it between our two calls
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -245,13 +254,23 @@ class Sink:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
         try:
-            kind = [{"key": EXPERIMENT_KIND_TAG, "value": TRAINING_EXPERIMENT_KIND}]
-            return str(self._rest("POST", "experiments/create", {"name": name, "tags": kind})["experiment_id"])
+            tags = [{"key": key, "value": value} for key, value in self._new_experiment_tags().items()]
+            return str(self._rest("POST", "experiments/create", {"name": name, "tags": tags})["experiment_id"])
         except MlflowException as exc:  # another run created it between our two requests
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         found = self._rest("GET", "experiments/get-by-name", {"experiment_name": name})
         return str(found["experiment"]["experiment_id"])
+
+    def _new_experiment_tags(self) -> dict[str, str]:
+        """The tags of an experiment gradtrack creates: its kind, and the "gradtrack" saved view where the UI
+        that shows it reads the view's format (:mod:`gradtrack_mlflow.view`)."""
+        tags = {EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+        if self._ui_version is None:  # a failed request raises: the create is retried, the view not forgotten
+            self._ui_version = ui_version(self.tracking_uri, self.request_timeout)
+        if view_supported(self._ui_version):
+            tags[VIEW_TAG] = view_tag_value(int(time.time() * 1000))
+        return tags
 
     def _log_batch(
         self, run_id: str, metrics: list[list[Any]], params: Mapping[str, str], tags: Mapping[str, str]
@@ -276,16 +295,46 @@ class Sink:
         self._rest("POST", "runs/log-batch", body)
 
     def _note(self, run_id: str, section: str) -> None:
-        """gradtrack's section of the run's description, below whatever the user wrote there."""
+        """gradtrack's section of the run's description, below whatever the user wrote there; ``LINKS`` in it
+        becomes the links to the experiment's diverged runs and its saved view."""
         from gradtrack.notes import merge_note
 
+        tags, experiment_id = self._run_tags(run_id)
+        if LINKS in section:
+            has_view = VIEW_TAG in self._experiment_tags(experiment_id)
+            section = section.replace(LINKS, note_links(experiment_id, has_view))
+        self._set_tags(run_id, {NOTE_TAG: merge_note(tags.get(NOTE_TAG), section)})
+
+    def _run_color(self, run_id: str, outcome: Outcome) -> None:
+        """The run's colour for its outcome, unless the colour it has is the user's (:mod:`gradtrack_mlflow.colors`)."""
+        tags, _ = self._run_tags(run_id)
+        wanted = color_tags(tags, outcome_color(outcome, run_id))
+        if wanted:
+            self._set_tags(run_id, wanted)
+
+    def _run_tags(self, run_id: str) -> tuple[dict[str, str], str]:
+        """The run's tags and its experiment's id."""
         if not self.is_http:
-            existing = self.client.get_run(run_id).data.tags.get(NOTE_TAG)
-            self.client.set_tag(run_id, NOTE_TAG, merge_note(existing, section))
+            run = self.client.get_run(run_id)
+            return dict(run.data.tags), str(run.info.experiment_id)
+        run = self._rest("GET", "runs/get", {"run_id": run_id})["run"]
+        tags = {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
+        return tags, str(run["info"]["experiment_id"])
+
+    def _experiment_tags(self, experiment_id: str) -> dict[str, str]:
+        if not self.is_http:
+            return dict(self.client.get_experiment(experiment_id).tags)
+        found = self._rest("GET", "experiments/get", {"experiment_id": experiment_id})["experiment"]
+        return {tag["key"]: tag["value"] for tag in found.get("tags", [])}
+
+    def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        if not self.is_http:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
             return
-        tags = self._rest("GET", "runs/get", {"run_id": run_id})["run"]["data"].get("tags", [])
-        existing = next((tag["value"] for tag in tags if tag["key"] == NOTE_TAG), None)
-        self._rest("POST", "runs/set-tag", {"run_id": run_id, "key": NOTE_TAG, "value": merge_note(existing, section)})
+        body = {"run_id": run_id, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+        self._rest("POST", "runs/log-batch", body)
 
     def _terminate(self, run_id: str, status: str, end_time: int) -> None:
         if not self.is_http:
