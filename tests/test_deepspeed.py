@@ -205,6 +205,14 @@ def _precision_and_faults(rank: int, world: int) -> dict[str, Any]:
     nan_engine = engine(_model(), config(1, accumulation=ACCUMULATION))
     out["nonfinite_skip"] = _tracked(nan_engine, _batches(rank), poison=3, max_norm=MAX_NORM)
     out["nonfinite_params_finite"] = all(math.isfinite(v) for p in out["nonfinite_skip"]["params"] for v in p)
+    # DeepSpeed's own optimizer, built from its config (torch's AdamW under it: DeepSpeed's Adam compiles an op)
+    import deepspeed
+
+    own_config = {**config(2, accumulation=ACCUMULATION),
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}  # fmt: skip
+    own_model = _model()
+    own, *_ = deepspeed.initialize(model=own_model, model_parameters=own_model.parameters(), config=own_config)
+    out["own_optimizer"] = _tracked(own, _batches(rank), max_norm=MAX_NORM)
     # refusals, each with what to do instead
     refused = {}
     clipping = engine(_model(), config(2, clip=1.0))
@@ -260,6 +268,11 @@ def test_precision_overflow_nonfinite_and_refusals(tmp_path: Path) -> None:
     assert [s["skipped"] for s in skip["steps"]] == [False, True, False, False]
     assert skip["steps"][1]["nonfinite"] > 0 and skip["explosions"] == 1
     assert rank0["nonfinite_params_finite"] and rank1["nonfinite_params_finite"]  # the NaN update never happened
+    own = rank0["own_optimizer"]
+    assert len(own["steps"]) == STEPS and all(s["coef"] < 1.0 for s in own["steps"])
+    for step, ds_norm in zip(own["steps"], own["ds_norms"], strict=True):
+        assert step["total"] == pytest.approx(ds_norm, rel=1e-6)
+    assert own["params"] == rank1["own_optimizer"]["params"]
     refused = rank0["refused"]
     assert "gradient_clipping=1 would clip the gradients twice" in refused["twice"]
     assert '"gradient_clipping": 0.0' in refused["twice"]
@@ -314,6 +327,44 @@ def _trainer_run(tmp: str, max_grad_norm: float, **options: Any) -> dict[str, An
     }
 
 
+def _accelerate_run(rank: int) -> dict[str, Any]:
+    """A plain accelerate loop with accelerate's DeepSpeed plugin: the prepared model is the engine."""
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.state import AcceleratorState, GradientState
+
+    from gradtrack import GradTracker
+    from gradtrack_testing.recording import RecordingBackend
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    plugin = DeepSpeedPlugin(hf_ds_config={"train_micro_batch_size_per_gpu": 4, "gradient_clipping": MAX_NORM,
+                                           "gradient_accumulation_steps": ACCUMULATION,
+                                           "zero_optimization": {"stage": 2}})  # fmt: skip
+    # not cpu=True: accelerate then ignores the plugin; with no GPU here the device is the CPU all the same
+    accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=ACCUMULATION)
+    model = _model()
+    data = torch.utils.data.TensorDataset(*[torch.cat(parts) for parts in zip(*_batches(0), strict=True)])
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2), loader)
+    recorder, ds_norms = RecordingBackend(), []
+    with GradTracker(model, backend=recorder, layer_every=1):
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(nn.functional.mse_loss(model(x).squeeze(-1), y))
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                ds_norms.append(float(model.get_global_grad_norm()))
+    steps = recorder.of("step")
+    return {
+        "totals": [s.total_norm for s in steps],
+        "coefs": [s.clip_coef for s in steps],
+        "ds_norms": ds_norms,
+        "config": recorder.of("run_start")[0].config if steps else None,
+        "engine": type(model).__name__,
+    }
+
+
 def _trainer(rank: int, world: int) -> dict[str, Any]:
     import tempfile
 
@@ -321,11 +372,12 @@ def _trainer(rank: int, world: int) -> dict[str, Any]:
         return {
             "deepspeed_clips": _trainer_run(tmp, 0.5),
             "gradtrack_clips": _trainer_run(tmp, 0.0, max_norm=0.5),
+            "accelerate": _accelerate_run(rank),
         }
 
 
 @pytest.mark.slow
-def test_trainer_with_deepspeed_zero2(tmp_path: Path) -> None:
+def test_trainer_and_accelerate_with_deepspeed_zero2(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from gradtrack_testing.deepspeed import spawn
 
@@ -343,3 +395,8 @@ def test_trainer_with_deepspeed_zero2(tmp_path: Path) -> None:
     assert own["totals"] == pytest.approx(own["trainer_norms"], rel=1e-5)  # DeepSpeed's norm stays pre-clip
     for mine, theirs in zip(own["params"], follow["params"], strict=True):  # clipped once, by either, alike
         assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-6)
+    loop = rank0["accelerate"]
+    assert loop["engine"] == "DeepSpeedEngine" and loop["config"]["strategy"] == "deepspeed-zero2"
+    assert len(loop["totals"]) == len(loop["ds_norms"]) >= 2  # one gradtrack step per accumulation boundary
+    assert loop["totals"] == pytest.approx(loop["ds_norms"], rel=1e-6)
+    assert loop["coefs"] == pytest.approx([min(1.0, MAX_NORM / (n + 1e-6)) for n in loop["totals"]], rel=1e-6)
