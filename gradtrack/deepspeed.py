@@ -144,15 +144,12 @@ def check_engine(engine: Any) -> None:
         raise ValueError("gradtrack does not support DeepSpeed's PipelineEngine: pipeline stages hold different layers")
     if getattr(engine, "optimizer", None) is None:
         raise ValueError("this DeepSpeed engine has no optimizer (an inference engine?): there is no step to track")
-    if engine.zero_optimization() and (engine.zero_offload_optimizer() is not None or engine.zero_offload_param()):
-        offload = engine.zero_offload_optimizer() or engine.zero_offload_param()
-        if getattr(offload, "device", "none") not in ("none", None) and str(getattr(offload, "device", "none")) != (
-            "OffloadDeviceEnum.none"
-        ):
-            raise ValueError(
-                "gradtrack does not support DeepSpeed's optimizer or parameter offload (its gradients live in CPU or "
-                "NVMe buffers): turn offload_optimizer / offload_param off, or track without gradtrack"
-            )
+    if engine.zero_optimization() and (_offloads(engine.zero_offload_optimizer()) or
+                                       _offloads(engine.zero_offload_param())):  # fmt: skip
+        raise ValueError(
+            "gradtrack does not support DeepSpeed's optimizer or parameter offload (its gradients live in CPU or "
+            "NVMe buffers): turn offload_optimizer / offload_param off"
+        )
     if type(engine.optimizer).__name__ == "BF16_Optimizer":
         raise ValueError(
             "gradtrack does not support DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 and fp32 gradient "
@@ -167,6 +164,12 @@ def check_engine(engine: Any) -> None:
                 "gradtrack supports DeepSpeed with data parallelism over the whole world only (no tensor, "
                 "sequence or pipeline model parallelism): its norms are combined over the world"
             )
+
+
+def _offloads(setting: Any) -> bool:
+    """Whether a ZeRO ``offload_optimizer`` / ``offload_param`` setting moves anything (its device is not "none")."""
+    device = getattr(setting, "device", None)
+    return getattr(device, "value", device) not in (None, "none")
 
 
 def _version(module: Any) -> tuple[int, int] | None:
@@ -200,17 +203,17 @@ class EngineDriver:
     def strategy(self) -> str:
         return f"deepspeed-zero{self.stage}"
 
-    def parameters(self, trainable: Sequence[nn.Parameter]) -> list[nn.Parameter]:
-        """The trainable parameters DeepSpeed's optimizer updates, in the model's order."""
+    def updated(self, trainable: Sequence[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+        """The named trainable parameters DeepSpeed's optimizer updates, in the model's order."""
+        if self.stage == 0:
+            return list(trainable)
         optimizer = self.engine.optimizer
         groups = getattr(optimizer, "fp16_groups" if self.stage == 3 else "bit16_groups", None)
-        if self.stage in (1, 2, 3) and groups is None:
+        if groups is None:
             raise ValueError(f"gradtrack cannot find the parameter groups of this ZeRO-{self.stage} optimizer "
                              f"({type(optimizer).__name__})")  # fmt: skip
-        if groups is None:
-            return list(trainable)
         updated = {id(p) for group in groups for p in group}
-        return [p for p in trainable if id(p) in updated]
+        return [(name, p) for name, p in trainable if id(p) in updated]
 
     def num_parameters(self, params: Sequence[nn.Parameter]) -> int:
         """ZeRO-3 leaves each parameter an empty placeholder: its size is ``ds_numel``."""

@@ -391,14 +391,14 @@ class GradTracker:
         pipeline = self._pipeline
         self._parameters.refresh()
         trainable = self._parameters.trainable()
-        if self._engine is not None:  # the parameters DeepSpeed's optimizer updates
-            measured = set(map(id, self._engine.parameters([p for _, p in trainable])))
-            trainable = [(name, p) for name, p in trainable if id(p) in measured]
-        names = [name for name, _ in trainable]
         if self._engine is not None:
-            pipeline.topology = self._engine.topology([p for _, p in trainable], names)
+            trainable = self._engine.updated(trainable)
+        names = [name for name, _ in trainable]
+        params = [p for _, p in trainable]
+        if self._engine is not None:
+            pipeline.topology = self._engine.topology(params, names)
         else:
-            pipeline.topology = topology(self.model, [p for _, p in trainable], names)
+            pipeline.topology = topology(self.model, params, names)
         resumed = self._resumed() if self._loaded is not None else None
         pipeline.start(names)
         if pipeline.topology.reports:
@@ -419,7 +419,7 @@ class GradTracker:
             registrations.watch()
             self._watching = True
             if self._engine is not None:  # the engine's step measures; its optimizer steps flat partitions
-                self._engine.install(self, [p for _, p in trainable])
+                self._engine.install(self, params)
             elif self.optimizer is None:
                 self._handle = register_optimizer_step_pre_hook(self._on_optimizer_step)
             else:
@@ -438,9 +438,7 @@ class GradTracker:
                 config=self.config(),
                 layer_names=tuple(names),
                 num_parameters=(
-                    self._engine.num_parameters([p for _, p in trainable])
-                    if self._engine is not None
-                    else sum(p.numel() for _, p in trainable)
+                    self._engine.num_parameters(params) if self._engine is not None else sum(p.numel() for p in params)
                 ),
                 model_class=type(self.model).__name__,
                 timestamp=time.time(),

@@ -222,6 +222,9 @@ def _precision_and_faults(rank: int, world: int) -> dict[str, Any]:
         "rollback": lambda: GradTracker(clipping, on_divergence="rollback"),
         "agc": lambda: GradTracker(engine(_model(), config(2)), clip="agc"),
         "module": lambda: GradTracker(clipping.module).__enter__(),
+        "offload": lambda: GradTracker(engine(_model(), config(2, zero_force_ds_cpu_optimizer=False, zero_optimization={
+            "stage": 2, "offload_optimizer": {"device": "cpu"}}))),
+        "norm_type": lambda: GradTracker(engine(_model(), config(2)), norm_type="inf"),
     }.items():
         try:
             attempt()
@@ -280,6 +283,8 @@ def test_precision_overflow_nonfinite_and_refusals(tmp_path: Path) -> None:
     assert "on_divergence='rollback' is not supported inside a DeepSpeed engine" in refused["rollback"]
     assert "clip='agc' cannot clip inside a DeepSpeed engine" in refused["agc"]
     assert "pass the engine" in refused["module"] and "not engine.module" in refused["module"]
+    assert "does not support DeepSpeed's optimizer or parameter offload" in refused["offload"]
+    assert "norm_type must be 2 inside a DeepSpeed engine" in refused["norm_type"]
     assert rank0["resumed_steps"] == [2, 3]
 
 
