@@ -33,4 +33,6 @@ $(STAMP): pyproject.toml testing/pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[mlflow,wandb,dev,lightning,transformers,deepspeed]"
 	$(PY) -m pip install -q -e ./testing  # gradtrack_testing: helpers of the tests and benchmarks, not in the wheel
+	# DeepSpeed JIT-builds its CPU communication op the first time an engine starts (1-2 min): once here, not in a test
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null
 	touch $(STAMP)

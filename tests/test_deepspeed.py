@@ -19,6 +19,10 @@ from torch import nn
 
 pytest.importorskip("deepspeed")
 
+# Each test starts 2 ranks and builds a dozen engines (20-40 s here; more on a loaded machine, and the first engine
+# of a fresh machine JIT-builds DeepSpeed's CPU communication op unless make did).
+pytestmark = pytest.mark.timeout(900)
+
 MAX_NORM = 0.05  # binds at every step of these runs: the clip is exercised, not only reported
 STEPS, ACCUMULATION = 4, 2
 
