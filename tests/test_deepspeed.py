@@ -409,3 +409,38 @@ def test_trainer_and_accelerate_with_deepspeed_zero2(tmp_path: Path) -> None:
     assert len(loop["totals"]) == len(loop["ds_norms"]) >= 2  # one gradtrack step per accumulation boundary
     assert loop["totals"] == pytest.approx(loop["ds_norms"], rel=1e-6)
     assert loop["coefs"] == pytest.approx([min(1.0, MAX_NORM / (n + 1e-6)) for n in loop["totals"]], rel=1e-6)
+
+
+# -- one process ----------------------------------------------------------------------------------------------
+
+
+def _single(rank: int, world: int) -> dict[str, Any]:
+    from gradtrack_testing.deepspeed import config, engine
+
+    out = {}
+    for stage in (0, 2, 3):
+        reference = engine(_model(), config(stage, clip=MAX_NORM, accumulation=ACCUMULATION))
+        ds_norms, _ = _train(reference, _batches(rank))
+        tracked = _tracked(engine(_model(), config(stage, clip=MAX_NORM, accumulation=ACCUMULATION)), _batches(rank))
+        out[f"zero{stage}"] = {"tracked": tracked, "reference_norms": ds_norms,
+                               "reference_params": _parameters(reference)}  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_one_process_engine(tmp_path: Path) -> None:
+    from gradtrack_testing.deepspeed import spawn
+
+    (result,) = spawn(_single, 1, tmp_path)
+    for stage in (0, 2, 3):
+        case = result[f"zero{stage}"]
+        run = case["tracked"]
+        assert run["config"]["strategy"] == f"deepspeed-zero{stage}" and run["config"]["world_size"] == 1
+        assert run["collectives"] == 0 and len(run["steps"]) == STEPS  # nothing to combine
+        if stage:  # DeepSpeed's own norm, untracked, on the same batches
+            assert [s["total"] for s in run["steps"]] == pytest.approx(case["reference_norms"], rel=1e-6)
+        for step, full in zip(run["steps"], run["full_layers"], strict=True):
+            for name, norm in full.items():
+                assert step["layers"][name] == pytest.approx(norm, rel=1e-5)
+        for mine, theirs in zip(run["params"], case["reference_params"], strict=True):
+            assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-7)
