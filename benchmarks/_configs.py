@@ -200,7 +200,7 @@ def backend_problem(key: str) -> str | None:
             __import__(sdk)
         if module is not None:
             __import__(module)
-            from gradtrack.plugins import available_backends
+            from gradtrack.delivery.plugins import available_backends
 
             if BACKEND_OF[key] not in available_backends():
                 return f"backend {BACKEND_OF[key]!r} is not registered (pip install -e '.[{BACKEND_OF[key]}]')"

@@ -19,7 +19,7 @@ steps on 5 seeds (``--quick``: 2). Every (scenario, seed) is trained, on the sam
 * **gradtrack** through its public API, ``GradTracker(model, backend=<event recorder>, clip=...)`` around an
   ordinary loop: monitor only (``clip=None``) with and without ``tracker.observe(loss=...)``, ``clip="norm"``
   at 1.0, and every policy among ``adaptive``, ``zscore``, ``agc``, ``adagc``, ``auto`` that
-  ``gradtrack.clipping.CLIP_POLICIES`` has (``n/a`` otherwise), with their defaults, plus
+  ``gradtrack.policies.clipping.CLIP_POLICIES`` has (``n/a`` otherwise), with their defaults, plus
   ``on_spike="skip"`` where ``GradTracker`` accepts it; every configuration but one monitor observes the loss;
 * **baselines**, plain functions of the run's norms and losses. Detection only: the seed's fixed threshold
   (total norm > 10, or NaN/Inf); Megatron's check (non-finite, or at least 10x the largest of the first 100
@@ -465,7 +465,7 @@ def rescued(run: Run, twin: Run) -> bool:
 
 def tracker_configs() -> dict[str, tuple[str, dict | None, str]]:
     """Every gradtrack configuration: key -> (label, kwargs or None when unavailable, note)."""
-    from gradtrack.clipping import CLIP_POLICIES
+    from gradtrack.policies.clipping import CLIP_POLICIES
 
     probe = torch.nn.Linear(2, 2)
     configs: dict[str, tuple[str, dict | None, str]] = {}

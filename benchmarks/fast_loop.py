@@ -40,13 +40,13 @@ import torch
 from _models import fast_mlp, timed_steps
 
 from gradtrack import GradTracker, hookimpl, reporter_main
-from gradtrack.channel import Incoming, encode, pipe_capacity
-from gradtrack.console import ConsoleBackend
-from gradtrack.dispatch import Dispatcher
+from gradtrack.delivery.console import ConsoleBackend
+from gradtrack.delivery.dispatch import Dispatcher
+from gradtrack.delivery.outbox import Outbox
+from gradtrack.delivery.reporter import Reporter
 from gradtrack.events import RunStart
-from gradtrack.messages import LayoutAnnounced, RunStarted, StepRecord
-from gradtrack.outbox import Outbox
-from gradtrack.reporter import Reporter
+from gradtrack.handover.channel import Incoming, encode, pipe_capacity
+from gradtrack.handover.messages import LayoutAnnounced, RunStarted, StepRecord
 from gradtrack_testing.fault_server import FaultServer
 from gradtrack_testing.mlflow_server import MlflowServer
 

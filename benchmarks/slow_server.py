@@ -15,7 +15,7 @@ optimizer, all open at once:
 * (d) gradtrack + ``backend="mlflow"`` to the silent server.
 
 The backend is named by string, as users name it, so it runs where users get it: in gradtrack's
-reporter process (``python -m gradtrack.reporter_main``, niced to 19, one per tracker), which the
+reporter process (``python -m gradtrack.delivery.reporter_main``, niced to 19, one per tracker), which the
 training process feeds one pickled message per record through a non-blocking pipe.
 
 Three phases per ``layer_every``:
@@ -192,7 +192,7 @@ class Case(Tracked):
         self.run_name = f"{key}-layer_every-{layer_every}-{os.getpid()}"
         self.peaks = Peaks()
         self.exit_s: float | None = None
-        self.reporter: Any = None  # the tracker's gradtrack.reporter.Reporter (None for backend=None)
+        self.reporter: Any = None  # the tracker's gradtrack.delivery.reporter.Reporter (None for backend=None)
         self.process: psutil.Process | None = None  # the reporter process
         self.warned_spool: Path | None = None  # the spool a SpoolLeftWarning named
         self.dropped = 0  # records dropped in the training process, read at exit

@@ -4,7 +4,7 @@ The model is ``benchmarks/_models.py``'s ``wide`` (50 x Linear(566), 100 tensors
 Adam, on the CPU, one fixed batch of 32 (the loop ``timed_steps`` runs: forward, backward, ``observe``,
 ``optimizer.step()``):
 
-* **one snapshot**: ``gradtrack.rollback.Healer`` (what the tracker calls) on the trained model and its Adam
+* **one snapshot**: ``gradtrack.heal.rollback.Healer`` (what the tracker calls) on the trained model and its Adam
   state, timed directly: the first two (which allocate the ring's host buffers) apart from the later ones
   (the parameters' buffers are reused, the optimizer state is copied afresh); wall and thread CPU time; and
   one restore (``heal``), the time a rollback takes;
@@ -53,7 +53,7 @@ from _models import MODELS, fast_mlp
 from _timing import Clock, Samples, interleave, table
 
 from gradtrack import Divergence, GradTracker, Summary
-from gradtrack.rollback import Healer
+from gradtrack.heal.rollback import Healer
 
 __all__ = ["CostResult", "OVERHEAD_TARGET", "cost_lines", "cost_table", "measure"]
 

@@ -109,7 +109,7 @@ def draw_comparison(uri: str, experiment_id: str, names: list[str], path: Path) 
     from gradtrack_mlflow.cli import history_of
     from mlflow.tracking import MlflowClient
 
-    from gradtrack.plots import compare_runs
+    from gradtrack.delivery.plots import compare_runs
 
     client = MlflowClient(uri)
     histories = {}

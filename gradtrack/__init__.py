@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from gradtrack._version import __version__
+from gradtrack.delivery.plugins import BackendUnavailableError, UnknownBackendError, available_backends
 from gradtrack.events import (
     Divergence,
     Explosion,
@@ -25,12 +26,11 @@ from gradtrack.events import (
 )
 from gradtrack.hookspecs import hookimpl, hookspec
 from gradtrack.naming import sanitize_names
-from gradtrack.plugins import BackendUnavailableError, UnknownBackendError, available_backends
 from gradtrack.state import StateError
 
 if TYPE_CHECKING:
     from gradtrack.calibration import Calibration, calibrate
-    from gradtrack.clipping import AGC, AdaGC, AdaptiveClip, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip
+    from gradtrack.policies.clipping import AGC, AdaGC, AdaptiveClip, AutoClip, ClipPolicy, NormClip, ValueClip, ZClip
     from gradtrack.tracker import DivergenceError, GradTracker, NonFiniteGradientError
 
 __all__ = [
@@ -69,14 +69,14 @@ __all__ = [
 ]
 
 _WITH_TORCH = {
-    "AGC": "gradtrack.clipping",
-    "AdaGC": "gradtrack.clipping",
-    "AutoClip": "gradtrack.clipping",
-    "ZClip": "gradtrack.clipping",
-    "AdaptiveClip": "gradtrack.clipping",
-    "ClipPolicy": "gradtrack.clipping",
-    "NormClip": "gradtrack.clipping",
-    "ValueClip": "gradtrack.clipping",
+    "AGC": "gradtrack.policies.clipping",
+    "AdaGC": "gradtrack.policies.clipping",
+    "AutoClip": "gradtrack.policies.clipping",
+    "ZClip": "gradtrack.policies.clipping",
+    "AdaptiveClip": "gradtrack.policies.clipping",
+    "ClipPolicy": "gradtrack.policies.clipping",
+    "NormClip": "gradtrack.policies.clipping",
+    "ValueClip": "gradtrack.policies.clipping",
     "GradTracker": "gradtrack.tracker",
     "Calibration": "gradtrack.calibration",
     "calibrate": "gradtrack.calibration",

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gradtrack._version import __version__
-from gradtrack.plugins import AUTOLOAD_ENV, KNOWN_EXTRAS, available_backends, discovery_manager
+from gradtrack.delivery.plugins import AUTOLOAD_ENV, KNOWN_EXTRAS, available_backends, discovery_manager
 
 __all__ = ["main"]
 

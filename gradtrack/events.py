@@ -381,7 +381,7 @@ class Summary:
     rollbacks: tuple[tuple[int, int], ...] = ()
     lr_scale: float = 1.0
     snapshot_bytes: int = 0
-    unmeasured: str | None = None  # a run that measured no step: why (see gradtrack.silence)
+    unmeasured: str | None = None  # a run that measured no step: why (see gradtrack.step.silence)
 
     @property
     def clip_rate(self) -> float:

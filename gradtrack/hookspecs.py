@@ -10,15 +10,15 @@ Where hooks run:
   a factory can read the user's context there (an active MLflow or W&B run, a tracking URI set in
   code). It must not import a tracker SDK the user has not imported: keep plain values.
 * For a backend the user named by string, the object the factory returned is pickled into the
-  **reporter process** (``gradtrack.reporter_main``), which never imports torch; every other hook runs
+  **reporter process** (``gradtrack.delivery.reporter_main``), which never imports torch; every other hook runs
   there. The object must therefore be picklable when the factory returns it; one that is not, or that
-  sets ``gradtrack_in_process = True``, runs in the training process instead (see ``gradtrack.outbox``).
+  sets ``gradtrack_in_process = True``, runs in the training process instead (see ``gradtrack.delivery.outbox``).
 * A backend object the user passed by instance runs in the training process.
 
 Either way, the lifecycle, step and event hooks of a backend are called on that backend's own worker
 thread, in the order the tracker produced them, never on the training thread. A backend may block
 there (network I/O), but while it does its queue fills; past its bound, routine step records are
-decimated by rule (see ``gradtrack.dispatch``). An exception raised by a hook is reported once as a
+decimated by rule (see ``gradtrack.delivery.dispatch``). An exception raised by a hook is reported once as a
 warning (in the training process, wherever the hook ran) and the backend keeps receiving later
 calls; training never sees it.
 """
@@ -154,7 +154,7 @@ def gradtrack_step(stats: StepStats) -> None:
     Called every ``log_every`` steps and on every step that raised an explosion, saw non-finite
     gradients, was skipped or was judged diverged. Under back-pressure routine steps may be
     decimated; flagged steps are kept unless the backend is ten times ``max_pending`` behind (see
-    ``gradtrack.dispatch``). Not called on a backend that implements ``gradtrack_steps``. The return
+    ``gradtrack.delivery.dispatch``). Not called on a backend that implements ``gradtrack_steps``. The return
     value is ignored.
     """
 
@@ -202,7 +202,7 @@ def gradtrack_flush(timeout: float) -> None:
 
 # -------------------------------------------------------------------------
 # Events: delivered as soon as the step that raised them is measured. Divergence is never dropped;
-# explosions only past the hard backlog bound of ``gradtrack.dispatch``.
+# explosions only past the hard backlog bound of ``gradtrack.delivery.dispatch``.
 # -------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """GradTracker: the context manager users write, and the hooks that decide when a step happens.
 
-The step itself (measure, clip, one transfer, judge, report) is ``gradtrack.pipeline``.
+The step itself (measure, clip, one transfer, judge, report) is ``gradtrack.step.pipeline``.
 """
 
 from __future__ import annotations
@@ -22,25 +22,17 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils.hooks import RemovableHandle
 
 from gradtrack._version import __version__
-from gradtrack.amp import AmpState, ScalerWatch, amp_state, check_scaler
-from gradtrack.clipping import ClipPolicy, make_clip_policy
-from gradtrack.deepspeed import EngineDriver, check_engine, clip_rule, engine_of, is_engine, value_bound
-from gradtrack.detection import DivergenceDetector, ExplosionDetector, Judge, SpikeSkip
-from gradtrack.distributed import topology
-from gradtrack.events import Divergence, Explosion, Resumed, RunEnd, RunStart, RunStatus, Summary
-from gradtrack.messages import RunEnded, RunStarted
-from gradtrack.outbox import Outbox
-from gradtrack.params import ParameterSet, clean_name, registrations
-from gradtrack.pipeline import (
-    DivergenceError,
-    NonFiniteGradientError,
-    OnDivergence,
-    OnNonfinite,
-    Settings,
-    StepPipeline,
+from gradtrack.delivery.outbox import Outbox
+from gradtrack.delivery.plugins import (
+    BackendSpec,
+    call_backend_hook,
+    check_backend_spec,
+    requested_names,
+    resolve_backends,
 )
-from gradtrack.plugins import BackendSpec, call_backend_hook, check_backend_spec, requested_names, resolve_backends
-from gradtrack.rollback import (
+from gradtrack.events import Divergence, Explosion, Resumed, RunEnd, RunStart, RunStatus, Summary
+from gradtrack.handover.messages import RunEnded, RunStarted
+from gradtrack.heal.rollback import (
     Healer,
     RollbackSettings,
     check_healer_state,
@@ -48,8 +40,23 @@ from gradtrack.rollback import (
     check_snapshottable,
     schedulers_of,
 )
-from gradtrack.silence import Silence
+from gradtrack.judge.detection import DivergenceDetector, ExplosionDetector, Judge, SpikeSkip
+from gradtrack.measure.amp import AmpState, ScalerWatch, amp_state, check_scaler
+from gradtrack.measure.distributed import topology
+from gradtrack.measure.params import ParameterSet, clean_name, registrations
+from gradtrack.policies.clipping import ClipPolicy, make_clip_policy
 from gradtrack.state import FORMAT, VERSION, StateError, check_plain, integer, part
+from gradtrack.step.deepspeed import EngineDriver, check_engine, clip_rule, engine_of, is_engine, value_bound
+from gradtrack.step.iteration import Iteration
+from gradtrack.step.pipeline import (
+    DivergenceError,
+    NonFiniteGradientError,
+    OnDivergence,
+    OnNonfinite,
+    Settings,
+    StepPipeline,
+)
+from gradtrack.step.silence import Silence
 from gradtrack.validate import count, mapping, optional_count, seconds
 
 __all__ = ["DivergenceError", "GradTracker", "NonFiniteGradientError", "clean_name"]
@@ -79,7 +86,7 @@ class GradTracker:
 
     Use it as a context manager around an unchanged training loop; every option is described in the
     documentation's options reference (``docs/reference/options.md``). ``model`` may be a DeepSpeed engine
-    (what ``deepspeed.initialize`` returns): see ``gradtrack.deepspeed``.
+    (what ``deepspeed.initialize`` returns): see ``gradtrack.step.deepspeed``.
     """
 
     def __init__(
@@ -186,7 +193,7 @@ class GradTracker:
             for name, options in mapping("backend_options", backend_options).items()
         }
         self._max_pending = count("max_pending", max_pending)
-        self._iteration = _Iteration(parameters)
+        self._iteration = Iteration(parameters)
         self._backends: list[tuple[str, object]] = []
         self._loaded: Mapping[str, Any] | None = None  # a state to resume from, checked, waiting for __enter__
         self._entered = False
@@ -635,66 +642,3 @@ class GradTracker:
         if self._active and not self._stepped_since_update:
             self._pipeline.amp_skipped()
         self._stepped_since_update = False
-
-
-@final
-class _Iteration:
-    """Recognises one training iteration, so several optimizers over one model make one gradtrack step.
-
-    An optimizer step starts a new iteration when that optimizer already stepped in the current one,
-    or when the gradients of its parameters changed since gradtrack measured them (their first
-    gradient is another tensor, or was written since: autograd and ``zero_grad`` bump its version).
-    Otherwise it belongs to the iteration already measured, which measured and clipped every
-    parameter of the model. An optimizer seen for the first time joins the current iteration if the
-    model's gradients are still those measured (a second optimizer over another part of the model), and
-    starts a new one if they changed (an optimizer made anew mid-run, say after a parameter was replaced).
-    """
-
-    def __init__(self, parameters: ParameterSet) -> None:
-        self._parameters = parameters
-        self._marks: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Mark] = weakref.WeakKeyDictionary()
-        self._stepped: set[int] = set()
-        self._model_mark: _Mark = None
-        self._open = False
-
-    def starts(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> bool:
-        mark = _mark(params)
-        if not self._open or id(optimizer) in self._stepped:
-            return True
-        if optimizer in self._marks:
-            if not _same(self._marks[optimizer], mark):
-                return True
-        elif not _same(_mark(self._parameters.params), self._model_mark):
-            return True
-        self._stepped.add(id(optimizer))
-        self._marks[optimizer] = mark
-        return False
-
-    def measured(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """After a measurement (clipping rewrote the gradients): the marks of every known optimizer move."""
-        self._open = True
-        self._stepped = {id(optimizer)} if optimizer is not None else set()
-        if optimizer is not None:
-            self._marks.setdefault(optimizer, None)
-        for known in list(self._marks):
-            self._marks[known] = _mark(self._parameters.of(known))
-        self._model_mark = _mark(self._parameters.params)
-
-
-_Mark = tuple["weakref.ref[torch.Tensor]", int] | None
-
-
-def _mark(params: Sequence[nn.Parameter]) -> _Mark:
-    """The first trainable gradient and its version: one moves when the gradients change. A weak reference,
-    not ``id()``: a gradient freed by ``zero_grad`` and the one made by the next ``backward`` can share an id."""
-    for p in params:
-        grad = p.grad
-        if grad is not None and p.requires_grad:
-            return weakref.ref(grad), grad._version
-    return None
-
-
-def _same(first: _Mark, second: _Mark) -> bool:
-    if first is None or second is None:
-        return first is second
-    return first[0]() is second[0]() is not None and first[1] == second[1]

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from gradtrack import GradTracker
-from gradtrack.adaptive import AGC, AdaGC, AutoClip, ZClip
-from gradtrack.clipping import make_clip_policy
-from gradtrack.policy import ClipPolicy
-from gradtrack.stats import measure
+from gradtrack.measure.stats import measure
+from gradtrack.policies.adaptive import AGC, AdaGC, AutoClip, ZClip
+from gradtrack.policies.clipping import make_clip_policy
+from gradtrack.policies.policy import ClipPolicy
 from gradtrack_testing.models import VanillaRNN, mlp
 
 

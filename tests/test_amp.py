@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gradtrack import GradTracker
-from gradtrack.clipping import AdaptiveClip
+from gradtrack.policies.clipping import AdaptiveClip
 from gradtrack_testing.models import mlp, regression_batches
 from gradtrack_testing.recording import RecordingBackend
 

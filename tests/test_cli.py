@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gradtrack.cli import main
-from gradtrack.plugins import AUTOLOAD_ENV
+from gradtrack.delivery.plugins import AUTOLOAD_ENV
 
 
 def test_backends_lists_what_backend_accepts(capsys: pytest.CaptureFixture[str]) -> None:

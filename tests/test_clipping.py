@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gradtrack.clipping import AdaptiveClip, ClipPolicy, NormClip, ValueClip, make_clip_policy
-from gradtrack.stats import measure
+from gradtrack.measure.stats import measure
+from gradtrack.policies.clipping import AdaptiveClip, ClipPolicy, NormClip, ValueClip, make_clip_policy
 
 
 def _grads(mixed: bool = False, scale: float = 5.0) -> list[torch.Tensor]:

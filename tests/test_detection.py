@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gradtrack.detection import DivergenceDetector, ExplosionDetector, offenders
+from gradtrack.judge.detection import DivergenceDetector, ExplosionDetector, offenders
 
 
 def test_explosion_kinds_in_order() -> None:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from gradtrack import DivergenceError, GradTracker, calibrate
-from gradtrack.detection import SpikeSkip
-from gradtrack.diagnosis import LayerHistory, depth_growth
+from gradtrack.judge.detection import SpikeSkip
+from gradtrack.judge.diagnosis import LayerHistory, depth_growth
 from gradtrack_testing.models import VanillaRNN, mlp, regression_batches, rnn_batch, train_steps
 from gradtrack_testing.recording import RecordingBackend
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gradtrack import GradTracker, hookimpl
-from gradtrack.dispatch import Dispatcher
+from gradtrack.delivery.dispatch import Dispatcher
 from gradtrack.events import StepStats
-from gradtrack.messages import StepRecord
+from gradtrack.handover.messages import StepRecord
 from gradtrack_testing.models import mlp
 from gradtrack_testing.recording import RecordingBackend
 

@@ -17,7 +17,7 @@ import griffe
 ROOT = Path(__file__).parent.parent
 # What users import: gradtrack's exports, the trainer callbacks, and the backends they may build themselves.
 EXPORTING = ("gradtrack", "gradtrack.integrations.lightning", "gradtrack.integrations.transformers")
-BACKENDS = ("gradtrack.console.ConsoleBackend", "gradtrack_mlflow.backend.MLflowBackend",
+BACKENDS = ("gradtrack.delivery.console.ConsoleBackend", "gradtrack_mlflow.backend.MLflowBackend",
             "gradtrack_wandb.backend.WandbBackend")  # fmt: skip
 VALUES = {"__version__", "hookimpl", "hookspec"}  # not classes or functions: described in the reference's prose
 

@@ -16,13 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import gradtrack.channel
-import gradtrack.reporter
+import gradtrack.delivery.reporter
+import gradtrack.handover.channel
 from gradtrack import GradTracker
-from gradtrack.channel import decode, encode
-from gradtrack.dispatch import drops
+from gradtrack.delivery.dispatch import drops
 from gradtrack.events import LayersAdded
-from gradtrack.messages import Diverged, Keep, LayersAnnounced, LayoutAnnounced, RunEnded, StepRecord
+from gradtrack.handover.channel import decode, encode
+from gradtrack.handover.messages import Diverged, Keep, LayersAnnounced, LayoutAnnounced, RunEnded, StepRecord
 from gradtrack_testing import probe_plugin
 
 floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
@@ -88,8 +88,8 @@ class _Net(nn.Module):
 def test_a_new_layout_survives_a_reporter_far_behind(probe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reporter is stopped until the hand-over is past its hard bound; a layer unfrozen then still arrives
     by name once it catches up (the layout announcing it is never dropped)."""
-    monkeypatch.setattr(gradtrack.channel, "_PIPE_SIZE", 4096)  # a full pipe after a few records
-    monkeypatch.setattr(gradtrack.reporter, "_MAX_BYTES", 1)  # then messages wait, and are dropped by rule
+    monkeypatch.setattr(gradtrack.handover.channel, "_PIPE_SIZE", 4096)  # a full pipe after a few records
+    monkeypatch.setattr(gradtrack.delivery.reporter, "_MAX_BYTES", 1)  # then messages wait, and are dropped by rule
     net = _Net()
     net.first.requires_grad_(False)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)

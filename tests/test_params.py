@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-import gradtrack.params
+import gradtrack.measure.params
 from gradtrack import GradTracker
-from gradtrack.params import RESCAN_EVERY
+from gradtrack.measure.params import RESCAN_EVERY
 from gradtrack_testing.recording import RecordingBackend
 
 
@@ -167,7 +167,7 @@ def test_noticing_costs_no_walk_over_the_model_on_a_step_where_nothing_changed()
 def test_a_parameter_written_behind_torchs_back_is_found_by_the_periodic_walk(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(gradtrack.params, "RESCAN_EVERY", 25)
+    monkeypatch.setattr(gradtrack.measure.params, "RESCAN_EVERY", 25)
     net = Net()
     with GradTracker(net, layer_every=1, backend=(recorder := RecordingBackend())) as tracker:
         net.head._parameters["bias"] = nn.Parameter(torch.zeros(1))  # no registration hook sees this

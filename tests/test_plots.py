@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradtrack.history import RunHistory
+from gradtrack.delivery.history import RunHistory
 
 pytest.importorskip("matplotlib")
 from matplotlib.colors import to_hex
 
-from gradtrack.plots import _ROLLBACK, _layers_figure, _norms_figure, compare_runs, draw_layers, draw_norms
+from gradtrack.delivery.plots import _ROLLBACK, _layers_figure, _norms_figure, compare_runs, draw_layers, draw_norms
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

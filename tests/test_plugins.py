@@ -12,9 +12,9 @@ import pluggy
 import pytest
 
 from gradtrack import BackendUnavailableError, GradTracker, UnknownBackendError, available_backends, hookimpl
-from gradtrack.console import ConsoleBackend
+from gradtrack.delivery.console import ConsoleBackend
+from gradtrack.delivery.plugins import AUTOLOAD_ENV, resolve_backends
 from gradtrack.events import StepStats
-from gradtrack.plugins import AUTOLOAD_ENV, resolve_backends
 from gradtrack_testing.models import mlp
 from gradtrack_testing.recording import RecordingBackend
 

@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradtrack.clipping import NormClip, ValueClip
+from gradtrack.measure.stats import measure
 from gradtrack.naming import MLFLOW_INVALID, sanitize_names
-from gradtrack.stats import measure
+from gradtrack.policies.clipping import NormClip, ValueClip
 
 _NAME = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=300)
 

@@ -18,9 +18,9 @@ import torch
 
 from gradtrack import GradTracker
 from gradtrack.cli import main, parser
-from gradtrack.history import RunHistory
-from gradtrack.notes import MARKER, merge_note
-from gradtrack.plots import _hold_between_samples, draw_layers, rows_to_show
+from gradtrack.delivery.history import RunHistory
+from gradtrack.delivery.notes import MARKER, merge_note
+from gradtrack.delivery.plots import _hold_between_samples, draw_layers, rows_to_show
 from gradtrack_testing.models import VanillaRNN, rnn_batch, train_steps
 from gradtrack_testing.skips import missing_system_dependency
 

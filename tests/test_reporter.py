@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
-import gradtrack.channel
+import gradtrack.handover.channel
 from gradtrack import GradTracker
-from gradtrack.reporter import ReporterStartError
+from gradtrack.delivery.reporter import ReporterStartError
 from gradtrack_testing import probe_plugin
 from gradtrack_testing.models import VanillaRNN, mlp, rnn_batch, train_steps
 from gradtrack_testing.recording import RecordingBackend
@@ -223,7 +223,7 @@ def test_a_reader_whose_bytes_another_thread_took_is_not_left_blocked(
         reporter = tracker._pipeline.outbox.reporter  # private: the answers' pipe
         assert reporter is not None and not os.get_blocking(reporter._acks.fd)
         with monkeypatch.context() as patch:
-            patch.setattr(gradtrack.channel.select, "select", lambda r, w, x, t=None: (list(r), [], []))
+            patch.setattr(gradtrack.handover.channel.select, "select", lambda r, w, x, t=None: (list(r), [], []))
             started = time.monotonic()
             assert reporter._acks.read(0.1) == []  # "ready", but empty: nothing to wait for
             assert time.monotonic() - started < 1.0

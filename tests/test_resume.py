@@ -207,8 +207,8 @@ def test_the_state_is_plain_values_and_tensors_that_torch_load_reads_back(tmp_pa
 
 def test_the_reporters_summary_of_a_resumed_run_starts_from_the_saved_one() -> None:
     from gradtrack.events import RunStart
-    from gradtrack.messages import RunStarted
-    from gradtrack.summary import RunSummary
+    from gradtrack.handover.messages import RunStarted
+    from gradtrack.handover.summary import RunSummary
 
     state = _saved(40)
     start = RunStart(config={}, layer_names=(), num_parameters=0, model_class="m", timestamp=0.0)

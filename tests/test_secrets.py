@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradtrack import GradTracker
-from gradtrack.secrets import redact, strip_userinfo
+from gradtrack.delivery.secrets import redact, strip_userinfo
 from gradtrack_testing.models import mlp
 
 SECRETS = {

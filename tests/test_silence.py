@@ -1,4 +1,4 @@
-"""gradtrack.silence: a tracker that sees training but measures nothing warns, and the run says why (issue 24)."""
+"""gradtrack.step.silence: a tracker that sees training but measures nothing warns, and the run says why (issue 24)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from gradtrack import GradTracker
-from gradtrack.notes import summary_note
-from gradtrack.silence import FOREIGN_PATIENCE, PATIENCE
+from gradtrack.delivery.notes import summary_note
+from gradtrack.step.silence import FOREIGN_PATIENCE, PATIENCE
 from gradtrack_testing.models import mlp, regression_batches
 from gradtrack_testing.recording import RecordingBackend
 

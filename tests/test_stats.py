@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrack.stats import measure, transfer
+from gradtrack.measure.stats import measure, transfer
 
 
 def _grads(mixed: bool) -> list[torch.Tensor]:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from gradtrack.events import Explosion, Offender
-from gradtrack.messages import ExplosionRaised, StepRecord
-from gradtrack.summary import CHUNK, NormHistogram, RunSummary, SpikeScore
+from gradtrack.handover.messages import ExplosionRaised, StepRecord
+from gradtrack.handover.summary import CHUNK, NormHistogram, RunSummary, SpikeScore
 
 
 def _record(step: int, total_norm: float, **fields: object) -> StepRecord:

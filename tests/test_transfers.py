@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gradtrack import GradTracker
-from gradtrack.stats import GradBatch
+from gradtrack.measure.stats import GradBatch
 from gradtrack_testing.seed import detect_exploding_gradients
 
 _TO_HOST = {

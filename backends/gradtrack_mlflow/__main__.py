@@ -7,7 +7,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from gradtrack.secrets import redact
+from gradtrack.delivery.secrets import redact
 from gradtrack_mlflow.spool import NotASpoolError, Spool
 from gradtrack_mlflow.transport import Sink, is_permanent
 

@@ -26,11 +26,11 @@ import numpy as np
 
 from gradtrack import hookimpl
 from gradtrack._version import __version__
+from gradtrack.delivery.history import RunHistory
+from gradtrack.delivery.notes import divergence_note, summary_note
+from gradtrack.delivery.secrets import strip_userinfo
 from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart, StepBatch, Summary
-from gradtrack.history import RunHistory
 from gradtrack.naming import extend_names, sanitize_names
-from gradtrack.notes import divergence_note, summary_note
-from gradtrack.secrets import strip_userinfo
 from gradtrack.validate import mapping, seconds, text
 from gradtrack_mlflow.colors import Outcome
 from gradtrack_mlflow.sender import Sender
@@ -388,7 +388,7 @@ class MLflowBackend:
     def _draw_plots(self) -> list[str]:
         """The run's two pictures beside the spool, for the artifacts; none (with a warning) without matplotlib."""
         try:
-            from gradtrack.plots import draw_layers, draw_norms
+            from gradtrack.delivery.plots import draw_layers, draw_norms
 
             private_directory(self.spool.directory)
             history = self._whole_history()
@@ -496,9 +496,9 @@ def _training_context() -> dict[str, str]:
 
 def _import_plots() -> None:
     with contextlib.suppress(ImportError):
-        import gradtrack.plots
+        import gradtrack.delivery.plots
 
-        gradtrack.plots._pyplot()  # imports matplotlib
+        gradtrack.delivery.plots._pyplot()  # imports matplotlib
 
 
 def _remove_empty_parents(directory: Path, levels: int) -> None:

@@ -12,14 +12,14 @@ import json
 import math
 import sys
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gradtrack.history import RunHistory
-from gradtrack.secrets import redact
+from gradtrack.delivery.history import RunHistory
+from gradtrack.delivery.secrets import redact
 from gradtrack_mlflow.links import diverged_link, view_link
 from gradtrack_mlflow.view import VIEW_TAG
+from gradtrack_mlflow.watch_reader import newest
 
 __all__ = ["add_commands"]
 
@@ -159,17 +159,6 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def newest(metrics: Iterable[Any], before: int | None = None) -> dict[int, float]:
-    """Each step's newest value, in step order: a resumed run trained (and logged) some steps twice."""
-    latest: dict[int, tuple[int, float]] = {}
-    for metric in metrics:
-        if (before is None or metric.step < before) and (
-            metric.step not in latest or metric.timestamp >= latest[metric.step][0]
-        ):
-            latest[metric.step] = (metric.timestamp, metric.value)
-    return {step: latest[step][1] for step in sorted(latest)}
-
-
 def history_of(client: Any, run: Any, before: int | None = None) -> RunHistory:
     """A run's history rebuilt from its logged metrics (``gradtrack report`` draws it); with ``before``,
     the steps before that one only (a resumed run's earlier processes)."""
@@ -201,7 +190,7 @@ def history_of(client: Any, run: Any, before: int | None = None) -> RunHistory:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradtrack.plots import draw_layers, draw_norms, report_html
+    from gradtrack.delivery.plots import draw_layers, draw_norms, report_html
 
     try:
         client = _client(args.tracking_uri)

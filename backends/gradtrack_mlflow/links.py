@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from gradtrack.secrets import strip_userinfo
+from gradtrack.delivery.secrets import strip_userinfo
 from gradtrack_mlflow.view import VIEW_ID
 
 __all__ = [

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, final
 
-from gradtrack.secrets import redact, strip_userinfo
+from gradtrack.delivery.secrets import redact, strip_userinfo
 from gradtrack.validate import join_timeout
 from gradtrack_mlflow.spool import Spool
 from gradtrack_mlflow.transport import Sink, failure_kind

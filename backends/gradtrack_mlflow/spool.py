@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, final
 
-from gradtrack.secrets import redact
+from gradtrack.delivery.secrets import redact
 
 __all__ = ["NotASpoolError", "Spool", "private_directory", "private_open"]
 

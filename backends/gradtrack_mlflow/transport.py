@@ -297,7 +297,7 @@ class Sink:
     def _note(self, run_id: str, section: str) -> None:
         """gradtrack's section of the run's description, below whatever the user wrote there; ``LINKS`` in it
         becomes the links to the experiment's diverged runs and its saved view."""
-        from gradtrack.notes import merge_note
+        from gradtrack.delivery.notes import merge_note
 
         tags, experiment_id = self._run_tags(run_id)
         if LINKS in section:

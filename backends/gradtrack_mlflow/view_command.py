@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from gradtrack.secrets import redact
+from gradtrack.delivery.secrets import redact
 from gradtrack_mlflow.links import diverged_link, view_link
 from gradtrack_mlflow.view import VERIFIED_VERSIONS, VIEW_TAG, read_view, ui_version, view_supported, view_tag_value
 

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn, final
 
+from gradtrack.delivery.history import RunHistory
+from gradtrack.delivery.notes import divergence_note, merge_note, summary_note
 from gradtrack.events import (
     Divergence,
     Explosion,
@@ -37,10 +39,8 @@ from gradtrack.events import (
     StepBatch,
     format_norm,
 )
-from gradtrack.history import RunHistory
 from gradtrack.hookspecs import hookimpl
 from gradtrack.naming import extend_names, sanitize_names
-from gradtrack.notes import divergence_note, merge_note, summary_note
 from gradtrack.validate import count, mapping, seconds, text, texts
 from gradtrack_wandb.live import Throttle, rollback_note
 from gradtrack_wandb.resume import RunIdentity, identity_to_resume, resume_note
@@ -413,7 +413,7 @@ class WandbBackend:
         import wandb
 
         try:
-            from gradtrack.plots import draw_layers, draw_norms
+            from gradtrack.delivery.plots import draw_layers, draw_norms
         except ImportError as exc:
             warnings.warn(f"gradtrack draws no plots: {exc} (pip install 'gradtrack[plots]')", RuntimeWarning,
                           stacklevel=3)  # fmt: skip
@@ -447,9 +447,9 @@ def _option(name: str) -> str:
 
 def _import_plots() -> None:
     with contextlib.suppress(ImportError):
-        import gradtrack.plots
+        import gradtrack.delivery.plots
 
-        gradtrack.plots._pyplot()  # imports matplotlib
+        gradtrack.delivery.plots._pyplot()  # imports matplotlib
 
 
 def _invalid(option: str, expected: str, value: object) -> NoReturn:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.hooks import RemovableHandle
 
-    from gradtrack.amp import AmpState
+    from gradtrack.measure.amp import AmpState
     from gradtrack.tracker import GradTracker
 
 __all__: list[str] = []
@@ -89,48 +89,18 @@ def auto_backend(names: list[str]) -> str | list[str] | None:
 
 
 def inner_optimizer(optimizer: Any) -> Any:
-    """The ``torch.optim.Optimizer`` under framework wrappers (accelerate's ``AcceleratedOptimizer``,
-    Lightning's ``LightningOptimizer``): the one a ``GradScaler`` keeps its state for."""
-    import torch
+    """The ``torch.optim.Optimizer`` under framework wrappers (``gradtrack.measure.amp.inner_optimizer``)."""
+    from gradtrack.measure.amp import inner_optimizer as inner
 
-    seen = 0
-    while seen < 8:
-        seen += 1
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None:
-            inner = getattr(optimizer, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
-            return optimizer
-        optimizer = inner
-    return optimizer
+    return inner(optimizer)
 
 
 def amp_state(scaler: Any, optimizer: Any) -> AmpState | None:
-    """What the framework's ``GradScaler`` did to the gradients of ``optimizer`` so far in this step.
+    """What the framework's ``GradScaler`` did to the gradients of ``optimizer`` so far in this step
+    (``gradtrack.measure.amp.scaler_state``)."""
+    from gradtrack.measure.amp import scaler_state
 
-    * Not unscaled yet: the gradients carry the scale; gradtrack divides its norms by it on the device,
-      clips at the true norm, and judges an overflow from a non-finite norm (the scaler will skip the step).
-    * Unscaled (``scaler.unscale_``, as Lightning and accelerate do before clipping): true gradients, and the
-      scaler's ``found_inf`` travels in gradtrack's one transfer, so an overflow step is counted as
-      ``grad/amp_overflow`` (the scaler skips it) and never as an explosion, without a host sync here.
-    """
-    import torch
-    from torch.amp.grad_scaler import OptState
-
-    from gradtrack.amp import AmpState
-
-    if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
-        return None
-    optimizer = inner_optimizer(optimizer)
-    state = scaler._per_optimizer_states.get(id(optimizer))
-    if state is None or state["stage"] is OptState.READY:
-        scale = scaler._scale
-        return AmpState(scale, None) if scale is not None else None
-    found = list(state["found_inf_per_device"].values())
-    if not found:
-        return None
-    found_inf = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found]).sum()
-    return AmpState(None, found_inf)
+    return scaler_state(scaler, optimizer)
 
 
 def loss_scale(scaler: Any) -> torch.Tensor | None:
@@ -157,7 +127,7 @@ def _snapshottable(owned: Owned) -> tuple[list[torch.optim.Optimizer], torch.amp
     snapshot could not copy their state."""
     import torch
 
-    from gradtrack.rollback import check_snapshottable
+    from gradtrack.heal.rollback import check_snapshottable
 
     optimizers = list(dict.fromkeys(inner_optimizer(o) for o in owned.optimizers))
     optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]

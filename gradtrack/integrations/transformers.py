@@ -56,7 +56,7 @@ inside that ``optimizer.step()`` and undone after it, before the Trainer steps i
 
 DeepSpeed (``TrainingArguments(deepspeed=...)``, accelerate's DeepSpeed plugin): the Trainer builds its engine after
 ``on_train_begin``, so the tracker starts at the first ``on_step_begin``, on the engine (``GradTracker(engine)``, see
-``gradtrack.deepspeed``): it measures inside the engine's step, before DeepSpeed's clipping, and observes the loss
+``gradtrack.step.deepspeed``): it measures inside the engine's step, before DeepSpeed's clipping, and observes the loss
 ``engine.backward`` receives. The Trainer's ``max_grad_norm`` becomes DeepSpeed's ``gradient_clipping`` (``"auto"``):
 DeepSpeed clips and gradtrack reports its coefficient; with ``max_grad_norm=0`` gradtrack clips the partitions
 DeepSpeed steps on. ``on_divergence="rollback"`` is refused there.
@@ -78,7 +78,6 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from gradtrack.deepspeed import is_engine
 from gradtrack.integrations import (
     HandDriven,
     Owned,
@@ -88,6 +87,7 @@ from gradtrack.integrations import (
     monitor_only,
     warn_once,
 )
+from gradtrack.step.deepspeed import is_engine
 from gradtrack.tracker import GradTracker
 
 __all__ = ["GradTrackerCallback"]
@@ -260,7 +260,7 @@ class GradTrackerCallback(TrainerCallback):
 
     def _start_engine(self) -> None:
         """DeepSpeed: the Trainer built its engine after ``on_train_begin``; the tracker is the engine's (see
-        ``gradtrack.deepspeed``), measuring inside the engine's step, so no Trainer method is wrapped."""
+        ``gradtrack.step.deepspeed``), measuring inside the engine's step, so no Trainer method is wrapped."""
         assert self._engine_start is not None
         options, saved, step = self._engine_start
         self._engine_start = None

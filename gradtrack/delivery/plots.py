@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gradtrack.history import RunHistory
+from gradtrack.delivery.history import RunHistory
 
 __all__ = ["compare_runs", "draw_layers", "draw_norms", "report_html", "rows_to_show"]
 

@@ -2,7 +2,7 @@
 
 A frame is a 4-byte big-endian length, a one-byte tag and a payload: ``S``, one step record in its fixed
 binary layout (``StepRecord.encode``: a few hundred nanoseconds, where a pickle takes microseconds); ``P``,
-a pickle of a list of the other messages of ``gradtrack.messages``. Pickle is safe here: both ends are the
+a pickle of a list of the other messages of ``gradtrack.handover.messages``. Pickle is safe here: both ends are the
 same program, the pipe is private to a parent and the child it started, and nothing outside them can
 write to it. (What lands on disk, the MLflow spool, is JSON.)
 
@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, final
 
-from gradtrack.messages import StepRecord
+from gradtrack.handover.messages import StepRecord
 
 __all__ = ["ChannelClosed", "Incoming", "Outgoing", "decode", "encode", "pipe_capacity"]
 

@@ -11,7 +11,7 @@ backend that implements ``gradtrack_steps`` gets it in one call; one that implem
 start, layer and layout messages, before anything is queued, so no backend queue ever holds a message that
 later ones depend on.
 
-Back-pressure rule (``drops``), by each message's class (``gradtrack.messages.Keep``): when a backend has
+Back-pressure rule (``drops``), by each message's class (``gradtrack.handover.messages.Keep``): when a backend has
 ``max_pending`` step records and events waiting, a routine step is kept only if its step is a multiple
 of ``decimate``; the others are dropped and counted. Flagged steps and explosions are kept up to a hard
 bound of ten times ``max_pending``; past it (a backend stuck while every step explodes) only the messages
@@ -31,8 +31,10 @@ from typing import Any, final
 
 import pluggy
 
+from gradtrack.delivery.plugins import new_plugin_manager
+from gradtrack.delivery.secrets import redact
 from gradtrack.events import StepBatch
-from gradtrack.messages import (
+from gradtrack.handover.messages import (
     Diverged,
     ExplosionRaised,
     FlushRequested,
@@ -45,9 +47,7 @@ from gradtrack.messages import (
     RunStarted,
     StepRecord,
 )
-from gradtrack.plugins import new_plugin_manager
-from gradtrack.records import step_batch
-from gradtrack.secrets import redact
+from gradtrack.handover.records import step_batch
 from gradtrack.validate import join_timeout
 
 __all__ = ["Dispatcher", "LayerNames", "drops"]

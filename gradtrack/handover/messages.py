@@ -2,7 +2,7 @@
 
 A message is a small immutable value built by keyword. Each one declares its back-pressure class
 (:class:`Keep`), which the reporter channel and every backend queue apply by the same rule
-(``gradtrack.dispatch.drops``):
+(``gradtrack.delivery.dispatch.drops``):
 
 * ``ALWAYS``: never dropped. What later messages depend on (the run's start, the layer names, a layout,
   the divergence, the diagnosis, a flush, the run's end).

@@ -1,8 +1,8 @@
 """Clip policies: how the gradients are bounded before the optimizer update, chosen by name.
 
 ``norm`` and ``value`` are torch's two clipping functions, to the bit; the policies that learn their
-bound from the run (``adaptive``, ``zscore``, ``adagc``, ``agc``, ``auto``) are in ``gradtrack.adaptive``;
-the contract every policy meets is ``gradtrack.policy.ClipPolicy``.
+bound from the run (``adaptive``, ``zscore``, ``adagc``, ``agc``, ``auto``) are in ``gradtrack.policies.adaptive``;
+the contract every policy meets is ``gradtrack.policies.policy.ClipPolicy``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, final
 
 import torch
 
-from gradtrack.adaptive import AGC, AdaGC, AdaptiveClip, AutoClip, ZClip
-from gradtrack.policy import ClipPolicy, clip_coefficient, scale_
-from gradtrack.stats import GradBatch
+from gradtrack.measure.stats import GradBatch
+from gradtrack.policies.adaptive import AGC, AdaGC, AdaptiveClip, AutoClip, ZClip
+from gradtrack.policies.policy import ClipPolicy, clip_coefficient, scale_
 from gradtrack.validate import number
 
 __all__ = [

@@ -23,7 +23,15 @@ from typing import Any, final
 import numpy as np
 
 from gradtrack.events import Divergence, Summary
-from gradtrack.messages import Diagnosed, Diverged, ExplosionRaised, Message, RolledBack, RunStarted, StepRecord
+from gradtrack.handover.messages import (
+    Diagnosed,
+    Diverged,
+    ExplosionRaised,
+    Message,
+    RolledBack,
+    RunStarted,
+    StepRecord,
+)
 from gradtrack.state import divergence, floats, integer, optional, part, real
 
 __all__ = ["BINS_PER_DECADE", "CHUNK", "NormHistogram", "RunSummary", "SpikeScore"]

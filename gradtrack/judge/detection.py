@@ -55,7 +55,7 @@ from typing import Literal, NamedTuple, Protocol, final
 import numpy as np
 
 from gradtrack.events import Divergence, ExplosionKind, Offender
-from gradtrack.records import sorted_quantile
+from gradtrack.judge.quantiles import sorted_quantile
 from gradtrack.state import divergence as _divergence
 from gradtrack.state import flag as _flag
 from gradtrack.state import flags as _flags

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from gradtrack.stats import GradBatch
+from gradtrack.measure.stats import GradBatch
 
 __all__ = ["ClipPolicy", "clip_coefficient", "coefficient_of", "defers", "multiply_", "scale_", "scale_each_"]
 

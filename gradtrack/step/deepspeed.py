@@ -56,13 +56,13 @@ from typing import TYPE_CHECKING, Any, final
 import torch
 from torch import nn
 
-from gradtrack.clipping import NormClip, ValueClip
-from gradtrack.distributed import Reduction, Topology, check_symmetric
-from gradtrack.pipeline import Outcome
-from gradtrack.policy import ClipPolicy, defers
+from gradtrack.measure.distributed import Reduction, Topology, check_symmetric
+from gradtrack.policies.clipping import NormClip, ValueClip
+from gradtrack.policies.policy import ClipPolicy, defers
+from gradtrack.step.pipeline import Outcome
 
 if TYPE_CHECKING:
-    from gradtrack.amp import AmpState
+    from gradtrack.measure.amp import AmpState
     from gradtrack.tracker import GradTracker
 
 __all__ = ["EngineDriver", "clip_rule", "engine_of", "is_engine"]
@@ -365,16 +365,16 @@ class EngineDriver:
     def _amp(self) -> AmpState | None:
         """The loss scale the gradients carry at the measurement: a ZeRO optimizer's (fp16), or a stage-0 torch
         autocast GradScaler's. DeepSpeed's stage-0 fp16 optimizers leave the loss unscaled in ``engine.backward``."""
-        from gradtrack.amp import AmpState
+        from gradtrack.measure.amp import AmpState
 
         engine = self.engine
         if self.stage == 0:
             scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
             if scaler is None:
                 return None
-            from gradtrack.integrations import amp_state
+            from gradtrack.measure.amp import scaler_state
 
-            return amp_state(scaler, engine.optimizer)
+            return scaler_state(scaler, engine.optimizer)
         scale = self._loss_scale()
         if isinstance(scale, torch.Tensor):
             return AmpState(scale, None)

@@ -14,7 +14,7 @@ numbers, whatever each rank holds locally is combined with **one** collective pe
   of its partial sum, so a sum over the whole mesh counts it once. The loss, and the largest element
   for ``clip="value"``, travel in the same vector.
 
-DeepSpeed engines hold their gradients in partitions of their own: ``gradtrack.deepspeed`` reads them and
+DeepSpeed engines hold their gradients in partitions of their own: ``gradtrack.step.deepspeed`` reads them and
 builds the same one-collective ``Reduction``.
 
 Refused with a clear error, because their local gradients cannot be combined correctly here: FSDP1

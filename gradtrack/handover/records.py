@@ -1,6 +1,6 @@
 """Step records made into what backends receive, on the far side of the hand-over.
 
-The training thread hands over compact ``StepRecord``\\ s (``gradtrack.messages``): plain numbers and the
+The training thread hands over compact ``StepRecord``\\ s (``gradtrack.handover.messages``): plain numbers and the
 per-layer norms as bytes. The distribution of layer norms, the layer names and the ``StepBatch`` are made
 here, in the reporter process (or on a backend's worker thread), many steps at a time with numpy, so
 their cost never lands on the training loop.
@@ -16,21 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from gradtrack.events import LayerNorms, StepBatch
-from gradtrack.messages import StepRecord
+from gradtrack.handover.messages import StepRecord
+from gradtrack.judge.quantiles import sorted_quantile
 
-__all__ = ["layer_quantiles", "sorted_quantile", "step_batch"]
+__all__ = ["layer_quantiles", "step_batch"]
 
 _QUANTILES = (0.5, 0.95)
-
-
-def sorted_quantile(ordered: Sequence[float] | np.ndarray, q: float) -> float:
-    """numpy's default (linear) quantile of already sorted values, without numpy's per-call overhead."""
-    if not len(ordered):
-        return math.nan
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def layer_quantiles(norms: np.ndarray, nonfinite: bool) -> tuple[float, float, float]:

@@ -23,10 +23,10 @@ import warnings
 from collections.abc import Collection, Sequence
 from typing import final
 
-from gradtrack.dispatch import Dispatcher
-from gradtrack.messages import Message
-from gradtrack.plugins import new_plugin_manager
-from gradtrack.reporter import Reporter
+from gradtrack.delivery.dispatch import Dispatcher
+from gradtrack.delivery.plugins import new_plugin_manager
+from gradtrack.delivery.reporter import Reporter
+from gradtrack.handover.messages import Message
 
 __all__ = ["Outbox"]
 

@@ -22,7 +22,7 @@ from typing import Any, final
 
 import torch
 
-__all__ = ["AmpState", "ScalerWatch", "amp_state", "check_scaler"]
+__all__ = ["AmpState", "ScalerWatch", "amp_state", "check_scaler", "inner_optimizer", "scaler_state"]
 
 
 @final
@@ -92,3 +92,43 @@ class ScalerWatch:
             self.scaler.update = self._previous  # type: ignore[method-assign]
         else:
             del self.scaler.update
+
+
+def inner_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` under framework wrappers (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``): the one a ``GradScaler`` keeps its state for."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def scaler_state(scaler: Any, optimizer: Any) -> AmpState | None:
+    """What the framework's ``GradScaler`` did to the gradients of ``optimizer`` so far in this step.
+
+    * Not unscaled yet: the gradients carry the scale; gradtrack divides its norms by it on the device,
+      clips at the true norm, and judges an overflow from a non-finite norm (the scaler will skip the step).
+    * Unscaled (``scaler.unscale_``, as Lightning and accelerate do before clipping): true gradients, and the
+      scaler's ``found_inf`` travels in gradtrack's one transfer, so an overflow step is counted as
+      ``grad/amp_overflow`` (the scaler skips it) and never as an explosion, without a host sync here.
+    """
+    from torch.amp.grad_scaler import OptState
+
+    if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+        return None
+    optimizer = inner_optimizer(optimizer)
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    if state is None or state["stage"] is OptState.READY:
+        scale = scaler._scale
+        return AmpState(scale, None) if scale is not None else None
+    found = list(state["found_inf_per_device"].values())
+    if not found:
+        return None
+    found_inf = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found]).sum()
+    return AmpState(None, found_inf)

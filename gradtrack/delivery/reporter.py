@@ -1,6 +1,6 @@
 """The training process's end of the reporter process: start it, hand records over, close it.
 
-The reporter is a separate Python process (``python -m gradtrack.reporter_main``), started with
+The reporter is a separate Python process (``python -m gradtrack.delivery.reporter_main``), started with
 ``subprocess`` (fork and exec at once: never a bare fork of a process with torch threads or CUDA),
 in a process group of its own so that a Ctrl-C meant for training does not reach it. It runs the backends;
 this side pickles each message and writes it at once to a non-blocking pipe (a few microseconds), so
@@ -9,7 +9,7 @@ that what was handed over survives a SIGKILL of the training process. Nothing he
 
 When the reporter falls behind (or is still starting) and the pipe is full, bytes wait here, then
 messages: past ``max_pending`` waiting messages routine steps are decimated by the rule of
-``gradtrack.dispatch`` (each message declares its class: run start, layer names, layouts, divergence and
+``gradtrack.delivery.dispatch`` (each message declares its class: run start, layer names, layouts, divergence and
 run end are always kept). A thread wakes every 0.2 s to write what is waiting while the training loop is
 busy elsewhere (a long evaluation).
 """
@@ -27,9 +27,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, final
 
-from gradtrack.channel import ChannelClosed, Incoming, Outgoing, encode, pipe_capacity
-from gradtrack.dispatch import drops
-from gradtrack.messages import FlushRequested, Message, StepRecord
+from gradtrack.delivery.dispatch import drops
+from gradtrack.handover.channel import ChannelClosed, Incoming, Outgoing, encode, pipe_capacity
+from gradtrack.handover.messages import FlushRequested, Message, StepRecord
 from gradtrack.validate import join_timeout
 
 __all__ = ["Reporter", "ReporterStartError"]
@@ -265,7 +265,7 @@ def _spawn(data_read: int, ack_write: int) -> subprocess.Popen[bytes]:
     path = os.pathsep.join(entry for entry in sys.path if entry and os.path.exists(entry))
     env = {**os.environ, "PYTHONPATH": path}
     return subprocess.Popen(
-        [sys.executable, "-m", "gradtrack.reporter_main", str(data_read), str(ack_write), str(os.getpid())],
+        [sys.executable, "-m", "gradtrack.delivery.reporter_main", str(data_read), str(ack_write), str(os.getpid())],
         pass_fds=(data_read, ack_write),
         stdin=subprocess.DEVNULL,
         # A process group of its own: a Ctrl-C meant for training (SIGINT to the terminal's foreground

@@ -53,7 +53,7 @@ def new_plugin_manager() -> pluggy.PluginManager:
 
 def discovery_manager() -> pluggy.PluginManager:
     """The built-in plugins and, unless switched off, every entry-point plugin, registered once each."""
-    from gradtrack import console
+    from gradtrack.delivery import console
 
     manager = new_plugin_manager()
     manager.register(console, name="console")

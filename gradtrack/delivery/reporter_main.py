@@ -1,6 +1,6 @@
 """The reporter process: runs the backends through pluggy, off the training process, and outlives it.
 
-``python -m gradtrack.reporter_main DATA_FD ACK_FD PARENT_PID``, started by ``gradtrack.reporter``.
+``python -m gradtrack.delivery.reporter_main DATA_FD ACK_FD PARENT_PID``, started by ``gradtrack.delivery.reporter``.
 It reads the hand-over's messages from DATA_FD (everything the pipe holds at a time, then a pause of
 ``COALESCE_S`` so that a fast loop's steps arrive hundreds at a time), feeds them to its ``RunSummary`` and
 to a ``Dispatcher`` (one worker thread per backend, as in the training process), and answers on ACK_FD
@@ -34,12 +34,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from gradtrack.channel import Incoming, encode
-from gradtrack.dispatch import Dispatcher
+from gradtrack.delivery.dispatch import Dispatcher
+from gradtrack.delivery.secrets import redact
 from gradtrack.events import RunEnd
-from gradtrack.messages import FlushRequested, Message, RunEnded, RunStarted, StepRecord
-from gradtrack.secrets import redact
-from gradtrack.summary import RunSummary
+from gradtrack.handover.channel import Incoming, encode
+from gradtrack.handover.messages import FlushRequested, Message, RunEnded, RunStarted, StepRecord
+from gradtrack.handover.summary import RunSummary
 
 _POLL = 0.5  # seconds between checks that the parent is alive
 COALESCE_S = 0.2  # after a read, let more records arrive: the reporter's work is per batch, not per record

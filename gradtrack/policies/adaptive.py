@@ -24,11 +24,11 @@ from typing import Any, final
 
 import torch
 
-from gradtrack.detection import ExplosionDetector
-from gradtrack.policy import clip_coefficient, scale_, scale_each_
-from gradtrack.records import sorted_quantile
+from gradtrack.judge.detection import ExplosionDetector
+from gradtrack.judge.quantiles import sorted_quantile
+from gradtrack.measure.stats import GradBatch
+from gradtrack.policies.policy import clip_coefficient, scale_, scale_each_
 from gradtrack.state import flag, flags, floats, integer, optional, part, real
-from gradtrack.stats import GradBatch
 from gradtrack.validate import count, number
 
 __all__ = ["AGC", "AdaGC", "AdaptiveClip", "AutoClip", "ZClip"]

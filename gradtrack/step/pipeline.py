@@ -1,12 +1,12 @@
 """One training step, top to bottom: measure, clip, one transfer, judge, hand over.
 
 Everything up to the transfer runs on the gradients' device without a host synchronisation
-(``gradtrack.stats``, the clip policy, and under ``torch.distributed`` one collective). A policy that
+(``gradtrack.measure.stats``, the clip policy, and under ``torch.distributed`` one collective). A policy that
 scales every gradient by one factor (norm clipping, ``adaptive``, ``zscore``, ``auto``) has it applied
 right after the transfer, and only when it is not exactly 1: a step within ``max_norm`` is one pass over
 the gradients, where ``clip_grad_norm_`` always makes two. Everything after
-it is host arithmetic on the transferred numbers, the same on every rank (``gradtrack.detection.Judge``),
-and ends in the hand-over's messages (``gradtrack.messages``), which feed the run's summary and go to the
+it is host arithmetic on the transferred numbers, the same on every rank (``gradtrack.judge.detection.Judge``),
+and ends in the hand-over's messages (``gradtrack.handover.messages``), which feed the run's summary and go to the
 outbox: the reporter process, and backends kept in this one.
 
 Layouts: the norms of a step come in the order of the gradients grouped by device and dtype. Each
@@ -28,12 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradtrack.amp import AmpState
-from gradtrack.detection import Judge, OnNonfinite, offenders
-from gradtrack.diagnosis import DeviceDiagnosis, LayerHistory, depth_growth
-from gradtrack.distributed import Topology, check_symmetric, local_grads
 from gradtrack.events import Divergence, Explosion, ExplosionKind, LayersAdded, Rollback
-from gradtrack.messages import (
+from gradtrack.handover.messages import (
     Diagnosed,
     Diverged,
     ExplosionRaised,
@@ -43,15 +39,19 @@ from gradtrack.messages import (
     RolledBack,
     StepRecord,
 )
-from gradtrack.outbox import Outbox
-from gradtrack.params import ParameterSet
-from gradtrack.policy import ClipPolicy, coefficient_of, multiply_
+from gradtrack.handover.outlet import Discard, Outlet
+from gradtrack.judge.detection import Judge, OnNonfinite, offenders
+from gradtrack.judge.diagnosis import DeviceDiagnosis, LayerHistory, depth_growth
+from gradtrack.measure.amp import AmpState
+from gradtrack.measure.distributed import Topology, check_symmetric, local_grads
+from gradtrack.measure.params import ParameterSet
+from gradtrack.measure.stats import GradBatch, HostStats, Reduce, measure, transfer
+from gradtrack.policies.policy import ClipPolicy, coefficient_of, multiply_
 from gradtrack.state import integer, part, strings
-from gradtrack.stats import GradBatch, HostStats, Reduce, measure, transfer
 
 if TYPE_CHECKING:
-    from gradtrack.rollback import Healer
-from gradtrack.summary import RunSummary
+    from gradtrack.heal.rollback import Healer
+from gradtrack.handover.summary import RunSummary
 
 __all__ = [
     "DivergenceError", "NonFiniteGradientError", "OnDivergence", "OnNonfinite", "Outcome", "Settings", "StepPipeline",
@@ -157,7 +157,7 @@ class StepPipeline:
         self.settings = settings
         self.clip_policy = settings.clip_policy
         self.judge = judge
-        self.outbox = Outbox()
+        self.outbox: Outlet = Discard()  # the tracker's outbox once it enters
         self.topology = Topology("single", 1, 0)
         self.summary = RunSummary()
         self.events: deque[Explosion] = deque(maxlen=KEPT_EVENTS)
@@ -239,7 +239,7 @@ class StepPipeline:
         return notes
 
     def emit(self, message: Message) -> None:
-        """Hand one message over: the run's summary here, and the outbox."""
+        """Hand one message over: the run's summary here, and the outlet (the tracker's outbox)."""
         self.summary.add(message)
         self.outbox.send(message)
 

@@ -17,7 +17,7 @@ numbers are right whatever the precision:
   coefficient, which commutes with the optimizer's own unscaling.
 
 Sharded gradients (FSDP2 / DTensor) are measured on their local shards and made global with one
-collective (``gradtrack.distributed``) before anything is clipped.
+collective (``gradtrack.measure.distributed``) before anything is clipped.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _NARROW = (torch.float16, torch.bfloat16)
 
 
 class Reduce(Protocol):
-    """Makes local per-tensor norms, loss and largest element global (``gradtrack.distributed``)."""
+    """Makes local per-tensor norms, loss and largest element global (``gradtrack.measure.distributed``)."""
 
     def __call__(
         self, layer_norms: torch.Tensor, order: list[int], loss: torch.Tensor | None, local_max: torch.Tensor | None
