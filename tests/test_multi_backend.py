@@ -72,7 +72,9 @@ def test_mlflow_and_wandb_log_the_same_run(wandb_dir: Path, tmp_path: Path) -> N
 def test_amp_overflow_steps_reach_both_backends_without_norms(wandb_dir: Path, tmp_path: Path) -> None:
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     options = {
-        "mlflow": {"tracking_uri": tracking_uri, "experiment_name": "amp", "spool_dir": str(tmp_path / "spool")},
+        # a new sqlite store migrates first: on a loaded machine that alone can pass the default exit_timeout (30 s)
+        "mlflow": {"tracking_uri": tracking_uri, "experiment_name": "amp", "spool_dir": str(tmp_path / "spool"),
+                   "exit_timeout": 120.0},
         "wandb": {"project": "amp", "dir": str(wandb_dir)},
     }
     model = VanillaRNN(radius=0.9)
