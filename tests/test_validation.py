@@ -48,7 +48,13 @@ _TRACKER: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "message"), _TRACKER, ids=[f"{n}={v!r}" for n, v, _ in _TRACKER])
+def _id(name: str, value: object) -> str:
+    """Stable across processes (pytest-xdist compares the workers' test ids): no object addresses."""
+    shown = repr(value) if type(value).__repr__ is not object.__repr__ else f"<{type(value).__name__}>"
+    return f"{name}={shown}"
+
+
+@pytest.mark.parametrize(("name", "value", "message"), _TRACKER, ids=[_id(n, v) for n, v, _ in _TRACKER])
 def test_every_tracker_setting_is_refused_by_name(name: str, value: Any, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         GradTracker(mlp(), **{name: value})
