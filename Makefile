@@ -22,9 +22,7 @@ test: $(STAMP)
 	$(VENV)/bin/mypy
 	$(MKDOCS) build --strict --quiet
 	$(PY) scripts/check_dist.py
-	# two workers (one per core), each module's tests in one of them, so module fixtures are shared; a session
-	# fixture (the MLflow server) is one per worker
-	$(PY) -m pytest -q -ra -n 2 --dist loadfile
+	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
