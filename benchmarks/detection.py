@@ -117,7 +117,8 @@ MONITORS = {
 }
 POLICIES = ("norm", "adaptive", "zscore", "agc", "adagc", "auto")
 SCENARIO_GROUPS = {"original": [k for k, s in SCENARIOS.items() if not s.held_out],
-                   "held-out": [k for k, s in SCENARIOS.items() if s.held_out]}  # fmt: skip
+                   "held-out": [k for k, s in SCENARIOS.items() if s.held_out],
+                   "hot": [k for k, s in SCENARIOS.items() if s.group == "hot"]}  # fmt: skip
 SKIP_TRIES = ({"clip": None, "on_spike": "skip"}, {"clip": "norm", "max_norm": 1.0, "on_spike": "skip"})
 
 
@@ -852,8 +853,9 @@ class Report:
                     cells.append(f"{_pct(statistics.fmean(p['costs']), 1)}%" if p["costs"] else "-")
             rows.append(cells)
         ran = self.scenarios()
-        groups = [(f"= {name}, rescued", {s.key for s in ran if s.diverging and s.held_out == held_out})
-                  for name, held_out in (("original", False), ("held out", True))]  # fmt: skip
+        groups = [(f"= {name}, rescued", {s.key for s in ran if s.diverging and (s.held_out, s.group) == group})
+                  for name, group in (("original", (False, "")), ("held out", (True, "")),
+                                      ("held out, too hot", (True, "hot")))]  # fmt: skip
         for title, keys in groups:
             if keys:
                 totals = [self._protection(key, keys) for key, _ in configs]
