@@ -143,6 +143,8 @@ class Run:
     diverged_step: int | None = None
     reason: str | None = None
     explosion_steps: list[int] = field(default_factory=list)
+    instability_steps: list[int] = field(default_factory=list)  # the overshoot indicator's warnings (issue 25)
+    overshoot: dict[int, float] = field(default_factory=dict)  # step -> grad/overshoot (issue 25)
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -153,6 +155,8 @@ class EventLog:
     def __init__(self) -> None:
         self.explosions: list[int] = []
         self.divergences: list[int] = []
+        self.instabilities: list[int] = []
+        self.overshoot: dict[int, float] = {}  # step -> grad/overshoot, where a sample completed
 
     @gradtrack.hookimpl
     def gradtrack_explosion(self, event: gradtrack.Explosion) -> None:
@@ -161,6 +165,16 @@ class EventLog:
     @gradtrack.hookimpl
     def gradtrack_divergence(self, event: gradtrack.Divergence) -> None:
         self.divergences.append(event.step)
+
+    @gradtrack.hookimpl
+    def gradtrack_instability(self, event: gradtrack.Instability) -> None:
+        self.instabilities.append(event.step)
+
+    @gradtrack.hookimpl
+    def gradtrack_steps(self, batch: gradtrack.StepBatch) -> None:
+        if batch.overshoot is not None:
+            sampled = np.flatnonzero(np.isfinite(batch.overshoot))
+            self.overshoot.update(zip(batch.step[sampled].tolist(), batch.overshoot[sampled].tolist(), strict=True))
 
 
 def _evaluate(setup: Setup, initial: bool = False) -> float:
@@ -232,7 +246,10 @@ def train(scenario: Scenario, seed: int, twin: bool, config: str, tracker_kwargs
         event = tracker.divergence_event
         run.diverged_step, run.reason = (event.step, event.reason) if event is not None else (None, None)
         run.explosion_steps = sorted(events.explosions)
-        counted = tracker.summary().explosions
+        run.instability_steps = sorted(events.instabilities)
+        summary = tracker.summary()
+        run.overshoot = dict(events.overshoot)
+        counted = summary.explosions
         if counted != len(run.explosion_steps):  # the recorder must have seen every event the summary counts
             run.error = f"the event recorder got {len(run.explosion_steps)} explosions, the summary counts {counted}"
     return run
@@ -657,13 +674,15 @@ class Report:
 
     def _compute_flags(self, key: tuple[str, int, bool], detector: str) -> tuple[bool, int | None, int, int] | None:
         truth = self.truth[key]
-        if detector in ("tag+loss", "tag", "events"):
+        if detector in ("tag+loss", "tag", "events", "warnings", "first"):
             run = self.run(key, self._monitor(detector))
             if run is None:
                 return None
-            if detector == "events":
-                first = run.explosion_steps[0] if run.explosion_steps else None
-                return bool(run.explosion_steps), first, len(run.explosion_steps), len(run.losses)
+            if detector in ("events", "warnings", "first"):
+                steps = {"events": run.explosion_steps, "warnings": run.instability_steps}.get(detector) or sorted(
+                    [*run.explosion_steps, *run.instability_steps, *([run.diverged_step] if run.diverged else [])]
+                )  # type: ignore[list-item]
+                return bool(steps), steps[0] if steps else None, len(steps), len(run.losses)
             return bool(run.diverged), run.diverged_step, int(bool(run.diverged)), len(run.losses)
         events = DETECTORS[detector][2](truth.run)
         return bool(events), events[0] if events else None, len(events), len(truth.run.losses)
@@ -694,7 +713,9 @@ class Report:
                 "alarms": alarms, "per_1k": 1000 * events / steps if steps else None}  # fmt: skip
 
     def detection_rows(self) -> list[tuple[str, str, str]]:
-        rows = [("tag+loss", "gradtrack divergence tag, loss observed", "loss+norm"),
+        rows = [("first", "gradtrack first event (warning, explosion or tag), loss observed", "loss+norm"),
+                ("warnings", "gradtrack overshoot warnings, loss observed", "norm"),
+                ("tag+loss", "gradtrack divergence tag, loss observed", "loss+norm"),
                 ("tag", "gradtrack divergence tag, gradients only", "norm"),
                 ("events", "gradtrack explosion events", "norm")]  # fmt: skip
         rows = [row for row in rows if self._monitor(row[0]) in self.ran]
@@ -704,7 +725,7 @@ class Report:
     @staticmethod
     def _monitor(detector: str) -> str:
         """The monitor-only configuration a gradtrack detector row is read from."""
-        return "gt:monitor+loss" if detector == "tag+loss" else "gt:monitor"
+        return "gt:monitor+loss" if detector in ("tag+loss", "warnings", "first") else "gt:monitor"
 
     def detection(self, markdown: bool) -> str:
         out = []

@@ -13,6 +13,7 @@ from gradtrack._version import __version__
 from gradtrack.events import (
     Divergence,
     Explosion,
+    Instability,
     LayerNorms,
     LayersAdded,
     Offender,
@@ -44,6 +45,7 @@ __all__ = [
     "Divergence",
     "DivergenceError",
     "Explosion",
+    "Instability",
     "GradTracker",
     "LayerNorms",
     "LayersAdded",

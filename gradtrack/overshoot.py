@@ -63,7 +63,12 @@ def _dots(grads: Sequence[torch.Tensor], others: Sequence[torch.Tensor], device:
     values = [_dot(g, o) for g, o in zip(grads, others, strict=True)]
     if not values:
         return torch.zeros(0, device=device)
-    return torch.stack([v.to(device, torch.float32) if v.device != device else v.float() for v in values])
+    if any(v.device != device for v in values):
+        values = [v.to(device) for v in values]
+    if len({v.dtype for v in values}) > 1:  # fp32 and fp64 tensors in one model: the widest
+        widest = max((v.dtype for v in values), key=lambda dtype: torch.finfo(dtype).bits)
+        values = [v.to(widest) for v in values]
+    return torch.stack(values)
 
 
 @final

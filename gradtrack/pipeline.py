@@ -601,8 +601,8 @@ class StepPipeline:
         if verdict.skip or rollback is not None:
             for p in params:  # optimizers skip parameters without a gradient: the update is skipped
                 p.grad = None
-        reported = (explosion is not None or divergence is not None or nonfinite > 0 or instability is not None
-                    or step % settings.log_every == 0)  # fmt: skip
+        reported = (explosion is not None or divergence is not None or nonfinite > 0 or not math.isnan(overshoot)
+                    or step % settings.log_every == 0)  # fmt: skip  (a sample of the indicator is always logged)
         self.emit(StepRecord(
             step=step, timestamp=now, total_norm=total_norm, clip_coef=host.clip_coef, nonfinite=nonfinite,
             loss=host.loss, clipped=clipped, explosion=explosion is not None,
