@@ -47,28 +47,70 @@ __all__ = ["EDGE", "TARGET", "OvershootProbe", "OvershootRule", "ratios"]
 
 EDGE = 2.0  # lr x curvature above it: the step overshoots its own minimum
 TARGET = 1.0  # the suggested learning rate brings the ratio here, half the edge
-WINDOW = 5  # samples judged together ...
-PERSIST = 4  # ... of which this many above the edge: the steps overshoot persistently
+WINDOW = 6  # samples judged together ...
+PERSIST = 5  # ... of which this many above the edge: the steps overshoot persistently
 LAYER_SHARE = 0.01  # a layer takes part in the per-layer advice with at least this share of -g.u
 
 
-def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """``first . second`` in fp32 or wider, as one 0-dim tensor on the device (no synchronisation)."""
-    if first.dtype in (torch.float16, torch.bfloat16) or second.dtype != first.dtype:
-        return torch.dot(first.reshape(-1).float(), second.reshape(-1).float())
-    return torch.dot(first.reshape(-1), second.reshape(-1))
+SMALL = 1 << 16  # tensors with fewer elements share one flat buffer: their dot products in three launches
 
 
-def _dots(grads: Sequence[torch.Tensor], others: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    values = [_dot(g, o) for g, o in zip(grads, others, strict=True)]
-    if not values:
-        return torch.zeros(0, device=device)
-    if any(v.device != device for v in values):
-        values = [v.to(device) for v in values]
-    if len({v.dtype for v in values}) > 1:  # fp32 and fp64 tensors in one model: the widest
-        widest = max((v.dtype for v in values), key=lambda dtype: torch.finfo(dtype).bits)
-        values = [v.to(widest) for v in values]
-    return torch.stack(values)
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+@final
+class _Plan:
+    """Where each tensor's part of the buffer lives, and how its dot products are taken.
+
+    A large tensor has a buffer of its own and its dot product is one ``torch.dot``. Small tensors of one device
+    and dtype share one flat buffer (each a view of it), so their dot products are three launches whatever their
+    number: the gradients flattened into one transient vector (``flatten_dense_tensors``), one multiply, one
+    ``segment_reduce``. The buffer is the parameters' size once; the transient vector is at most the small
+    tensors' size.
+    """
+
+    def __init__(self, ordered: Sequence[torch.Tensor]) -> None:
+        self.buffer: list[torch.Tensor] = [torch.empty(0)] * len(ordered)
+        self.large = [i for i, w in enumerate(ordered) if w.numel() >= SMALL]
+        for i in self.large:
+            self.buffer[i] = torch.empty_like(ordered[i], memory_format=torch.contiguous_format)
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, w in enumerate(ordered):
+            if w.numel() < SMALL:
+                groups.setdefault((w.device, w.dtype), []).append(i)
+        self.small: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # positions, flat buffer, lengths
+        for (device, dtype), positions in groups.items():
+            lengths = [ordered[i].numel() for i in positions]
+            flat = torch.empty(sum(lengths), device=device, dtype=dtype)
+            for i, view in zip(positions, flat.split(lengths), strict=True):
+                self.buffer[i] = view.view(ordered[i].shape)
+            self.small.append((positions, flat, torch.tensor(lengths, device=device)))
+        self.device = ordered[0].device
+        placed = self.large + [i for positions, _, _ in self.small for i in positions]
+        self.unpermute = torch.tensor(sorted(range(len(placed)), key=placed.__getitem__), device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.buffer[i].numel() * self.buffer[i].element_size() for i in self.large) + sum(
+            flat.numel() * flat.element_size() for _, flat, _ in self.small
+        )
+
+    def dots(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``grads[i] . buffer[i]`` for every tensor, in order, fp32 or wider, on the first device (no sync)."""
+        parts = [_wide(torch.dot(_wide(grads[i]).reshape(-1), _wide(self.buffer[i]).reshape(-1))).reshape(1)
+                 for i in self.large]  # fmt: skip
+        for positions, flat, lengths in self.small:
+            values = _wide(torch._C._nn.flatten_dense_tensors([grads[i] for i in positions]))
+            if len(positions) > 1 and values.dtype == flat.dtype:  # a copy of the gradients: multiplied in place
+                values.mul_(flat)
+            else:  # one tensor flattens to a view of its gradient, which must stay as it is
+                values = values * _wide(flat)
+            parts.append(torch.segment_reduce(values, "sum", lengths=lengths))
+        parts = [p.to(self.device) for p in parts] if any(p.device != self.device for p in parts) else parts
+        widest = max((p.dtype for p in parts), key=lambda dtype: torch.finfo(dtype).bits)
+        stacked = torch.cat([p.to(widest) for p in parts])
+        return stacked[self.unpermute]
 
 
 @final
@@ -80,7 +122,7 @@ class OvershootProbe:
     """
 
     def __init__(self) -> None:
-        self._buffer: list[torch.Tensor] = []
+        self._plan: _Plan | None = None
         self._key: tuple[int, ...] | None = None  # id() of each parameter, in norm order, at arm time
         self._order: list[int] = []
         self._armed = False
@@ -90,7 +132,7 @@ class OvershootProbe:
     @property
     def nbytes(self) -> int:
         """The buffer's size: the parameters' once, in their own dtypes."""
-        return sum(t.numel() * t.element_size() for t in self._buffer)
+        return self._plan.nbytes if self._plan is not None else 0
 
     @property
     def pending(self) -> bool:
@@ -102,16 +144,15 @@ class OvershootProbe:
 
     def release(self) -> None:
         self.disarm()
-        self._buffer, self._key = [], None
+        self._plan, self._key = None, None
 
     def arm(self, weights: Sequence[torch.Tensor], key: tuple[int, ...], order: Sequence[int]) -> None:
         """Before the update: the parameters (local tensors, the caller's order) into the buffer."""
         ordered = [weights[i] for i in order]
-        if self._key != key or len(self._buffer) != len(ordered):
-            self._buffer = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ordered]
-            self._key = key
+        if self._key != key or self._plan is None or len(self._plan.buffer) != len(ordered):
+            self._plan, self._key = _Plan(ordered), key
         with torch.no_grad():
-            torch._foreach_copy_(self._buffer, ordered)
+            torch._foreach_copy_(self._plan.buffer, ordered)
         self._order = list(order)
         self._armed, self._before = True, None
 
@@ -122,21 +163,20 @@ class OvershootProbe:
         self._armed = False
         ordered = [weights[i] for i in self._order]
         ordered_grads = [grads[i] for i in self._order]
-        if any(g is None for g in ordered_grads):  # the update was skipped (or a layer had none): no sample
+        if any(g is None for g in ordered_grads) or self._plan is None:  # the update was skipped: no sample
             return
         with torch.no_grad():
-            torch._foreach_sub_(self._buffer, ordered)
-            device = self._buffer[0].device
-            self._before = _dots(ordered_grads, self._buffer, device)  # type: ignore[arg-type]
+            torch._foreach_sub_(self._plan.buffer, ordered)
+            self._before = self._plan.dots(ordered_grads)  # type: ignore[arg-type]
 
     def dots(self, grads: Sequence[torch.Tensor], key: tuple[int, ...]) -> torch.Tensor | None:
         """At the next measurement: ``[-g_{t-1} . u, -g_t . u]`` per tensor (2 x n, norm order), or None."""
         before = self._before
         self._before = None
-        if before is None or key != self._key:
+        if before is None or key != self._key or self._plan is None:
             return None
         with torch.no_grad():
-            after = _dots([grads[i] for i in self._order], self._buffer, before.device)
+            after = self._plan.dots([grads[i] for i in self._order])
             if self.grad_scale is not None:  # the gradients of t-1 carried a fused optimizer's scale
                 before = before / self.grad_scale.to(before.device, before.dtype)
             return torch.stack([before, after])

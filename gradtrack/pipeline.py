@@ -186,6 +186,7 @@ class StepPipeline:
         self._armed: tuple[list[nn.Parameter], float] | None = None  # the sampled step's parameters, clip factor
         self.learning_rates: tuple[float, ...] = ()  # the last sampled update's, for the warning's advice
         self._armed_coef = 1.0  # the clip factor of the update whose sample is pending
+        self.sees_updates = True  # an optimizer's post-hook follows run() (False for tracker.step())
 
     def start(self, names: Sequence[str]) -> None:
         """The run's first name table: the layers that train when the tracker starts (checked across ranks)."""
@@ -274,7 +275,8 @@ class StepPipeline:
         flat partitions, after its unscaling). Returns None for a step that was not judged (no gradient, or an
         AMP overflow, which the optimizer skips itself).
         """
-        sampling = self.overshoot is not None and grads is None  # a caller's own fragments: no indicator
+        # A caller's own fragments, or no optimizer hook to say when the update is made: no indicator.
+        sampling = self.overshoot is not None and grads is None and self.sees_updates
         if grads is None:
             with_grad = [p for p in params if p.grad is not None]
             grads = [p.grad for p in with_grad]  # type: ignore[misc]

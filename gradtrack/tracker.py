@@ -557,8 +557,11 @@ class GradTracker:
             raise RuntimeError("tracker.step() must be called inside `with GradTracker(...) as tracker:`")
         self._parameters.refresh()
         self._snapshot_if_due()
-        self._measure(self._parameters.params, None, None)
-        self._pipeline.drop_sample()  # no optimizer hook will say when the update is made
+        self._pipeline.sees_updates = False  # no optimizer hook will say when the update is made: no sample
+        try:
+            self._measure(self._parameters.params, None, None)
+        finally:
+            self._pipeline.sees_updates = True
 
     # -- hooks ------------------------------------------------------------------------------------
 
