@@ -740,10 +740,12 @@ class Report:
         return table(headers, out, markdown, left=2)
 
     def detection_by_scenario(self, markdown: bool) -> str:
-        columns = [("tag+loss", "gt tag+loss"), ("tag", "gt tag"), ("events", "gt events"), ("seed", "seed >10"),
+        columns = [("first", "gt first event"), ("warnings", "gt warnings"),
+                   ("tag+loss", "gt tag+loss"), ("tag", "gt tag"), ("events", "gt events"), ("seed", "seed >10"),
                    ("megatron", "Megatron"), ("olmo", "OLMo skip"), ("foundry", "llm-foundry"),
                    ("bl:zclip", "ZClip z")]  # fmt: skip
-        columns = [c for c in columns if c[0] not in ("tag+loss", "tag", "events") or self._monitor(c[0]) in self.ran]
+        gradtrack_rows = ("first", "warnings", "tag+loss", "tag", "events")
+        columns = [c for c in columns if c[0] not in gradtrack_rows or self._monitor(c[0]) in self.ran]
         rows = []
         for scenario in self.scenarios():
             cells = [scenario.key]
@@ -937,6 +939,45 @@ class Report:
             lines += self._auto_against_norm()
         return lines
 
+    def _overshoot_targets(self) -> list[str]:
+        """Issue 25's detection targets (the overshoot indicator), from the monitor-only runs with the loss."""
+        lines = []
+        groups = (("every diverging run", lambda s: True),
+                  ("original and issue-19 held-out (tuned on)", lambda s: s.group != "hot"),
+                  ("issue-25 held-out too hot (never tuned on)", lambda s: s.group == "hot"))  # fmt: skip
+        for name, member in groups:
+            early = total = 0
+            leads = []
+            for key in self.positives:
+                if not member(SCENARIOS[key[0]]) or (flags := self._flags(key, "first")) is None:
+                    continue
+                total += 1
+                if flags[1] is not None:
+                    lead = self.truth[key].blowup - flags[1]  # type: ignore[operator]
+                    early += lead >= 0
+                    leads.append(lead)
+            if total:
+                lines.append(f"{'PASS' if early / total >= EARLY_TARGET else 'FAIL'}  {name}: first gradtrack event "
+                             f"(warning, explosion or tag) at or before the blow-up in {early}/{total} = "
+                             f"{early / total:.0%} (target >= {EARLY_TARGET:.0%}), lead {_lead(leads)}")  # fmt: skip
+        warned = self._detector_stats("warnings")
+        lines.append(f"{'PASS' if warned['alarms'] == 0 else 'FAIL'}  healthy runs with an overshoot warning: "
+                     f"{warned['alarms']}/{warned['neg']} (target: none)")  # fmt: skip
+        before = [v for k in self.positives if k[0] == "lsq-edge" and (r := self.run(k, "gt:monitor+loss")) is not None
+                  for step, v in r.overshoot.items() if step <= self.truth[k].blowup]  # type: ignore[operator]
+        healthy = [statistics.median(r.overshoot.values()) for k in self.negatives
+                   if (r := self.run(k, "gt:monitor+loss")) is not None and r.overshoot]  # fmt: skip
+        if before:
+            ok = statistics.median(before) > 1.8
+            lines.append(f"{'PASS' if ok else 'FAIL'}  grad/overshoot on lsq-edge before its blow-up: median "
+                         f"{statistics.median(before):.3g}, min {min(before):.3g} (target > 1.8)")  # fmt: skip
+        if healthy:
+            ok = max(healthy) < 1.5
+            lines.append(f"{'PASS' if ok else 'FAIL'}  grad/overshoot on healthy runs: the runs' medians are "
+                         f"{statistics.median(healthy):.3g} typically, at most {max(healthy):.3g} "
+                         "(target < 1.5)")  # fmt: skip
+        return lines
+
     def _detection_targets(self) -> list[str]:
         """Issue 11's detection targets, read from the monitor-only runs."""
         loss, grads, events = (self._detector_stats(d) for d in ("tag+loss", "tag", "events"))
@@ -951,7 +992,7 @@ class Report:
              f"diverging runs tagged from gradients alone: {grads['flagged']}/{grads['pos']} = {alone:.0%} "
              f"(target: >= {GRADS_ONLY_TARGET:.0%}), false alarms {grads['alarms']}/{grads['neg']} (target: none)"),
         ]  # fmt: skip
-        return [f"{'PASS' if ok else 'FAIL'}  {text}" for ok, text in checks]
+        return [f"{'PASS' if ok else 'FAIL'}  {text}" for ok, text in checks] + self._overshoot_targets()
 
     def _auto_against_norm(self) -> list[str]:
         """Issue 19: clip="auto" rescues no fewer runs than clip="norm" 1.0 on any scenario, at a lower cost."""

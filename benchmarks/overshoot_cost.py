@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"costs {extra:+.1%} of the step's CPU time ({wall / off_wall - 1:+.1%} wall; target <= "
                         f"{TARGET:.0%})")  # fmt: skip
         verdicts.append(f"NOTE  {title}: {tensors:,} tensors; its buffer holds {buffer / 2**20:.1f} MiB = "
-                        f"{buffer / param_bytes:.2f} x the parameters' {param_bytes / 2**20:.1f} MiB (target: <= 1)")  # fmt: skip
+                        f"{buffer / param_bytes:.2f} x the parameters' {param_bytes / 2**20:.1f} MiB "
+                        "(target: <= 1)")  # fmt: skip
     headers = ["model", "overshoot indicator", "step ms", "vs off", "process CPU ms", "vs off"]
     print(table(headers, rows, args.markdown))
     print()
