@@ -364,16 +364,16 @@ class StepPipeline:
         self.probe.grad_scale = amp.grad_scale if amp is not None else None
         self._armed = (params, clip_coef)
 
-    def drop_sample(self) -> None:
-        """An armed sample that cannot complete (a closure optimizer's step): forget it."""
-        self._armed = None
-        self.probe.disarm()
-
-    def after_update(self, learning_rates: Sequence[float] = ()) -> None:
-        """The optimizer's update is done (its step's post-hook): the first half of an armed sample."""
+    def after_update(self, optimizer: torch.optim.Optimizer, closure: bool = False) -> None:
+        """The optimizer's update is done (its step's post-hook): the first half of an armed sample. A closure
+        optimizer's gradients are a trial point's by then (LBFGS): no sample."""
         armed, self._armed = self._armed, None
         if armed is None:
             return
+        if closure:
+            self.probe.disarm()
+            return
+        rates = tuple(float(g["lr"]) for g in optimizer.param_groups if isinstance(g.get("lr"), int | float))
         params, clip_coef = armed
         grads = [p.grad for p in params]
         weights = [p.detach() for p in params]
@@ -385,8 +385,7 @@ class StepPipeline:
             grads, weights = local_grads(present), local_grads(weights)  # type: ignore[assignment]
         self.probe.after_update(weights, grads)
         self._armed_coef = clip_coef
-        if learning_rates:
-            self.learning_rates = tuple(learning_rates)
+        self.learning_rates = rates or self.learning_rates
 
     def finish_diagnosis(self) -> None:
         """At the end of the run: a diagnosis still waiting for the next step finishes now (one sync, at exit)."""

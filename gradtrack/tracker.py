@@ -592,14 +592,10 @@ class GradTracker:
         return None
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._active:  # before unscaling: the rates this update used
+            self._pipeline.after_update(optimizer, callable(kwargs.get("closure", args[1] if len(args) > 1 else None)))
         if self._healer is not None:
             self._healer.unscale_lr(optimizer)
-        if self._active and self._pipeline.overshoot is not None:
-            if callable(kwargs.get("closure", args[1] if len(args) > 1 else None)):
-                self._pipeline.drop_sample()  # the gradients left are a trial point's, not the step's
-            else:  # the update is made: the overshoot indicator's first dot product, while the gradients exist
-                lrs = tuple(float(g["lr"]) for g in optimizer.param_groups if isinstance(g.get("lr"), int | float))
-                self._pipeline.after_update(lrs)
 
     def _snapshot_if_due(self) -> None:
         """At the start of an iteration, before its update: the state a rollback would bring back."""
