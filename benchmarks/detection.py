@@ -208,7 +208,7 @@ def train(scenario: Scenario, seed: int, twin: bool, config: str, tracker_kwargs
     norms: list[float] = []
     tensor_rows: list[np.ndarray] = []
     started = time.perf_counter()
-    tracker = gradtrack.GradTracker(model, backend=events, log_every=1000, layer_every=None,
+    tracker = gradtrack.GradTracker(model, backend=events, log_every=1, layer_every=None,
                                     **tracker_kwargs) if tracker_kwargs is not None else None  # fmt: skip
     with tracker if tracker is not None else _nothing():
         dead = 0

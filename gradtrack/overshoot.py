@@ -226,6 +226,11 @@ class OvershootRule:
     def persistent(self) -> bool:
         return sum(value > EDGE for value in self._window) >= PERSIST
 
+    @property
+    def overshooting(self) -> bool:
+        """Persistent now, or warned in an episode not over yet: no rollback snapshot is taken then."""
+        return self.persistent or self.warned is not None
+
     def level(self) -> float:
         """The median of the window's samples above the edge (the overshoot the advice corrects)."""
         above = [value for value in self._window if value > EDGE]

@@ -485,7 +485,7 @@ class StepPipeline:
             and healer.due(step)
             and self.healthy
             and (not self.judge.divergence.loss_regressed or healer.stale(step))
-            and (self.overshoot is None or self.overshoot.episode_since is None)  # not while the steps overshoot
+            and (self.overshoot is None or not self.overshoot.overshooting)  # not while the steps overshoot
         )
 
     def amp_skipped(self) -> None:
@@ -602,8 +602,8 @@ class StepPipeline:
         if verdict.skip or rollback is not None:
             for p in params:  # optimizers skip parameters without a gradient: the update is skipped
                 p.grad = None
-        reported = (explosion is not None or divergence is not None or nonfinite > 0 or not math.isnan(overshoot)
-                    or step % settings.log_every == 0)  # fmt: skip  (a sample of the indicator is always logged)
+        reported = (explosion is not None or divergence is not None or nonfinite > 0 or instability is not None
+                    or step % settings.log_every == 0)  # fmt: skip
         self.emit(StepRecord(
             step=step, timestamp=now, total_norm=total_norm, clip_coef=host.clip_coef, nonfinite=nonfinite,
             loss=host.loss, clipped=clipped, explosion=explosion is not None,
