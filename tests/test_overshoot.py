@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gradtrack import GradTracker
+from gradtrack.notes import summary_note
 from gradtrack.overshoot import EDGE, OvershootRule
 from gradtrack_testing.recording import RecordingBackend
 
@@ -104,6 +105,9 @@ def test_past_the_edge_a_warning_names_the_layer_and_the_learning_rate_that_woul
     assert summary.instability["layers"][0][0] == "w"
     assert summary.overshoot_above_edge >= 4 and summary.overshoot_p50 > EDGE
     assert "overshoot" in warning.describe()
+    note = summary_note(summary, "FINISHED")  # the run's description: when, which layer, by about how much
+    assert "| learning rate | too high from step" in note and "w (" in note and "x0.48" in note
+    assert "above the edge 2 on" in note
 
 
 def test_the_indicator_changes_nothing_in_training() -> None:
