@@ -80,6 +80,45 @@ def _interleave(tasks: dict[str, Callable[[], None]], calls: int, warmup: int, b
     return {name: (statistics.fmean(wall[name]) * 1e3, statistics.fmean(cpu[name]) * 1e3) for name in names}
 
 
+def direct(model_key: str, quick: bool, rounds: int) -> tuple[str, float, float, int, int]:
+    """The indicator's own work timed apart from the step, interleaved with it, one torch thread, thread CPU
+    time (robust to other processes on the machine): the median step (forward, backward, clip, SGD) and the
+    median sample (the copy before the update, the subtraction and first dot products after it, the second
+    dot products at the next measurement)."""
+    from gradtrack.overshoot import OvershootProbe
+
+    spec = MODELS[model_key]
+    model, x, y = spec.make(quick, torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    params = list(model.parameters())
+    order, key = list(range(len(params))), tuple(map(id, params))
+    probe = OvershootProbe()
+    steps, samples = [], []
+    for round_ in range(rounds + 2):
+        begin = time.thread_time()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        grads = [p.grad for p in params]
+        middle = time.thread_time()
+        probe.arm([p.detach() for p in params], key, order)  # the indicator: before the update ...
+        arm = time.thread_time() - middle
+        begin_update = time.thread_time()
+        optimizer.step()
+        update = time.thread_time() - begin_update
+        after = time.thread_time()
+        probe.after_update([p.detach() for p in params], grads)  # ... after it ...
+        sample = arm + time.thread_time() - after
+        after = time.thread_time()
+        probe.dots(grads, key)  # ... and at the next measurement (here on the same gradients: the same work)
+        sample += time.thread_time() - after
+        if round_ >= 2:
+            steps.append(middle - begin + update)
+            samples.append(sample)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    return spec.title, statistics.median(steps) * 1e3, statistics.median(samples) * 1e3, probe.nbytes, param_bytes
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
@@ -88,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=10, help="steps per block (a multiple of 5 is fair)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--direct", action="store_true", help="only the indicator's own work against the step's, "
+                        "one torch thread, thread CPU time (robust on a loaded machine)")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADTRACK_DISABLE_PLUGIN_AUTOLOAD", "1")
     torch.set_num_threads(args.threads)
@@ -97,6 +138,22 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f}), {args.threads} torch threads, "
           f"{steps} timed steps per configuration in blocks of {args.block}\n")  # fmt: skip
     rows, verdicts = [], []
+    if args.direct:
+        torch.set_num_threads(1)
+        for key in args.models:
+            title, step, sample, buffer, param_bytes = direct(key, args.quick, steps)
+            share = sample / 5 / step
+            rows.append([title, f"{step:.2f}", f"{sample:.2f}", f"{share:.2%}", f"{sample / step:.1%}",
+                         f"{buffer / 2**20:.1f} MiB = {buffer / param_bytes:.2f} x"])  # fmt: skip
+            verdicts.append(f"{'PASS' if share <= TARGET else 'FAIL'}  {title}: the indicator at its default "
+                            f"cadence (a sample every 5 steps) costs {share:.2%} of the step "
+                            f"(target <= {TARGET:.0%})")  # fmt: skip
+        print(table(["model", "step CPU ms", "one sample CPU ms", "every 5 steps", "every step", "buffer"], rows,
+                    args.markdown))  # fmt: skip
+        print()
+        for line in verdicts:
+            print(("- " if args.markdown else "") + line)
+        return
     for key in args.models:
         title, tasks, trackers, tensors, param_bytes = _steps(key, args.quick)
         try:

@@ -31,6 +31,7 @@ gradient (heavy momentum right after a turn): those samples are left out (NaN).
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -52,7 +53,7 @@ PERSIST = 5  # ... of which this many above the edge: the steps overshoot persis
 LAYER_SHARE = 0.01  # a layer takes part in the per-layer advice with at least this share of -g.u
 
 
-SMALL = 1 << 16  # tensors with fewer elements share one flat buffer: their dot products in three launches
+SMALL = 1 << 16  # tensors with fewer elements share one flat buffer: their dot products in a few launches
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,10 +65,10 @@ class _Plan:
     """Where each tensor's part of the buffer lives, and how its dot products are taken.
 
     A large tensor has a buffer of its own and its dot product is one ``torch.dot``. Small tensors of one device
-    and dtype share one flat buffer (each a view of it), so their dot products are three launches whatever their
-    number: the gradients flattened into one transient vector (``flatten_dense_tensors``), one multiply, one
-    ``segment_reduce``. The buffer is the parameters' size once; the transient vector is at most the small
-    tensors' size.
+    and dtype share one flat buffer (each a view of it), so their dot products take a few launches whatever their
+    number: the gradients flattened into one transient vector (``flatten_dense_tensors``), one multiply, and one
+    row sum per distinct tensor size (the small tensors are laid out by size). The buffer is the parameters' size
+    once; the transient vector is at most the small tensors' size.
     """
 
     def __init__(self, ordered: Sequence[torch.Tensor]) -> None:
@@ -79,13 +80,16 @@ class _Plan:
         for i, w in enumerate(ordered):
             if w.numel() < SMALL:
                 groups.setdefault((w.device, w.dtype), []).append(i)
-        self.small: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # positions, flat buffer, lengths
+        # positions (by size, so that tensors of one size are one block), flat buffer, (count, size) of each block
+        self.small: list[tuple[list[int], torch.Tensor, list[tuple[int, int]]]] = []
         for (device, dtype), positions in groups.items():
+            positions = sorted(positions, key=lambda i: ordered[i].numel())
             lengths = [ordered[i].numel() for i in positions]
             flat = torch.empty(sum(lengths), device=device, dtype=dtype)
             for i, view in zip(positions, flat.split(lengths), strict=True):
                 self.buffer[i] = view.view(ordered[i].shape)
-            self.small.append((positions, flat, torch.tensor(lengths, device=device)))
+            blocks = [(len(list(run)), size) for size, run in itertools.groupby(lengths)]
+            self.small.append((positions, flat, blocks))
         self.device = ordered[0].device
         placed = self.large + [i for positions, _, _ in self.small for i in positions]
         self.unpermute = torch.tensor(sorted(range(len(placed)), key=placed.__getitem__), device=self.device)
@@ -100,13 +104,16 @@ class _Plan:
         """``grads[i] . buffer[i]`` for every tensor, in order, fp32 or wider, on the first device (no sync)."""
         parts = [_wide(torch.dot(_wide(grads[i]).reshape(-1), _wide(self.buffer[i]).reshape(-1))).reshape(1)
                  for i in self.large]  # fmt: skip
-        for positions, flat, lengths in self.small:
+        for positions, flat, blocks in self.small:
             values = _wide(torch._C._nn.flatten_dense_tensors([grads[i] for i in positions]))
             if len(positions) > 1 and values.dtype == flat.dtype:  # a copy of the gradients: multiplied in place
                 values.mul_(flat)
             else:  # one tensor flattens to a view of its gradient, which must stay as it is
                 values = values * _wide(flat)
-            parts.append(torch.segment_reduce(values, "sum", lengths=lengths))
+            start = 0
+            for count, size in blocks:  # the tensors of one size: one row each, summed at once
+                parts.append(values[start : start + count * size].view(count, size).sum(1))
+                start += count * size
         parts = [p.to(self.device) for p in parts] if any(p.device != self.device for p in parts) else parts
         widest = max((p.dtype for p in parts), key=lambda dtype: torch.finfo(dtype).bits)
         stacked = torch.cat([p.to(widest) for p in parts])
