@@ -101,13 +101,13 @@ def direct(model_key: str, quick: bool, rounds: int) -> tuple[str, float, float,
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         grads = [p.grad for p in params]
         middle = time.thread_time()
-        probe.arm([p.detach() for p in params], key, order)  # the indicator: before the update ...
+        probe.arm(params, key, order)  # the indicator: before the update ...
         arm = time.thread_time() - middle
         begin_update = time.thread_time()
         optimizer.step()
         update = time.thread_time() - begin_update
         after = time.thread_time()
-        probe.after_update([p.detach() for p in params], grads)  # ... after it ...
+        probe.after_update(params, grads)  # ... after it ...
         sample = arm + time.thread_time() - after
         after = time.thread_time()
         probe.dots(grads, key)  # ... and at the next measurement (here on the same gradients: the same work)
@@ -131,11 +131,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "one torch thread, thread CPU time (robust on a loaded machine)")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADTRACK_DISABLE_PLUGIN_AUTOLOAD", "1")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1 if args.direct else args.threads)
     steps = args.steps or (20 if args.quick else 150)
     command = " ".join(["python", "benchmarks/overshoot_cost.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"{time.strftime('%Y-%m-%d')}, `{command}`; torch {torch.__version__}, Python {platform.python_version()}, "
-          f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f}), {args.threads} torch threads, "
+          f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f}), "
+          f"{torch.get_num_threads()} torch thread(s), "
           f"{steps} timed steps per configuration in blocks of {args.block}\n")  # fmt: skip
     rows, verdicts = [], []
     if args.direct:

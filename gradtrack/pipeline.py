@@ -359,8 +359,8 @@ class StepPipeline:
         """Before this step's update: the parameters into the indicator's buffer (``after_update`` follows)."""
         if not (clip_coef > 0 and math.isfinite(clip_coef)):
             return
-        weights = [p.detach() for p in params]
-        self.probe.arm(local_grads(weights) if self.topology.sharded else weights, ids, order)
+        # Read under no_grad: the parameters themselves (a detach() each costs more than the copy of a small one).
+        self.probe.arm(local_grads([p.detach() for p in params]) if self.topology.sharded else params, ids, order)
         self.probe.grad_scale = amp.grad_scale if amp is not None else None
         self._armed = (params, clip_coef)
 
@@ -376,13 +376,13 @@ class StepPipeline:
         rates = tuple(float(g["lr"]) for g in optimizer.param_groups if isinstance(g.get("lr"), int | float))
         params, clip_coef = armed
         grads = [p.grad for p in params]
-        weights = [p.detach() for p in params]
+        weights: Sequence[torch.Tensor] = params
         if self.topology.sharded:
             present = [g for g in grads if g is not None]
             if len(present) != len(grads):
                 self.probe.disarm()
                 return
-            grads, weights = local_grads(present), local_grads(weights)  # type: ignore[assignment]
+            grads, weights = local_grads(present), local_grads([p.detach() for p in params])  # type: ignore[assignment]
         self.probe.after_update(weights, grads)
         self._armed_coef = clip_coef
         self.learning_rates = rates or self.learning_rates
