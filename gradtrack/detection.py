@@ -337,6 +337,7 @@ class SpikeSkip:
 LOSS_REGRESSED = 0.2  # see DivergenceDetector.loss_regressed
 LOSS_PROGRESS = 0.01  # see DivergenceDetector.loss_stalled: an improvement of 1% of the loss's scale
 LOSS_STALL = 20  # ... not made for this many observed losses
+LOSS_LEARNT = 0.5  # ... while the smoothed loss is still above this share of its first value
 
 
 @dataclass(slots=True)
@@ -409,10 +410,15 @@ class DivergenceDetector:
 
     @property
     def loss_stalled(self) -> bool:
-        """The smoothed loss has not improved its best by ``LOSS_PROGRESS`` x its scale for ``LOSS_STALL``
-        observed losses, or is losing what it learnt (``loss_regressed``): training no longer makes progress.
-        False while no loss is observed."""
-        return self._loss.ema is not None and (self._loss.stalled >= LOSS_STALL or self.loss_regressed)
+        """Training makes no progress: the smoothed loss has not improved by ``LOSS_PROGRESS`` x its scale for
+        ``LOSS_STALL`` observed losses while still above ``LOSS_LEARNT`` of its first value (a run that
+        converged is not stuck), or it is losing what it learnt (``loss_regressed``). False while no loss is
+        observed."""
+        state = self._loss
+        if state.ema is None or state.first is None:
+            return False
+        learnt_little = state.first - state.ema < LOSS_LEARNT * abs(state.first)
+        return (state.stalled >= LOSS_STALL and learnt_little) or self.loss_regressed
 
     def update(
         self,
