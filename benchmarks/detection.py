@@ -679,9 +679,10 @@ class Report:
             if run is None:
                 return None
             if detector in ("events", "warnings", "first"):
-                steps = {"events": run.explosion_steps, "warnings": run.instability_steps}.get(detector) or sorted(
-                    [*run.explosion_steps, *run.instability_steps, *([run.diverged_step] if run.diverged else [])]
-                )  # type: ignore[list-item]
+                every = [*run.explosion_steps, *run.instability_steps, *([run.diverged_step] if run.diverged else [])]
+                steps = {"events": run.explosion_steps, "warnings": run.instability_steps, "first": sorted(every)}[
+                    detector
+                ]  # type: ignore[assignment]
                 return bool(steps), steps[0] if steps else None, len(steps), len(run.losses)
             return bool(run.diverged), run.diverged_step, int(bool(run.diverged)), len(run.losses)
         events = DETECTORS[detector][2](truth.run)
