@@ -117,7 +117,8 @@ MONITORS = {
 }
 POLICIES = ("norm", "adaptive", "zscore", "agc", "adagc", "auto")
 SCENARIO_GROUPS = {"original": [k for k, s in SCENARIOS.items() if not s.held_out],
-                   "held-out": [k for k, s in SCENARIOS.items() if s.held_out]}  # fmt: skip
+                   "held-out": [k for k, s in SCENARIOS.items() if s.held_out],
+                   "hot": [k for k, s in SCENARIOS.items() if s.group == "hot"]}  # fmt: skip
 SKIP_TRIES = ({"clip": None, "on_spike": "skip"}, {"clip": "norm", "max_norm": 1.0, "on_spike": "skip"})
 
 
@@ -142,6 +143,8 @@ class Run:
     diverged_step: int | None = None
     reason: str | None = None
     explosion_steps: list[int] = field(default_factory=list)
+    instability_steps: list[int] = field(default_factory=list)  # the overshoot indicator's warnings (issue 25)
+    overshoot: dict[int, float] = field(default_factory=dict)  # step -> grad/overshoot (issue 25)
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -152,6 +155,8 @@ class EventLog:
     def __init__(self) -> None:
         self.explosions: list[int] = []
         self.divergences: list[int] = []
+        self.instabilities: list[int] = []
+        self.overshoot: dict[int, float] = {}  # step -> grad/overshoot, where a sample completed
 
     @gradtrack.hookimpl
     def gradtrack_explosion(self, event: gradtrack.Explosion) -> None:
@@ -160,6 +165,16 @@ class EventLog:
     @gradtrack.hookimpl
     def gradtrack_divergence(self, event: gradtrack.Divergence) -> None:
         self.divergences.append(event.step)
+
+    @gradtrack.hookimpl
+    def gradtrack_instability(self, event: gradtrack.Instability) -> None:
+        self.instabilities.append(event.step)
+
+    @gradtrack.hookimpl
+    def gradtrack_steps(self, batch: gradtrack.StepBatch) -> None:
+        if batch.overshoot is not None:
+            sampled = np.flatnonzero(np.isfinite(batch.overshoot))
+            self.overshoot.update(zip(batch.step[sampled].tolist(), batch.overshoot[sampled].tolist(), strict=True))
 
 
 def _evaluate(setup: Setup, initial: bool = False) -> float:
@@ -193,7 +208,7 @@ def train(scenario: Scenario, seed: int, twin: bool, config: str, tracker_kwargs
     norms: list[float] = []
     tensor_rows: list[np.ndarray] = []
     started = time.perf_counter()
-    tracker = gradtrack.GradTracker(model, backend=events, log_every=1000, layer_every=None,
+    tracker = gradtrack.GradTracker(model, backend=events, log_every=1, layer_every=None,
                                     **tracker_kwargs) if tracker_kwargs is not None else None  # fmt: skip
     with tracker if tracker is not None else _nothing():
         dead = 0
@@ -231,7 +246,10 @@ def train(scenario: Scenario, seed: int, twin: bool, config: str, tracker_kwargs
         event = tracker.divergence_event
         run.diverged_step, run.reason = (event.step, event.reason) if event is not None else (None, None)
         run.explosion_steps = sorted(events.explosions)
-        counted = tracker.summary().explosions
+        run.instability_steps = sorted(events.instabilities)
+        summary = tracker.summary()
+        run.overshoot = dict(events.overshoot)
+        counted = summary.explosions
         if counted != len(run.explosion_steps):  # the recorder must have seen every event the summary counts
             run.error = f"the event recorder got {len(run.explosion_steps)} explosions, the summary counts {counted}"
     return run
@@ -656,13 +674,16 @@ class Report:
 
     def _compute_flags(self, key: tuple[str, int, bool], detector: str) -> tuple[bool, int | None, int, int] | None:
         truth = self.truth[key]
-        if detector in ("tag+loss", "tag", "events"):
+        if detector in ("tag+loss", "tag", "events", "warnings", "first"):
             run = self.run(key, self._monitor(detector))
             if run is None:
                 return None
-            if detector == "events":
-                first = run.explosion_steps[0] if run.explosion_steps else None
-                return bool(run.explosion_steps), first, len(run.explosion_steps), len(run.losses)
+            if detector in ("events", "warnings", "first"):
+                every = [*run.explosion_steps, *run.instability_steps, *([run.diverged_step] if run.diverged else [])]
+                steps = {"events": run.explosion_steps, "warnings": run.instability_steps, "first": sorted(every)}[
+                    detector
+                ]  # type: ignore[assignment]
+                return bool(steps), steps[0] if steps else None, len(steps), len(run.losses)
             return bool(run.diverged), run.diverged_step, int(bool(run.diverged)), len(run.losses)
         events = DETECTORS[detector][2](truth.run)
         return bool(events), events[0] if events else None, len(events), len(truth.run.losses)
@@ -693,7 +714,9 @@ class Report:
                 "alarms": alarms, "per_1k": 1000 * events / steps if steps else None}  # fmt: skip
 
     def detection_rows(self) -> list[tuple[str, str, str]]:
-        rows = [("tag+loss", "gradtrack divergence tag, loss observed", "loss+norm"),
+        rows = [("first", "gradtrack first event (warning, explosion or tag), loss observed", "loss+norm"),
+                ("warnings", "gradtrack overshoot warnings, loss observed", "norm"),
+                ("tag+loss", "gradtrack divergence tag, loss observed", "loss+norm"),
                 ("tag", "gradtrack divergence tag, gradients only", "norm"),
                 ("events", "gradtrack explosion events", "norm")]  # fmt: skip
         rows = [row for row in rows if self._monitor(row[0]) in self.ran]
@@ -703,7 +726,7 @@ class Report:
     @staticmethod
     def _monitor(detector: str) -> str:
         """The monitor-only configuration a gradtrack detector row is read from."""
-        return "gt:monitor+loss" if detector == "tag+loss" else "gt:monitor"
+        return "gt:monitor+loss" if detector in ("tag+loss", "warnings", "first") else "gt:monitor"
 
     def detection(self, markdown: bool) -> str:
         out = []
@@ -718,10 +741,12 @@ class Report:
         return table(headers, out, markdown, left=2)
 
     def detection_by_scenario(self, markdown: bool) -> str:
-        columns = [("tag+loss", "gt tag+loss"), ("tag", "gt tag"), ("events", "gt events"), ("seed", "seed >10"),
+        columns = [("first", "gt first event"), ("warnings", "gt warnings"),
+                   ("tag+loss", "gt tag+loss"), ("tag", "gt tag"), ("events", "gt events"), ("seed", "seed >10"),
                    ("megatron", "Megatron"), ("olmo", "OLMo skip"), ("foundry", "llm-foundry"),
                    ("bl:zclip", "ZClip z")]  # fmt: skip
-        columns = [c for c in columns if c[0] not in ("tag+loss", "tag", "events") or self._monitor(c[0]) in self.ran]
+        gradtrack_rows = ("first", "warnings", "tag+loss", "tag", "events")
+        columns = [c for c in columns if c[0] not in gradtrack_rows or self._monitor(c[0]) in self.ran]
         rows = []
         for scenario in self.scenarios():
             cells = [scenario.key]
@@ -852,8 +877,9 @@ class Report:
                     cells.append(f"{_pct(statistics.fmean(p['costs']), 1)}%" if p["costs"] else "-")
             rows.append(cells)
         ran = self.scenarios()
-        groups = [(f"= {name}, rescued", {s.key for s in ran if s.diverging and s.held_out == held_out})
-                  for name, held_out in (("original", False), ("held out", True))]  # fmt: skip
+        groups = [(f"= {name}, rescued", {s.key for s in ran if s.diverging and (s.held_out, s.group) == group})
+                  for name, group in (("original", (False, "")), ("held out", (True, "")),
+                                      ("held out, too hot", (True, "hot")))]  # fmt: skip
         for title, keys in groups:
             if keys:
                 totals = [self._protection(key, keys) for key, _ in configs]
@@ -914,6 +940,45 @@ class Report:
             lines += self._auto_against_norm()
         return lines
 
+    def _overshoot_targets(self) -> list[str]:
+        """Issue 25's detection targets (the overshoot indicator), from the monitor-only runs with the loss."""
+        lines = []
+        groups = (("every diverging run", lambda s: True),
+                  ("original and issue-19 held-out (tuned on)", lambda s: s.group != "hot"),
+                  ("issue-25 held-out too hot (never tuned on)", lambda s: s.group == "hot"))  # fmt: skip
+        for name, member in groups:
+            early = total = 0
+            leads = []
+            for key in self.positives:
+                if not member(SCENARIOS[key[0]]) or (flags := self._flags(key, "first")) is None:
+                    continue
+                total += 1
+                if flags[1] is not None:
+                    lead = self.truth[key].blowup - flags[1]  # type: ignore[operator]
+                    early += lead >= 0
+                    leads.append(lead)
+            if total:
+                lines.append(f"{'PASS' if early / total >= EARLY_TARGET else 'FAIL'}  {name}: first gradtrack event "
+                             f"(warning, explosion or tag) at or before the blow-up in {early}/{total} = "
+                             f"{early / total:.0%} (target >= {EARLY_TARGET:.0%}), lead {_lead(leads)}")  # fmt: skip
+        warned = self._detector_stats("warnings")
+        lines.append(f"{'PASS' if warned['alarms'] == 0 else 'FAIL'}  healthy runs with an overshoot warning: "
+                     f"{warned['alarms']}/{warned['neg']} (target: none)")  # fmt: skip
+        before = [v for k in self.positives if k[0] == "lsq-edge" and (r := self.run(k, "gt:monitor+loss")) is not None
+                  for step, v in r.overshoot.items() if step <= self.truth[k].blowup]  # type: ignore[operator]
+        healthy = [statistics.median(r.overshoot.values()) for k in self.negatives
+                   if (r := self.run(k, "gt:monitor+loss")) is not None and r.overshoot]  # fmt: skip
+        if before:
+            ok = statistics.median(before) > 1.8
+            lines.append(f"{'PASS' if ok else 'FAIL'}  grad/overshoot on lsq-edge before its blow-up: median "
+                         f"{statistics.median(before):.3g}, min {min(before):.3g} (target > 1.8)")  # fmt: skip
+        if healthy:
+            ok = max(healthy) < 1.5
+            lines.append(f"{'PASS' if ok else 'FAIL'}  grad/overshoot on healthy runs: the runs' medians are "
+                         f"{statistics.median(healthy):.3g} typically, at most {max(healthy):.3g} "
+                         "(target < 1.5)")  # fmt: skip
+        return lines
+
     def _detection_targets(self) -> list[str]:
         """Issue 11's detection targets, read from the monitor-only runs."""
         loss, grads, events = (self._detector_stats(d) for d in ("tag+loss", "tag", "events"))
@@ -928,7 +993,7 @@ class Report:
              f"diverging runs tagged from gradients alone: {grads['flagged']}/{grads['pos']} = {alone:.0%} "
              f"(target: >= {GRADS_ONLY_TARGET:.0%}), false alarms {grads['alarms']}/{grads['neg']} (target: none)"),
         ]  # fmt: skip
-        return [f"{'PASS' if ok else 'FAIL'}  {text}" for ok, text in checks]
+        return [f"{'PASS' if ok else 'FAIL'}  {text}" for ok, text in checks] + self._overshoot_targets()
 
     def _auto_against_norm(self) -> list[str]:
         """Issue 19: clip="auto" rescues no fewer runs than clip="norm" 1.0 on any scenario, at a lower cost."""

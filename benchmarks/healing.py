@@ -64,6 +64,9 @@ import gradtrack
 from gradtrack.tracker import DEFAULT_ROLLBACK_BUDGET
 
 RESCUE_TARGET = 0.80  # issue 19: rollback rescues at least 80% of the diverging runs
+RESCUE_TARGET_25, HOT_TARGET = 0.85, 0.80  # issue 25: 85% of every diverging run, 80% of the too-hot held-out ones
+GROUPS = (("original", lambda s: not s.held_out), ("held out (issue 19)", lambda s: s.held_out and s.group != "hot"),
+          ("held out, too hot (issue 25)", lambda s: s.group == "hot"))  # fmt: skip
 KEPT_PROGRESS = 0.5  # rescued: at least half of the twin's progress from L0
 
 Key = tuple[str, int, bool]  # (scenario, seed, twin)
@@ -249,6 +252,10 @@ class Report:
                 totals[config] += sum(h for h, _ in hits)
                 strict[config] += sum(s for _, s in hits)
             rows.append(cells)
+        for name, member in GROUPS:  # each group apart: the held-out ones were not used to tune anything
+            hits = [self.rescued_share(c, member) for c in columns]
+            if hits and hits[0][1]:
+                rows.append([f"= {name}", "", "", *(f"{h}/{n} = {h / n:.0%}" for h, n in hits)])
         n = len(self.diverging)
         rows.append(["total", "", "", *(f"{totals[c]}/{n} = {totals[c] / n:.0%}" if n else "-" for c in columns)])
         rows.append(["total, detection.py's rule", "", "",
@@ -256,11 +263,10 @@ class Report:
         headers = ["scenario", "twin changes", "blow-up step", *(self.configs[c][1] for c in columns)]
         return table(headers, rows, markdown, left=2)
 
-    def rescued_share(self, config: str) -> tuple[int, int]:
-        hits = [
-            rescued_issue(o.run, self.twin(k)) for k in self.diverging if (o := self.outcome(k, config)) is not None
-        ]
-        return sum(hits), len(self.diverging)
+    def rescued_share(self, config: str, member: Callable[[Scenario], bool] | None = None) -> tuple[int, int]:
+        keys = [k for k in self.diverging if member is None or member(SCENARIOS[k[0]])]
+        hits = [rescued_issue(o.run, self.twin(k)) for k in keys if (o := self.outcome(k, config)) is not None]
+        return sum(hits), len(keys)
 
     def actions(self, markdown: bool) -> str:
         """What each rollback configuration did on the diverging runs."""
@@ -398,6 +404,15 @@ class Report:
             ok = share >= RESCUE_TARGET
             lines.append(f"{'PASS' if ok else 'FAIL'}  diverging runs rescued by {self.configs[config][0]}: "
                          f"{hits}/{total} = {share:.0%} (target >= {RESCUE_TARGET:.0%})")  # fmt: skip
+            if share < RESCUE_TARGET_25:
+                lines.append(f"FAIL  issue 25: {hits}/{total} = {share:.0%} rescued by {self.configs[config][0]} "
+                             f"(target >= {RESCUE_TARGET_25:.0%})")  # fmt: skip
+            hot, hot_total = self.rescued_share(config, GROUPS[2][1])
+            if hot_total:
+                ok = hot / hot_total >= HOT_TARGET
+                lines.append(f"{'PASS' if ok else 'FAIL'}  held-out too-hot runs (issue 25) rescued by "
+                             f"{self.configs[config][0]}: {hot}/{hot_total} = {hot / hot_total:.0%} "
+                             f"(target >= {HOT_TARGET:.0%})")  # fmt: skip
             found = [o for k in self.healthy if (o := self.outcome(k, config)) is not None]
             rolled = sum(bool(o.rollbacks) for o in found)
             lines.append(f"{'PASS' if rolled == 0 else 'FAIL'}  healthy runs rolled back by "

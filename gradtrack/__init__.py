@@ -14,6 +14,7 @@ from gradtrack.delivery.plugins import BackendUnavailableError, UnknownBackendEr
 from gradtrack.events import (
     Divergence,
     Explosion,
+    Instability,
     LayerNorms,
     LayersAdded,
     Offender,
@@ -44,6 +45,7 @@ __all__ = [
     "Divergence",
     "DivergenceError",
     "Explosion",
+    "Instability",
     "GradTracker",
     "LayerNorms",
     "LayersAdded",

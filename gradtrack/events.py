@@ -18,6 +18,7 @@ __all__ = [
     "Divergence",
     "Explosion",
     "ExplosionKind",
+    "Instability",
     "LayerNorms",
     "LayersAdded",
     "Offender",
@@ -106,6 +107,7 @@ class StepStats:
     amp_overflow: bool = False
     weight_norms: Mapping[str, float] | None = None
     param_norm: float | None = None
+    overshoot: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """The contract metrics of PRODUCT.md for this step (without per-layer norms)."""
@@ -133,6 +135,8 @@ class StepStats:
             metrics["loss"] = self.loss
         if self.param_norm is not None:
             metrics["grad/param_norm"] = self.param_norm
+        if self.overshoot is not None:
+            metrics["grad/overshoot"] = self.overshoot
         return metrics
 
     @property
@@ -169,7 +173,8 @@ class StepBatch:
 
     Row ``i`` holds what ``StepStats`` holds for step ``step[i]``; ``loss`` is NaN where ``loss_observed`` is
     False, ``param_norm`` NaN where the weights were not measured, and on AMP-overflow rows the norms are
-    NaN. ``layers`` are the rows at the per-layer cadence. ``metric_columns()`` gives the contract metrics
+    NaN; ``overshoot`` is NaN where no sample of the indicator completed. ``layers`` are the rows at the
+    per-layer cadence. ``metric_columns()`` gives the contract metrics
     column by column, ``stats(i)`` one row as a ``StepStats``.
     """
 
@@ -190,6 +195,7 @@ class StepBatch:
     layer_max: np.ndarray
     param_norm: np.ndarray
     layers: tuple[LayerNorms, ...] = ()
+    overshoot: np.ndarray | None = None  # None: a batch made without the column (all NaN)
 
     def __len__(self) -> int:
         return int(self.step.size)
@@ -217,18 +223,26 @@ class StepBatch:
         with_params = rows[~np.isnan(self.param_norm) & ~self.amp_overflow]
         if with_params.size:
             columns.append(("grad/param_norm", with_params, self.param_norm[with_params]))
+        overshoot = self._overshoot()
+        sampled = rows[np.isfinite(overshoot)]
+        if sampled.size:
+            columns.append(("grad/overshoot", sampled, overshoot[sampled]))
         return columns
+
+    def _overshoot(self) -> np.ndarray:
+        return self.overshoot if self.overshoot is not None else np.full(len(self), math.nan)
 
     def each_stats(self) -> list[StepStats]:
         """Every row as a ``StepStats``, for a backend that only implements ``gradtrack_step``."""
         by_row = {entry.row: entry for entry in self.layers}
         columns = (self.step, self.total_norm, self.clip_coef, self.clipped, self.nonfinite, self.explosion,
                    self.diverged, self.skipped, self.layer_p50, self.layer_p95, self.layer_max, self.loss,
-                   self.loss_observed, self.timestamp, self.amp_overflow, self.param_norm)  # fmt: skip
+                   self.loss_observed, self.timestamp, self.amp_overflow, self.param_norm,
+                   self._overshoot())  # fmt: skip
         stats = []
         rows = zip(*(column.tolist() for column in columns), strict=True)
         for row, (step, total, coef, clipped, nonfinite, explosion, diverged, skipped, p50, p95, top, loss, observed,
-                  timestamp, overflow, param_norm) in enumerate(rows):  # fmt: skip
+                  timestamp, overflow, param_norm, overshoot) in enumerate(rows):  # fmt: skip
             layer = by_row.get(row)
             stats.append(StepStats(
                 step=step, total_norm=total, clip_coef=coef, clipped=clipped, nonfinite=nonfinite,
@@ -237,6 +251,7 @@ class StepBatch:
                 layer_norms=layer.norms if layer is not None else None, amp_overflow=overflow,
                 weight_norms=layer.weights if layer is not None else None,
                 param_norm=None if math.isnan(param_norm) else param_norm,
+                overshoot=overshoot if math.isfinite(overshoot) else None,
             ))  # fmt: skip
         return stats
 
@@ -263,6 +278,7 @@ class StepBatch:
             amp_overflow=bool(self.amp_overflow[row]),
             weight_norms=layer.weights if layer is not None else None,
             param_norm=None if math.isnan(param_norm) else param_norm,
+            overshoot=overshoot if math.isfinite(overshoot := float(self._overshoot()[row])) else None,
         )
 
 
@@ -298,6 +314,43 @@ class Explosion:
         if self.origin is not None:
             text += f"; starts at {self.origin} (x{format_norm(self.origin_jump)} its recent norm)"
         return text
+
+
+@dataclass(frozen=True, slots=True)
+class Instability:
+    """A leading warning: the optimizer's steps overshoot persistently (``gradtrack.judge.overshoot``).
+
+    ``overshoot``: the median of the recent samples above the edge of ``grad/overshoot`` (lr x curvature
+    along the step; 2 is the edge of stability), ``steps_above`` of the last ``window`` samples were above
+    it, the first from the update of step ``since``. ``layers``: the layers that overshoot most, with their
+    own ratio (largest first). ``lr_scale``: the factor on the learning rate that would bring the ratio
+    back to 1, half the edge (the ratio is about proportional to the learning rate); ``learning_rates``:
+    each parameter group's learning rate times that factor, when the tracker knows them.
+    """
+
+    step: int
+    overshoot: float
+    steps_above: int
+    window: int
+    since: int
+    layers: tuple[tuple[str, float], ...]
+    lr_scale: float
+    learning_rates: tuple[float, ...]
+    timestamp: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def describe(self) -> str:
+        """One human line for consoles and alerts."""
+        layers = ", ".join(f"{name} ({format_norm(ratio)})" for name, ratio in self.layers[:3]) or "all layers"
+        lrs = ", ".join(f"{lr:.3g}" for lr in self.learning_rates)
+        advice = f"learning rate x{self.lr_scale:.2g}" + (f" (lr {lrs})" if lrs else "")
+        return (
+            f"step {self.step}: the steps overshoot (lr x curvature {format_norm(self.overshoot)}, above 2 on "
+            f"{self.steps_above} of the last {self.window} samples, since step {self.since}); most: {layers}; "
+            f"{advice} would bring it back to 1"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +406,10 @@ class Summary:
     ``rollbacks``: ``(step, restored_step)`` of each rollback (``on_divergence="rollback"``), ``lr_scale``
     the learning-rate factor they left, ``snapshot_bytes`` the host memory (or disk) the snapshots hold.
     ``unmeasured``: for a run in which gradtrack measured no step, why (the optimizer stepped other tensors than
-    the model's, no gradient reached it, no optimizer step ran).
+    the model's, no gradient reached it, no optimizer step ran). ``overshoot_*``: the distribution of the
+    overshoot indicator's samples (``grad/overshoot``; quantiles within about 1.2%, a ratio at or below 0
+    counted as 0), how many were above the edge 2; ``instabilities``: its warnings, ``instability`` the first
+    one as plain values (an :class:`Instability`'s fields: when, which layers, the learning-rate advice).
     """
 
     steps: int
@@ -382,6 +438,13 @@ class Summary:
     lr_scale: float = 1.0
     snapshot_bytes: int = 0
     unmeasured: str | None = None  # a run that measured no step: why (see gradtrack.step.silence)
+    overshoot_samples: int = 0
+    overshoot_p50: float | None = None
+    overshoot_p95: float | None = None
+    overshoot_max: float | None = None
+    overshoot_above_edge: int = 0
+    instabilities: int = 0
+    instability: Mapping[str, Any] | None = None
 
     @property
     def clip_rate(self) -> float:

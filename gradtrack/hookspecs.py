@@ -30,7 +30,17 @@ from typing import Any
 
 import pluggy
 
-from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart, StepBatch, StepStats
+from gradtrack.events import (
+    Divergence,
+    Explosion,
+    Instability,
+    LayersAdded,
+    Rollback,
+    RunEnd,
+    RunStart,
+    StepBatch,
+    StepStats,
+)
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
 
@@ -238,4 +248,18 @@ def gradtrack_rollback(event: Rollback) -> None:
     loop iterations); the event says which state came back. Log ``grad/rollback`` = 1 at ``event.step``,
     count the run's rollbacks (the ``gradtrack.rollbacks`` tag) and alert here. A run whose budget of
     rollbacks is spent is judged diverged as usual (``gradtrack_divergence``). The return value is ignored.
+    """
+
+
+@hookspec
+def gradtrack_instability(event: Instability) -> None:
+    """A leading warning: the optimizer's steps overshoot persistently (``grad/overshoot`` above 2, the edge
+    of stability, on most recent samples), usually before any gradient norm looks wrong.
+
+    :param event: the step, the overshoot level, since when, the layers that overshoot most with their own
+        ratio, and the learning-rate scale (and rates, when known) that would bring the ratio back to 1.
+
+    Called after the ``gradtrack_step`` of the same step, at most once per episode of overshoot. Nothing in
+    training changes because of it, unless ``on_divergence="rollback"`` acts on it (a ``gradtrack_rollback``
+    follows then). Tag the run, alert, or lower the learning rate here. The return value is ignored.
     """

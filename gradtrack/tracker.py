@@ -118,6 +118,7 @@ class GradTracker:
         top_k: int = 5,
         weight_norms: bool = True,
         weight_every: int = 100,
+        overshoot_every: int | None = 5,
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
         close_timeout: float = 10.0,
         max_pending: int = 1000,
@@ -178,6 +179,7 @@ class GradTracker:
             weight_norms=weight_norms,
             weight_every=count("weight_every", weight_every),
             on_divergence=on_divergence,
+            overshoot_every=optional_count("overshoot_every", overshoot_every),
         )
         judge = Judge(
             explosions=ExplosionDetector(explosion_threshold, spike_factor),
@@ -280,6 +282,7 @@ class GradTracker:
             layer_every=settings.layer_every or 0,
             top_k=settings.top_k,
             weight_every=settings.weight_every if settings.weight_norms else 0,
+            overshoot_every=(settings.overshoot_every or 0) if pipeline.overshoot and not self._engine else 0,
         )
         config.update(pipeline.judge.config())
         config.update(on_divergence=settings.on_divergence)
@@ -433,6 +436,7 @@ class GradTracker:
                 self._handle = self.optimizer.register_step_pre_hook(self._on_optimizer_step)
             if self._rollback is not None:
                 self._healer = self._make_healer()
+            if self._rollback is not None or (pipeline.overshoot is not None and self._engine is None):
                 if self.optimizer is None:
                     self._post_handle = register_optimizer_step_post_hook(self._after_optimizer_step)
                 else:
@@ -558,7 +562,11 @@ class GradTracker:
             raise RuntimeError("tracker.step() must be called inside `with GradTracker(...) as tracker:`")
         self._parameters.refresh()
         self._snapshot_if_due()
-        self._measure(self._parameters.params, None, None)
+        self._pipeline.sees_updates = False  # no optimizer hook will say when the update is made: no sample
+        try:
+            self._measure(self._parameters.params, None, None)
+        finally:
+            self._pipeline.sees_updates = True
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -589,6 +597,8 @@ class GradTracker:
         return None
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._active:  # before unscaling: the rates this update used
+            self._pipeline.after_update(optimizer, callable(kwargs.get("closure", args[1] if len(args) > 1 else None)))
         if self._healer is not None:
             self._healer.unscale_lr(optimizer)
 

@@ -463,3 +463,58 @@ def test_setups_that_cannot_be_combined_are_refused_on_entry(tmp_path: Path) -> 
     for errors in _spawn(_refusals, 2, tmp_path):
         assert "FSDP1" in errors["fsdp1"] and "fully_shard" in errors["fsdp1"]
         assert "track different parameters" in errors["asymmetric"]
+
+
+# -- the overshoot indicator (issue 25) -------------------------------------------------------------------
+
+
+def _fsdp2_overshoot(rank: int, world: int) -> dict[str, Any]:
+    """grad/overshoot under FSDP2 with the dot products summed in the step's one collective, against the ratio
+    computed from the full parameters and gradients; DDP alike (no collective of its own)."""
+    from torch import nn
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from gradtrack import GradTracker
+    from gradtrack_testing.models import mlp
+    from gradtrack_testing.recording import RecordingBackend
+
+    def run(model: nn.Module, full: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+        recorder = RecordingBackend()
+        collectives, weights, grads = [], [], []
+        with GradTracker(model, backend=recorder, clip="norm", max_norm=100.0, overshoot_every=1):
+            for step in range(4):
+                torch.manual_seed(100 * step + rank)
+                x = torch.randn(4, 8)
+                model.zero_grad()
+                model(x).square().mean().backward()
+                weights.append(torch.cat([full(p.detach()).flatten() for p in model.parameters()]))
+                grads.append(torch.cat([full(p.grad).flatten() for p in model.parameters()]))
+                with CommDebugMode() as comm:
+                    optimizer.step()
+                collectives.append(comm.get_total_counts())
+        expected = {}
+        for t in range(1, 4):
+            u = weights[t] - weights[t - 1]
+            before, after = float(grads[t - 1] @ u), float(grads[t] @ u)
+            expected[t] = (after - before) / -before
+        samples = {s.step: s.overshoot for s in recorder.of("step") if s.overshoot is not None}
+        return {"collectives": collectives, "expected": expected, "samples": samples}
+
+    return {
+        "fsdp2": run(_sharded_mlp(), lambda t: t.full_tensor()),
+        "ddp": run(nn.parallel.DistributedDataParallel(mlp(seed=0)), lambda t: t),
+    }
+
+
+@pytest.mark.slow
+def test_the_overshoot_indicator_rides_the_one_collective_and_equals_the_full_tensors_ratio(tmp_path: Path) -> None:
+    rank0, rank1 = _spawn(_fsdp2_overshoot, 2, tmp_path)
+    for case in ("fsdp2", "ddp"):
+        ours = rank0[case]
+        assert ours["collectives"] == rank1[case]["collectives"]
+        assert max(ours["collectives"]) <= 1  # FSDP2: the norms' collective; DDP: the loss is not observed
+        assert sorted(int(step) for step in ours["samples"]) == [1, 2, 3]
+        for step, value in ours["samples"].items():
+            assert value == pytest.approx(ours["expected"][str(step)], rel=1e-4, abs=1e-6)
+        assert rank1[case]["samples"] == {}  # rank 1 reports nothing

@@ -54,7 +54,7 @@ def _comparable(state: dict[str, Any]) -> dict[str, Any]:
     if verdict is not None:
         verdict.pop("timestamp")
     summary = state.pop("summary")
-    for key in ("all_norms", "healthy_norms"):
+    for key in ("all_norms", "healthy_norms", "overshoot"):
         summary[key].pop("total")
     summary.pop("resumed_from")
     if summary["divergence"] is not None:

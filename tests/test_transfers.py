@@ -175,6 +175,7 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     "adaptive clip": {"clip": "adaptive"},
     "layer metrics every step": {"clip": "norm", "layer_every": 1},
     "no layer metrics": {"clip": "norm", "layer_every": None},
+    "overshoot indicator every step": {"clip": "norm", "max_norm": 0.01, "overshoot_every": 1},
 }
 
 

@@ -29,7 +29,17 @@ from gradtrack._version import __version__
 from gradtrack.delivery.history import RunHistory
 from gradtrack.delivery.notes import divergence_note, summary_note
 from gradtrack.delivery.secrets import strip_userinfo
-from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart, StepBatch, Summary
+from gradtrack.events import (
+    Divergence,
+    Explosion,
+    Instability,
+    LayersAdded,
+    Rollback,
+    RunEnd,
+    RunStart,
+    StepBatch,
+    Summary,
+)
 from gradtrack.naming import extend_names, sanitize_names
 from gradtrack.validate import mapping, seconds, text
 from gradtrack_mlflow.colors import Outcome
@@ -313,6 +323,20 @@ class MLflowBackend:
         self._history.add_rollback(event.step, event.restored_step)
         if self._history.diverged_step is None:
             self._color("healed")
+
+    @hookimpl
+    def gradtrack_instability(self, event: Instability) -> None:
+        """``grad/instability`` = 1 and the offenders' own ratios (``grad_overshoot/<layer>``) at that step, the
+        warning's step and advice as tags, out at once: it comes before the trouble."""
+        ms = int(event.timestamp * 1000)
+        keys = self._keys_for(dict(event.layers))
+        metrics = [["grad/instability", 1.0, ms, event.step]]
+        metrics += [["grad_overshoot/" + keys[name].removeprefix("grad_norm/"), ratio, ms, event.step]
+                    for name, ratio in event.layers]  # fmt: skip
+        tags = {"gradtrack.instability_step": str(event.step), "gradtrack.judge.overshoot": f"{event.overshoot:.3g}",
+                "gradtrack.lr_advice": event.describe()[:_MAX_TAG_VALUE]}  # fmt: skip
+        self._send({"op": "fragment", "metrics": metrics, "tags": tags}, urgent=True)
+        self._write("events.jsonl", json.dumps({"instability": event.to_dict()}) + "\n")
 
     @hookimpl
     def gradtrack_divergence(self, event: Divergence) -> None:

@@ -31,6 +31,7 @@ from gradtrack.delivery.notes import divergence_note, merge_note, summary_note
 from gradtrack.events import (
     Divergence,
     Explosion,
+    Instability,
     LayersAdded,
     Resumed,
     Rollback,
@@ -70,6 +71,9 @@ SUMMARY_KEY = "gradtrack"  # shown in the runs table as gradtrack.explosions, gr
 EXPLOSION_TITLE = "gradtrack: gradients exploded"
 DIVERGENCE_TITLE = "gradtrack: run diverged"
 ROLLBACK_TITLE = "gradtrack: run rolled back"
+INSTABILITY_TITLE = "gradtrack: the steps overshoot"
+INSTABILITY_KEY = "grad/instability"
+OVERSHOOT_TAG = "overshoot"  # the overshoot indicator warned: the learning rate is past the edge
 ROLLBACKS_KEPT = 100  # the latest (step, restored step) pairs the summary lists
 PLOT_KEYS = ("gradtrack/norms_plot", "gradtrack/layers_plot")
 
@@ -389,6 +393,23 @@ class WandbBackend:
         if self.alerts and (held := self._rollback_alerts.due(first)):
             since = f" ({held} rollbacks since the last alert)" if held > 1 else ""
             run.alert(title=ROLLBACK_TITLE, text=event.describe() + since, level="WARN", wait_duration=self.alert_every)
+
+    @hookimpl
+    def gradtrack_instability(self, event: Instability) -> None:
+        """A row at the warning's step (``grad/instability``, the offenders' ``grad_overshoot/<layer>``), a tag,
+        the warning in the run's state, an alert."""
+        run = self._run
+        if run is None:
+            return
+        row: dict[str, Any] = {STEP_KEY: event.step, INSTABILITY_KEY: 1.0}
+        for name, ratio in event.layers:  # the offenders' own ratios, under the layer's key
+            row["grad_overshoot/" + self._key(name).removeprefix("grad_norm/")] = ratio
+        run.log(row)
+        run.tags = _merged(run.tags, OVERSHOOT_TAG)
+        self._state.update(instability_step=event.step, overshoot=event.overshoot, lr_advice=event.lr_scale)
+        self._publish_state()
+        if self.alerts:
+            run.alert(title=INSTABILITY_TITLE, text=event.describe(), level="WARN", wait_duration=self.alert_every)
 
     @hookimpl
     def gradtrack_divergence(self, event: Divergence) -> None:

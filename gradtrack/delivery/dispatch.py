@@ -38,6 +38,7 @@ from gradtrack.handover.messages import (
     Diverged,
     ExplosionRaised,
     FlushRequested,
+    InstabilityRaised,
     Keep,
     LayersAnnounced,
     LayoutAnnounced,
@@ -240,6 +241,7 @@ _DELIVER: dict[type, Any] = {
     ExplosionRaised: lambda hook, m: hook.gradtrack_explosion(event=m.event),
     Diverged: lambda hook, m: hook.gradtrack_divergence(event=m.event),
     RolledBack: lambda hook, m: hook.gradtrack_rollback(event=m.event),
+    InstabilityRaised: lambda hook, m: hook.gradtrack_instability(event=m.event),
     FlushRequested: lambda hook, m: hook.gradtrack_flush(timeout=m.timeout),
     RunEnded: lambda hook, m: hook.gradtrack_run_end(end=m.end),
 }
@@ -249,6 +251,7 @@ _HOOKS = {
     ExplosionRaised: "gradtrack_explosion",
     Diverged: "gradtrack_divergence",
     RolledBack: "gradtrack_rollback",
+    InstabilityRaised: "gradtrack_instability",
     FlushRequested: "gradtrack_flush",
     RunEnded: "gradtrack_run_end",
 }

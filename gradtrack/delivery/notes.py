@@ -8,11 +8,13 @@ wrote above it is kept, and a later gradtrack section replaces the earlier one, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from gradtrack.events import Divergence, Summary, format_norm
 
-__all__ = ["MARKER", "divergence_note", "merge_note", "summary_note"]
+__all__ = ["MARKER", "divergence_note", "lr_advice", "merge_note", "summary_note"]
 
 MARKER = "<!-- gradtrack -->"
 
@@ -62,11 +64,27 @@ def summary_note(summary: Summary, status: str, images: Sequence[tuple[str, str]
         listed = ", ".join(f"step {step} -> {restored}" for step, restored in summary.rollbacks[-10:])
         more = f" (the last 10 of {len(summary.rollbacks)})" if len(summary.rollbacks) > 10 else ""
         lines.append(f"| rollbacks | {len(summary.rollbacks)}: {listed}{more}; learning rate x{summary.lr_scale:g} |")
+    if summary.overshoot_samples:  # the overshoot indicator: the distribution, and its advice when it warned
+        lines.append(f"| overshoot (lr x curvature) | median {format_norm(summary.overshoot_p50 or 0.0)}, p95 "
+                     f"{format_norm(summary.overshoot_p95 or 0.0)}; above the edge 2 on {summary.overshoot_above_edge} "
+                     f"of {summary.overshoot_samples} samples |")  # fmt: skip
+    if summary.instability is not None:
+        lines.append(f"| learning rate | {_escape(lr_advice(summary.instability))} |")
     if summary.resumed_from:  # the steps each restart went on from: MLflow keeps both values of a step trained twice
         resumed = ", ".join(f"step {step}" for step in summary.resumed_from)
         lines.append(f"| resumed | {len(summary.resumed_from)} time(s), from {resumed} |")
     lines += ["", *(f"![{caption}]({url})" for caption, url in images)] if images else []
     return "\n".join(lines) + "\n"
+
+
+def lr_advice(warning: Mapping[str, Any]) -> str:
+    """The overshoot warning's advice in words: too high for which layers, by about how much (measured)."""
+    layers = ", ".join(f"{name} ({float(ratio):.3g})" for name, ratio in warning.get("layers") or [])
+    rates = ", ".join(f"{float(lr):.3g}" for lr in warning.get("learning_rates") or [])
+    level, scale = float(warning.get("overshoot", math.nan)), float(warning.get("lr_scale", 1.0))
+    text = (f"too high from step {warning.get('since')}: the steps overshot (lr x curvature {level:.3g}, the edge "
+            f"is 2) in {layers or 'every layer'}; about x{scale:.2g}")  # fmt: skip
+    return text + (f" (lr {rates})" if rates else "") + " brings it back to 1"
 
 
 def _escape(text: str) -> str:

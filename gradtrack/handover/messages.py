@@ -19,18 +19,20 @@ No torch here: the reporter process imports this module.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, final
 
-from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart
+from gradtrack.events import Divergence, Explosion, Instability, LayersAdded, Rollback, RunEnd, RunStart
 
 __all__ = [
     "Diagnosed",
     "Diverged",
     "ExplosionRaised",
     "FlushRequested",
+    "InstabilityRaised",
     "Keep",
     "LayersAnnounced",
     "LayoutAnnounced",
@@ -67,10 +69,11 @@ class _StepFields(NamedTuple):
     layout: int
     layer_norms: bytes | None
     weight_norms: bytes | None
+    overshoot: float
 
 
-# step, timestamp, total_norm, clip_coef, loss, nonfinite, layout, flags, bytes of layer norms, of weight norms
-_HEADER = struct.Struct("<qddddiiBII")
+# step, timestamp, total_norm, clip_coef, loss, overshoot, nonfinite, layout, flags, bytes of layer norms, of weights
+_HEADER = struct.Struct("<qdddddiiBII")
 _FLAGS = ("clipped", "explosion", "diverged", "skipped", "amp_overflow", "reported", "with_layers")
 _HAS_LOSS = 1 << len(_FLAGS)
 
@@ -83,7 +86,8 @@ class StepRecord(_StepFields):
     all the same: the reporter's summary of a run it may have to end needs them all). ``layer_norms``:
     float64 norms in the order of ``layout`` (reported steps); ``with_layers``: at the ``layer_every``
     cadence, so backends get them by name. ``weight_norms``: the parameters' own norms, same order, on
-    the steps they were measured.
+    the steps they were measured. ``overshoot``: the overshoot indicator's sample completed at this step
+    (``gradtrack.judge.overshoot``; NaN on the steps without one).
     """
 
     __slots__ = ()
@@ -107,10 +111,11 @@ class StepRecord(_StepFields):
         layout: int = -1,
         layer_norms: bytes | None = None,
         weight_norms: bytes | None = None,
+        overshoot: float = math.nan,
     ) -> StepRecord:
         return tuple.__new__(cls, (step, timestamp, total_norm, clip_coef, nonfinite, loss, clipped, explosion,
                                    diverged, skipped, amp_overflow, reported, with_layers, layout, layer_norms,
-                                   weight_norms))  # fmt: skip
+                                   weight_norms, overshoot))  # fmt: skip
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (_rebuild, (tuple(self),))  # the constructor takes keywords only
@@ -124,7 +129,7 @@ class StepRecord(_StepFields):
         return Keep.FLAGGED if self.flagged else Keep.ROUTINE
 
     def encode(self) -> bytes:
-        """The record's fixed binary layout (57 bytes), then its norms' bytes."""
+        """The record's fixed binary layout (65 bytes), then its norms' bytes."""
         flags = (self.clipped | self.explosion << 1 | self.diverged << 2 | self.skipped << 3
                  | self.amp_overflow << 4 | self.reported << 5 | self.with_layers << 6)  # fmt: skip
         loss = self.loss
@@ -132,13 +137,13 @@ class StepRecord(_StepFields):
             flags |= _HAS_LOSS
         layers, weights = self.layer_norms or b"", self.weight_norms or b""
         header = _HEADER.pack(self.step, self.timestamp, self.total_norm, self.clip_coef,
-                              0.0 if loss is None else loss, self.nonfinite, self.layout, flags,
+                              0.0 if loss is None else loss, self.overshoot, self.nonfinite, self.layout, flags,
                               len(layers), len(weights))  # fmt: skip
         return header + layers + weights if layers or weights else header
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> StepRecord:
-        step, timestamp, total_norm, clip_coef, loss, nonfinite, layout, flags, n_layers, n_weights = (
+        step, timestamp, total_norm, clip_coef, loss, overshoot, nonfinite, layout, flags, n_layers, n_weights = (
             _HEADER.unpack_from(data)
         )
         start = _HEADER.size
@@ -147,7 +152,7 @@ class StepRecord(_StepFields):
         return tuple.__new__(cls, (
             step, timestamp, total_norm, clip_coef, nonfinite, loss if flags & _HAS_LOSS else None,
             bool(flags & 1), bool(flags & 2), bool(flags & 4), bool(flags & 8), bool(flags & 16),
-            bool(flags & 32), bool(flags & 64), layout, layers, weights,
+            bool(flags & 32), bool(flags & 64), layout, layers, weights, overshoot,
         ))  # fmt: skip
 
 
@@ -201,6 +206,15 @@ class Diverged:
 
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
+class InstabilityRaised:
+    """The overshoot indicator's leading warning (never dropped: it comes before the trouble, alerts follow it)."""
+
+    event: Instability
+    keep: ClassVar[Keep] = Keep.ALWAYS
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RolledBack:
     """``on_divergence="rollback"`` restored an earlier training state (never dropped: alerts follow it)."""
 
@@ -237,5 +251,5 @@ class RunEnded:
 
 Message = (
     StepRecord | RunStarted | LayersAnnounced | LayoutAnnounced | ExplosionRaised | Diverged | RolledBack
-    | Diagnosed | FlushRequested | RunEnded
+    | InstabilityRaised | Diagnosed | FlushRequested | RunEnded
 )  # fmt: skip

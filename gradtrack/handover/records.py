@@ -102,4 +102,5 @@ def step_batch(records: Sequence[StepRecord], names: Sequence[Sequence[str] | No
         layer_max=quantiles[:, 2],
         param_norm=param_norm,
         layers=tuple(layers),
+        overshoot=np.array(column["overshoot"], dtype=np.float64),
     )

@@ -27,6 +27,7 @@ from gradtrack.handover.messages import (
     Diagnosed,
     Diverged,
     ExplosionRaised,
+    InstabilityRaised,
     Message,
     RolledBack,
     RunStarted,
@@ -39,6 +40,7 @@ __all__ = ["BINS_PER_DECADE", "CHUNK", "NormHistogram", "RunSummary", "SpikeScor
 BINS_PER_DECADE = 200
 _LOW, _HIGH = -12, 12
 CHUNK = 256  # step records folded at once
+EDGE = 2.0  # gradtrack.judge.overshoot.EDGE (no torch here: the reporter process imports this module)
 
 
 @final
@@ -158,6 +160,10 @@ class RunSummary:
         self.rollbacks: list[tuple[int, int]] = []
         self.lr_scale = 1.0
         self.snapshot_bytes = 0
+        self.overshoot = NormHistogram()  # grad/overshoot's samples (a ratio at or below 0 counts as 0)
+        self.overshoot_above_edge = 0
+        self.instabilities: list[dict[str, Any]] = []  # the overshoot warnings, plain values: the first, the last 9
+        self.instability_count = 0
         self._pending: list[StepRecord] = []
 
     def add(self, message: Message) -> None:
@@ -180,6 +186,10 @@ class RunSummary:
         elif isinstance(message, RolledBack):
             self.rollbacks.append((message.event.step, message.event.restored_step))
             self.lr_scale, self.snapshot_bytes = message.event.lr_scale, message.snapshot_bytes
+        elif isinstance(message, InstabilityRaised):
+            self.instability_count += 1
+            kept = self.instabilities  # the first warning, and the latest ones
+            self.instabilities = [*kept[:1], *kept[1:][-8:], message.event.to_dict()]
         elif isinstance(message, RunStarted) and message.summary is not None:
             self.load_state_dict(message.summary)
 
@@ -205,6 +215,10 @@ class RunSummary:
             "resumed_from": list(folded.resumed_from),
             "rollbacks": [list(pair) for pair in folded.rollbacks],
             "lr_scale": folded.lr_scale,
+            "overshoot": folded.overshoot.state_dict(),
+            "overshoot_above_edge": folded.overshoot_above_edge,
+            "instabilities": copy.deepcopy(folded.instabilities),
+            "instability_count": folded.instability_count,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -227,6 +241,12 @@ class RunSummary:
             raise ValueError("'rollbacks' must be a list of (step, restored step) pairs")
         self.rollbacks = [(int(a), int(b)) for a, b in rollbacks]
         self.lr_scale = real(state, "lr_scale") if "lr_scale" in state else 1.0
+        self.overshoot = NormHistogram()
+        if "overshoot" in state:  # saved before the overshoot indicator existed: it starts afresh
+            self.overshoot.load_state_dict(part(state, "overshoot"))
+        self.overshoot_above_edge = integer(state, "overshoot_above_edge") if "overshoot_above_edge" in state else 0
+        self.instabilities = [dict(entry) for entry in state.get("instabilities") or []]
+        self.instability_count = integer(state, "instability_count") if "instability_count" in state else 0
         self._pending = []
 
     def _folded(self) -> RunSummary:
@@ -254,6 +274,11 @@ class RunSummary:
         self.norm_spikes.add(norms)
         losses = [loss for loss, skip in zip(columns["loss"], overflow, strict=True) if loss is not None and not skip]
         self.loss_spikes.add(np.array(losses, dtype=np.float64))
+        overshoot = np.array(columns["overshoot"], dtype=np.float64)
+        overshoot = overshoot[np.isfinite(overshoot)]
+        if overshoot.size:
+            self.overshoot.add(overshoot)
+            self.overshoot_above_edge += int((overshoot > EDGE).sum())
 
     def freeze(self, dropped_records: int = 0, top: int = 10) -> Summary:
         """The summary so far; steps not yet folded are folded into a copy, so that the folds of this
@@ -286,4 +311,11 @@ class RunSummary:
             rollbacks=tuple(folded.rollbacks),
             lr_scale=folded.lr_scale,
             snapshot_bytes=folded.snapshot_bytes,
+            overshoot_samples=folded.overshoot.count,
+            overshoot_p50=folded.overshoot.quantile(0.5),
+            overshoot_p95=folded.overshoot.quantile(0.95),
+            overshoot_max=folded.overshoot.max if folded.overshoot.count else None,
+            overshoot_above_edge=folded.overshoot_above_edge,
+            instabilities=folded.instability_count,
+            instability=folded.instabilities[0] if folded.instabilities else None,
         )

@@ -57,6 +57,7 @@ __all__ = [
 
 LR_WINDOW = 10  # a rollback within this many snapshot intervals of the previous one halves the learning rate
 LR_FACTOR = 0.5
+MIN_LR_FACTOR = 1e-3  # a measured scale is applied down to this factor at one rollback
 
 
 def check_rollback_options(
@@ -364,9 +365,13 @@ class Healer:
 
     # -- healing ------------------------------------------------------------------------------------
 
-    def heal(self, step: int, divergence: Divergence, trouble_began: int) -> Rollback | None:
+    def heal(
+        self, step: int, divergence: Divergence, trouble_began: int, lr_factor: float | None = None
+    ) -> Rollback | None:
         """Bring back the newest snapshot from before ``trouble_began``; None when none is left or the
-        budget is spent (the run is then judged diverged)."""
+        budget is spent (the run is then judged diverged). ``lr_factor``: a learning-rate scale measured
+        (the overshoot indicator's), applied at once and held like a halving, instead of halving only when
+        the trouble comes back soon."""
         if self.count >= self.budget:
             return None
         usable = [s for s in self._ring if s.step < trouble_began]
@@ -378,7 +383,10 @@ class Healer:
             if dropped.path is not None:
                 dropped.path.unlink(missing_ok=True)
         self._restore(snapshot)
-        if self._last_rollback is not None and step - self._last_rollback <= LR_WINDOW * self.every:
+        if lr_factor is not None:  # measured: the learning rate is too high by about this much
+            self.lr_scale *= min(LR_FACTOR, max(MIN_LR_FACTOR, lr_factor))
+            self._hold_lr_at(snapshot)
+        elif self._last_rollback is not None and step - self._last_rollback <= LR_WINDOW * self.every:
             self.lr_scale *= LR_FACTOR  # it came back soon: the learning rate, not the data
             self._hold_lr_at(snapshot)
         self._last_rollback = step

@@ -335,6 +335,9 @@ class SpikeSkip:
 
 
 LOSS_REGRESSED = 0.2  # see DivergenceDetector.loss_regressed
+LOSS_PROGRESS = 0.01  # see DivergenceDetector.loss_stalled: an improvement of 1% of the loss's scale
+LOSS_STALL = 20  # ... not made for this many observed losses
+LOSS_LEARNT = 0.5  # ... while the smoothed loss is still above this share of its first value
 
 
 @dataclass(slots=True)
@@ -343,6 +346,8 @@ class _LossState:
     first: float | None = None
     minimum: float = math.inf
     above: int = 0
+    stalled: int = 0  # losses observed since the smoothed loss last went LOSS_PROGRESS below ``mark``
+    mark: float = math.inf  # the smoothed loss when it last made that much progress
 
 
 @final
@@ -402,6 +407,18 @@ class DivergenceDetector:
         if state.ema is None or state.first is None:
             return False
         return state.ema > state.minimum + LOSS_REGRESSED * max(abs(state.minimum), abs(state.first))
+
+    @property
+    def loss_stalled(self) -> bool:
+        """Training makes no progress: the smoothed loss has not improved by ``LOSS_PROGRESS`` x its scale for
+        ``LOSS_STALL`` observed losses while still above ``LOSS_LEARNT`` of its first value (a run that
+        converged is not stuck), or it is losing what it learnt (``loss_regressed``). False while no loss is
+        observed."""
+        state = self._loss
+        if state.ema is None or state.first is None:
+            return False
+        learnt_little = state.first - state.ema < LOSS_LEARNT * abs(state.first)
+        return (state.stalled >= LOSS_STALL and learnt_little) or self.loss_regressed
 
     def update(
         self,
@@ -482,6 +499,11 @@ class DivergenceDetector:
         state.ema = loss if state.ema is None else state.ema + self.loss_smoothing * (loss - state.ema)
         if state.first is None:
             state.first = state.ema
+        progress = LOSS_PROGRESS * max(abs(state.minimum if math.isfinite(state.minimum) else 0.0), abs(state.first))
+        if state.ema < state.mark - progress:
+            state.mark, state.stalled = state.ema, 0
+        else:
+            state.stalled += 1
         state.minimum = min(state.minimum, state.ema)
         scale = max(abs(state.minimum), abs(state.first))
         limit = state.minimum + self.loss_blowup * scale
@@ -503,7 +525,14 @@ class DivergenceDetector:
             "param_latest": self._param_latest,
             "nonfinite_run": self._nonfinite_run,
             "norms": list(self._norms),
-            "loss": {"ema": loss.ema, "first": loss.first, "minimum": loss.minimum, "above": loss.above},
+            "loss": {
+                "ema": loss.ema,
+                "first": loss.first,
+                "minimum": loss.minimum,
+                "above": loss.above,
+                "stalled": loss.stalled,
+                "mark": loss.mark,
+            },
             "verdict": None if verdict is None else verdict.to_dict(),
         }
 
@@ -522,6 +551,8 @@ class DivergenceDetector:
             first=_optional(loss, "first", _float),
             minimum=_float(loss, "minimum"),
             above=_int(loss, "above"),
+            stalled=_int(loss, "stalled") if "stalled" in loss else 0,
+            mark=_float(loss, "mark") if "mark" in loss else math.inf,
         )
         self.verdict = _optional(state, "verdict", _divergence)
 

@@ -81,16 +81,23 @@ class Reduction:
         norm_type: float,
         loss: torch.Tensor | None,
         local_max: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Global per-tensor norms, the loss as ``[sum over ranks, ranks that observed one]``, and the
-        largest element (None where the caller has it already)."""
+        sums: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Global per-tensor norms, the loss as ``[sum over ranks, ranks that observed one]``, the largest
+        element (None where the caller has it already) and ``sums`` (rows of per-tensor partial sums, in the
+        norms' order: summed over the ranks like the squared norms, a replicated tensor counted once; under
+        DDP they are global already and stay as they are)."""
         if self.factors is not None and norm_type == math.inf:
-            return self._reduce_max(layer_norms, loss)
+            norms, loss_pair, max_abs = self._reduce_max(layer_norms, loss)
+            return norms, loss_pair, max_abs, None  # a max-reduce cannot carry sums
         count, dtype, device = layer_norms.numel(), layer_norms.dtype, layer_norms.device
         parts = [_loss_pair(loss, dtype, device)]
         if self.factors is not None:
             partial = layer_norms.square() if norm_type == 2.0 else layer_norms
-            parts.append(partial / self._divisors(params, order, device, dtype))
+            divisors = self._divisors(params, order, device, dtype)
+            parts.append(partial / divisors)
+            if sums is not None:
+                parts.append((sums.to(device, dtype) / divisors).reshape(-1))
         if self.factors is not None and local_max is not None:  # a max cannot be summed: one slot per rank
             slots = torch.zeros(self.size, dtype=dtype, device=device)
             slots[self.rank] = local_max
@@ -98,10 +105,13 @@ class Reduction:
         packed = torch.cat(parts)
         self._all_reduce(packed, "sum")
         if self.factors is None:  # DDP: the norms are the same on every rank already
-            return layer_norms, packed, local_max
+            return layer_norms, packed, local_max, sums
         norms = packed[2 : 2 + count]
-        max_abs = packed[2 + count :].max() if local_max is not None else None
-        return (norms.sqrt() if norm_type == 2.0 else norms), packed[:2], max_abs
+        end = 2 + count
+        if sums is not None:
+            sums, end = packed[end : end + sums.numel()].reshape(sums.shape), end + sums.numel()
+        max_abs = packed[end:].max() if local_max is not None else None
+        return (norms.sqrt() if norm_type == 2.0 else norms), packed[:2], max_abs, sums
 
     def _reduce_max(
         self, layer_norms: torch.Tensor, loss: torch.Tensor | None

@@ -37,11 +37,16 @@ _NARROW = (torch.float16, torch.bfloat16)
 
 
 class Reduce(Protocol):
-    """Makes local per-tensor norms, loss and largest element global (``gradtrack.measure.distributed``)."""
+    """Makes local per-tensor norms, loss, largest element and partial sums global (``measure.distributed``)."""
 
     def __call__(
-        self, layer_norms: torch.Tensor, order: list[int], loss: torch.Tensor | None, local_max: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+        self,
+        layer_norms: torch.Tensor,
+        order: list[int],
+        loss: torch.Tensor | None,
+        local_max: torch.Tensor | None,
+        sums: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]: ...
 
 
 @final
@@ -56,7 +61,8 @@ class GradBatch:
     (see the module docstring). ``loss`` is the mean observed loss, or across ranks ``[sum, ranks that
     observed one]``; ``overflow`` the AMP scaler's found-inf flag for a fused optimizer; ``grad_scale``
     the factor the gradients still carry; ``max_abs`` the largest element magnitude when a reduction
-    had to compute it globally.
+    had to compute it globally; ``sums`` per-tensor sums that ride along (the overshoot indicator's dot
+    products, ``gradtrack.judge.overshoot``), global too.
     """
 
     groups: list[list[torch.Tensor]]
@@ -71,6 +77,7 @@ class GradBatch:
     max_abs: torch.Tensor | None = None
     weights: list[list[torch.Tensor]] | None = None  # the parameters, grouped like ``groups`` (if asked for)
     weight_norms: torch.Tensor | None = None  # their norms, in the order of ``layer_norms`` (if asked for)
+    sums: torch.Tensor | None = None  # rows of per-tensor sums in the order of ``layer_norms`` (if given)
 
     @property
     def device(self) -> torch.device:
@@ -88,6 +95,7 @@ class HostStats(NamedTuple):
     overflow: bool
     weight_norms: np.ndarray | None = None  # float64, in GradBatch.order
     extras: np.ndarray | None = None  # the values the caller asked to ride along (diagnosis)
+    sums: np.ndarray | None = None  # float64, GradBatch.sums' shape
 
 
 def group_grads(
@@ -118,11 +126,13 @@ def measure(
     want_max_abs: bool = False,
     weights: Sequence[torch.Tensor] | None = None,
     weight_norms: bool = False,
+    sums: torch.Tensor | None = None,
 ) -> GradBatch:
     """Per-tensor and total norms of ``grads`` with no host synchronisation.
 
     ``grads`` are plain tensors (DTensors already replaced by their local shards when ``reduction``
-    is given); ``loss`` is this rank's mean observed loss, on the device.
+    is given); ``loss`` is this rank's mean observed loss, on the device; ``sums``: rows of per-tensor
+    partial sums in the order the norms will have (made global by ``reduction`` in the same collective).
     """
     groups, order, weight_groups = group_grads(grads, weights)
     first_device = grads[0].device
@@ -156,7 +166,7 @@ def measure(
     local_norms = layer_norms
     if reduction is not None:
         local_max = _max_abs(groups, norm_type, layer_norms) if want_max_abs else None
-        layer_norms, loss, max_abs = reduction(layer_norms, order, loss, local_max)
+        layer_norms, loss, max_abs, sums = reduction(layer_norms, order, loss, local_max, sums)
     total_norm = torch.linalg.vector_norm(layer_norms, norm_type)
     if layer_norms is not local_norms:  # combined across ranks: torch's own arithmetic has no equivalent
         clip_norm = total_norm
@@ -178,7 +188,7 @@ def measure(
         weight_norm = torch.stack([n.to(first_device) for n in measured]) if len(groups) > 1 else torch.stack(measured)
     return GradBatch(
         groups, order, norm_type, layer_norms, total_norm, clip_norm, loss, overflow, grad_scale, max_abs,
-        weight_groups, weight_norm,
+        weight_groups, weight_norm, sums,
     )  # fmt: skip
 
 
@@ -229,8 +239,14 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, extras: torch.Ten
         parts.append(batch.weight_norms.to(device))
     if extras is not None:
         parts.append(extras.reshape(-1).to(device))
+    if batch.sums is not None:
+        parts.append(batch.sums.reshape(-1).to(device))
     host = torch.cat(parts).numpy(force=True).astype(np.float64)  # the one device-to-host transfer
     end = host.size
+    sum_values = None
+    if batch.sums is not None:
+        end -= batch.sums.numel()
+        sum_values = host[end:].reshape(batch.sums.shape)
     extra_values = None
     if extras is not None:
         end -= extras.numel()
@@ -253,4 +269,4 @@ def transfer(batch: GradBatch, clip_coef: torch.Tensor | None, extras: torch.Ten
             loss, position = (loss_sum / observed if observed else None), position + 2
     overflow = batch.overflow is not None and tail[position] > 0
     return HostStats(layer_norms=host[:count], total_norm=total_norm, clip_coef=coef, loss=loss, overflow=overflow,
-                     weight_norms=weight_values, extras=extra_values)  # fmt: skip
+                     weight_norms=weight_values, extras=extra_values, sums=sum_values)  # fmt: skip

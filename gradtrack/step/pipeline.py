@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradtrack.events import Divergence, Explosion, ExplosionKind, LayersAdded, Rollback
+from gradtrack.events import Divergence, Explosion, ExplosionKind, Instability, LayersAdded, Rollback
 from gradtrack.handover.messages import (
     Diagnosed,
     Diverged,
     ExplosionRaised,
+    InstabilityRaised,
     LayersAnnounced,
     LayoutAnnounced,
     Message,
@@ -42,6 +43,7 @@ from gradtrack.handover.messages import (
 from gradtrack.handover.outlet import Discard, Outlet
 from gradtrack.judge.detection import Judge, OnNonfinite, offenders
 from gradtrack.judge.diagnosis import DeviceDiagnosis, LayerHistory, depth_growth
+from gradtrack.judge.overshoot import OvershootProbe, OvershootRule, ratios
 from gradtrack.measure.amp import AmpState
 from gradtrack.measure.distributed import Topology, check_symmetric, local_grads
 from gradtrack.measure.params import ParameterSet
@@ -88,6 +90,7 @@ class Settings:
     weight_norms: bool
     weight_every: int
     on_divergence: OnDivergence
+    overshoot_every: int | None = None  # the overshoot indicator's cadence (None: off)
 
 
 @final
@@ -176,6 +179,15 @@ class StepPipeline:
         self._coefficient: Callable[[GradBatch], torch.Tensor | None] | None = getattr(
             settings.clip_policy, "clip_coefficient", None
         )
+        # The overshoot indicator needs the raw gradient's dot products: one factor for every gradient (or none).
+        uniform = settings.clip_policy is None or self._coefficient is not None
+        every = settings.overshoot_every
+        self.overshoot = OvershootRule(every) if every is not None and uniform else None
+        self.probe = OvershootProbe()
+        self._armed: tuple[list[nn.Parameter], float] | None = None  # the sampled step's parameters, clip factor
+        self.learning_rates: tuple[float, ...] = ()  # the last sampled update's, for the warning's advice
+        self._armed_coef = 1.0  # the clip factor of the update whose sample is pending
+        self.sees_updates = True  # an optimizer's post-hook follows run() (False for tracker.step())
 
     def start(self, names: Sequence[str]) -> None:
         """The run's first name table: the layers that train when the tracker starts (checked across ranks)."""
@@ -187,7 +199,8 @@ class StepPipeline:
     def state_dict(self) -> dict[str, Any]:
         """The step, the judge's windows and verdict, what the clip policy learnt, the summary, the layer
         history behind ``origin`` and the diagnosis: everything a later process needs to go on alike."""
-        return {"step": self.step, **self.learnt_state(), "summary": self.summary.state_dict()}
+        overshoot = self.overshoot.state_dict() if self.overshoot is not None else None
+        return {"step": self.step, **self.learnt_state(), "summary": self.summary.state_dict(), "overshoot": overshoot}
 
     def learnt_state(self) -> dict[str, Any]:
         """What the run taught the judge, the clip policy and the layer history (a rollback restores it)."""
@@ -213,6 +226,8 @@ class StepPipeline:
         step = integer(state, "step")
         notes = self.load_learnt_state(state)
         self.summary.load_state_dict(part(state, "summary"))
+        if self.overshoot is not None and state.get("overshoot") is not None:  # None: saved without it
+            self.overshoot.load_state_dict(part(state, "overshoot"))
         self.step = step
         return notes
 
@@ -261,6 +276,8 @@ class StepPipeline:
         flat partitions, after its unscaling). Returns None for a step that was not judged (no gradient, or an
         AMP overflow, which the optimizer skips itself).
         """
+        # A caller's own fragments, or no optimizer hook to say when the update is made: no indicator.
+        sampling = self.overshoot is not None and grads is None and self.sees_updates
         if grads is None:
             with_grad = [p for p in params if p.grad is not None]
             grads = [p.grad for p in with_grad]  # type: ignore[misc]
@@ -282,6 +299,7 @@ class StepPipeline:
             and not topology.sharded
             and (step % settings.weight_every == 0 or (self.judge.troubled and step % TROUBLE_WEIGHT_EVERY == 0))
         )  # sharded: the weights' norms would need a collective of their own
+        sums = self._overshoot_dots(grads, ids, amp) if sampling else None
         with torch.no_grad():
             batch = measure(
                 grads,
@@ -293,6 +311,7 @@ class StepPipeline:
                 want_max_abs=self._wants_max_abs and topology.sharded,
                 weights=self._weights(with_grad, weights_due),
                 weight_norms=weights_due,
+                sums=sums,
             )
             deferred = None
             if self._coefficient is not None:  # one factor for every gradient: applied below, unless it is 1
@@ -316,7 +335,58 @@ class StepPipeline:
             self.amp_skipped()  # the optimizer skips its own update; the gradients are no evidence
             return None
         skip = self._judge(with_grad, layout, host, with_layers)
+        if sampling and not skip and self.overshoot is not None and self.overshoot.due(step):
+            self._arm(with_grad, ids, batch.order, host.clip_coef, amp)
         return Outcome(total_norm=host.total_norm, clip_coef=host.clip_coef, skip=skip)
+
+    # -- the overshoot indicator (gradtrack.judge.overshoot) ------------------------------------------------
+
+    def _overshoot_dots(
+        self, grads: Sequence[torch.Tensor], ids: tuple[int, ...], amp: AmpState | None
+    ) -> torch.Tensor | None:
+        """The second half of a sample armed at the step before: its dot products, to ride this step's transfer."""
+        if not self.probe.pending:
+            return None
+        local = local_grads(grads) if self.topology.sharded else grads
+        dots = self.probe.dots(local, ids)
+        if dots is not None and amp is not None and amp.grad_scale is not None:
+            dots = torch.stack([dots[0], dots[1] / amp.grad_scale.to(dots.device, dots.dtype)])
+        return dots
+
+    def _arm(
+        self, params: list[nn.Parameter], ids: tuple[int, ...], order: list[int], clip_coef: float,
+        amp: AmpState | None,
+    ) -> None:  # fmt: skip
+        """Before this step's update: the parameters into the indicator's buffer (``after_update`` follows)."""
+        if not (clip_coef > 0 and math.isfinite(clip_coef)):
+            return
+        # Read under no_grad: the parameters themselves (a detach() each costs more than the copy of a small one).
+        self.probe.arm(local_grads([p.detach() for p in params]) if self.topology.sharded else params, ids, order)
+        self.probe.grad_scale = amp.grad_scale if amp is not None else None
+        self._armed = (params, clip_coef)
+
+    def after_update(self, optimizer: torch.optim.Optimizer, closure: bool = False) -> None:
+        """The optimizer's update is done (its step's post-hook): the first half of an armed sample. A closure
+        optimizer's gradients are a trial point's by then (LBFGS): no sample."""
+        armed, self._armed = self._armed, None
+        if armed is None:
+            return
+        if closure:
+            self.probe.disarm()
+            return
+        rates = tuple(float(g["lr"]) for g in optimizer.param_groups if isinstance(g.get("lr"), int | float))
+        params, clip_coef = armed
+        grads = [p.grad for p in params]
+        weights: Sequence[torch.Tensor] = params
+        if self.topology.sharded:
+            present = [g for g in grads if g is not None]
+            if len(present) != len(grads):
+                self.probe.disarm()
+                return
+            grads, weights = local_grads(present), local_grads([p.detach() for p in params])  # type: ignore[assignment]
+        self.probe.after_update(weights, grads)
+        self._armed_coef = clip_coef
+        self.learning_rates = rates or self.learning_rates
 
     def finish_diagnosis(self) -> None:
         """At the end of the run: a diagnosis still waiting for the next step finishes now (one sync, at exit)."""
@@ -366,9 +436,13 @@ class StepPipeline:
         norm_type = self.settings.norm_type
 
         def reduce(
-            layer_norms: torch.Tensor, order: list[int], loss: torch.Tensor | None, local_max: torch.Tensor | None
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            return reduction.reduce(layer_norms, params, order, norm_type, loss, local_max)
+            layer_norms: torch.Tensor,
+            order: list[int],
+            loss: torch.Tensor | None,
+            local_max: torch.Tensor | None,
+            sums: torch.Tensor | None,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            return reduction.reduce(layer_norms, params, order, norm_type, loss, local_max, sums)
 
         return reduce
 
@@ -412,6 +486,7 @@ class StepPipeline:
             and healer.due(step)
             and self.healthy
             and (not self.judge.divergence.loss_regressed or healer.stale(step))
+            and (self.overshoot is None or not self.overshoot.overshooting)  # not while the steps overshoot
         )
 
     def amp_skipped(self) -> None:
@@ -456,7 +531,42 @@ class StepPipeline:
         assert self.healer is not None
         rollback = self.healer.heal(step, divergence, step if self.alarm_since is None else self.alarm_since)
         if rollback is not None:
-            self.alarm_since = None
+            self._restarted()
+        return rollback
+
+    def _restarted(self) -> None:
+        """A rollback: the trouble and the indicator's samples belonged to the state thrown away."""
+        self.alarm_since = None
+        self._armed = None
+        self.probe.disarm()
+        if self.overshoot is not None:
+            self.overshoot.restart()
+
+    def _overshoot_step(
+        self, step: int, now: float, layout: _Layout, host: HostStats
+    ) -> tuple[float, Instability | None]:
+        """The sample completed at this step (NaN: none) and the warning it raises, if any."""
+        rule = self.overshoot
+        if rule is None or host.sums is None:
+            return math.nan, None
+        overall, per_layer = ratios(host.sums[0], host.sums[1], self._armed_coef)
+        rule.add(step, overall, per_layer)
+        return overall, rule.warning(step, now, layout.names, self.settings.top_k, self.learning_rates)
+
+    def _heal_overshoot(self, step: int, now: float) -> Rollback | None:
+        """``on_divergence="rollback"``: steps that overshoot persistently while the loss stopped improving are a
+        learning-rate problem even where the clip keeps every norm finite: back to before the overshoot began,
+        the learning rate scaled by what the ratio measured."""
+        rule, healer = self.overshoot, self.healer
+        if rule is None or healer is None or not rule.persistent or not self.judge.divergence.loss_stalled:
+            return None
+        began = rule.episode_since if rule.episode_since is not None else step
+        reason = (f"the steps overshoot (lr x curvature {rule.level():.3g}, above 2 on most recent samples since "
+                  f"step {began}) and the loss stopped improving")  # fmt: skip
+        rollback = healer.heal(step, Divergence(step=step, reason=reason, timestamp=now), began,
+                               lr_factor=rule.lr_scale())  # fmt: skip
+        if rollback is not None:
+            self._restarted()
         return rollback
 
     def _judge(self, params: Sequence[nn.Parameter], layout: _Layout, host: HostStats, with_layers: bool) -> bool:
@@ -482,15 +592,19 @@ class StepPipeline:
             self.alarm_since = step if self.alarm_since is None else self.alarm_since
         else:
             self.alarm_since = None
+        overshoot, instability = self._overshoot_step(step, now, layout, host)
         divergence, rollback = verdict.divergence, None
         if divergence is not None and self.healer is not None:
             rollback = self._heal(step, divergence)
             if rollback is not None:  # healed: the state of before the trouble is back
                 divergence = None
+        elif self.healer is not None and divergence is None:
+            rollback = self._heal_overshoot(step, now)
         if verdict.skip or rollback is not None:
             for p in params:  # optimizers skip parameters without a gradient: the update is skipped
                 p.grad = None
-        reported = explosion is not None or divergence is not None or nonfinite > 0 or step % settings.log_every == 0
+        reported = (explosion is not None or divergence is not None or nonfinite > 0 or instability is not None
+                    or step % settings.log_every == 0)  # fmt: skip
         self.emit(StepRecord(
             step=step, timestamp=now, total_norm=total_norm, clip_coef=host.clip_coef, nonfinite=nonfinite,
             loss=host.loss, clipped=clipped, explosion=explosion is not None,
@@ -499,7 +613,10 @@ class StepPipeline:
             with_layers=reported and with_layers, layout=layout.key if reported else -1,
             layer_norms=norms.tobytes() if reported else None,
             weight_norms=weights.tobytes() if weights is not None and reported else None,
+            overshoot=overshoot,
         ))  # fmt: skip
+        if instability is not None:
+            self.emit(InstabilityRaised(event=instability))
         if explosion is not None:
             self.emit(ExplosionRaised(event=explosion))
             if self.diagnosis.due(step) and not self.topology.sharded:

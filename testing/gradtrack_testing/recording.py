@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from gradtrack import hookimpl
-from gradtrack.events import Divergence, Explosion, LayersAdded, Rollback, RunEnd, RunStart, StepStats
+from gradtrack.events import Divergence, Explosion, Instability, LayersAdded, Rollback, RunEnd, RunStart, StepStats
 
 __all__ = ["CONTRACT_METRICS", "RecordingBackend", "check_resumed_run"]
 
@@ -63,6 +63,10 @@ class RecordingBackend:
     @hookimpl
     def gradtrack_rollback(self, event: Rollback) -> None:
         self._record("rollback", event)
+
+    @hookimpl
+    def gradtrack_instability(self, event: Instability) -> None:
+        self._record("instability", event)
 
     @hookimpl
     def gradtrack_run_end(self, end: RunEnd) -> None:

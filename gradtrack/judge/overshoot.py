@@ -1,0 +1,310 @@
+"""The overshoot indicator: how far the last update overshot the minimum along its own direction.
+
+Along the update the optimizer just made, ``u = theta_t - theta_{t-1}``, the change of the gradient measures
+the curvature the step met::
+
+    overshoot_t = u . (g_t - g_{t-1}) / (-g_{t-1} . u)
+
+On a quadratic with plain SGD it is exactly ``lr x curvature along the step`` (the Rayleigh quotient of the
+Hessian at ``g_{t-1}``), and 2 is the edge: above it the step lands beyond its own minimum and the iterate
+grows along that direction (the edge of stability, Cohen et al. 2021). For Adam and other preconditioned
+optimizers the same holds along the step they take: the ratio uses the update actually made, so it needs no
+knowledge of the optimizer. ``g_{t-1}`` is the raw gradient (before clipping): the clip shortens ``u``, which
+the ratio sees as a smaller effective learning rate.
+
+Cost: no extra forward or backward pass. On a sampled step ``t-1`` the parameters are copied into one
+parameter-sized buffer before the update (``arm``); after the update the buffer becomes ``-u`` and
+``-g_{t-1} . u`` is taken per tensor while the gradients are still there (``after_update``, on the device, no
+synchronisation); at the next step's measurement ``-g_t . u`` is taken the same way (``dots``), and both
+vectors ride that step's one device-to-host transfer (and, sharded, its one collective as partial sums).
+Per-layer ratios come from the same sums. Nothing here touches a gradient, a parameter or an RNG: a run with
+the indicator trains bitwise as one without it.
+
+The host side (``OvershootRule``) turns the samples into the ``grad/overshoot`` metric, the
+:class:`~gradtrack.events.Instability` warning (the steps overshoot persistently) and the learning-rate scale
+that would bring the ratio back to ``TARGET``.
+
+What it cannot see: a blow-up with no curvature warning (a poisoned batch, a first update that is already too
+large, as Adam's at a far too high learning rate), and steps whose update is no descent direction for the
+gradient (heavy momentum right after a turn): those samples are left out (NaN).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any, final
+
+import numpy as np
+import torch
+
+from gradtrack.events import Instability
+from gradtrack.state import floats, integer, optional
+
+__all__ = ["EDGE", "TARGET", "OvershootProbe", "OvershootRule", "ratios"]
+
+EDGE = 2.0  # lr x curvature above it: the step overshoots its own minimum
+TARGET = 1.0  # the suggested learning rate brings the ratio here, half the edge
+WINDOW = 6  # samples judged together ...
+PERSIST = 5  # ... of which this many above the edge: the steps overshoot persistently
+LAYER_SHARE = 0.01  # a layer takes part in the per-layer advice with at least this share of -g.u
+
+
+SMALL = 1 << 16  # tensors with fewer elements share one flat buffer: their dot products in a few launches
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+@final
+class _Plan:
+    """Where each tensor's part of the buffer lives, and how its dot products are taken.
+
+    A large tensor has a buffer of its own and its dot product is one ``torch.dot``. Small tensors of one device
+    and dtype share one flat buffer (each a view of it), so their dot products take a few launches whatever their
+    number: the gradients flattened into one transient vector (``flatten_dense_tensors``), one multiply, and one
+    row sum per distinct tensor size (the small tensors are laid out by size). The buffer is the parameters' size
+    once; the transient vector is at most the small tensors' size.
+    """
+
+    def __init__(self, ordered: Sequence[torch.Tensor]) -> None:
+        self.buffer: list[torch.Tensor] = [torch.empty(0)] * len(ordered)
+        self.large = [i for i, w in enumerate(ordered) if w.numel() >= SMALL]
+        for i in self.large:
+            self.buffer[i] = torch.empty_like(ordered[i], memory_format=torch.contiguous_format)
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, w in enumerate(ordered):
+            if w.numel() < SMALL:
+                groups.setdefault((w.device, w.dtype), []).append(i)
+        # positions (by size, so that tensors of one size are one block), flat buffer, (count, size) of each block
+        self.small: list[tuple[list[int], torch.Tensor, list[tuple[int, int]]]] = []
+        for (device, dtype), positions in groups.items():
+            positions = sorted(positions, key=lambda i: ordered[i].numel())
+            lengths = [ordered[i].numel() for i in positions]
+            flat = torch.empty(sum(lengths), device=device, dtype=dtype)
+            for i, view in zip(positions, flat.split(lengths), strict=True):
+                self.buffer[i] = view.view(ordered[i].shape)
+            blocks = [(len(list(run)), size) for size, run in itertools.groupby(lengths)]
+            self.small.append((positions, flat, blocks))
+        self.device = ordered[0].device
+        placed = self.large + [i for positions, _, _ in self.small for i in positions]
+        self.unpermute = torch.tensor(sorted(range(len(placed)), key=placed.__getitem__), device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.buffer[i].numel() * self.buffer[i].element_size() for i in self.large) + sum(
+            flat.numel() * flat.element_size() for _, flat, _ in self.small
+        )
+
+    def dots(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``grads[i] . buffer[i]`` for every tensor, in order, fp32 or wider, on the first device (no sync)."""
+        parts = [_wide(torch.dot(_wide(grads[i]).reshape(-1), _wide(self.buffer[i]).reshape(-1))).reshape(1)
+                 for i in self.large]  # fmt: skip
+        for positions, flat, blocks in self.small:
+            values = _wide(torch._C._nn.flatten_dense_tensors([grads[i] for i in positions]))
+            if len(positions) > 1 and values.dtype == flat.dtype:  # a copy of the gradients: multiplied in place
+                values.mul_(flat)
+            else:  # one tensor flattens to a view of its gradient, which must stay as it is
+                values = values * _wide(flat)
+            start = 0
+            for count, size in blocks:  # the tensors of one size: one row each, summed at once
+                parts.append(values[start : start + count * size].view(count, size).sum(1))
+                start += count * size
+        parts = [p.to(self.device) for p in parts] if any(p.device != self.device for p in parts) else parts
+        widest = max((p.dtype for p in parts), key=lambda dtype: torch.finfo(dtype).bits)
+        stacked = torch.cat([p.to(widest) for p in parts])
+        return stacked[self.unpermute]
+
+
+@final
+class OvershootProbe:
+    """The device side: one buffer for ``u``, and the two dot products per tensor.
+
+    Tensors are handled in the order of the step's norms (``order`` indexes the caller's list), so the
+    host's per-layer values follow the layout's names.
+    """
+
+    def __init__(self) -> None:
+        self._plan: _Plan | None = None
+        self._key: tuple[int, ...] | None = None  # id() of each parameter, in norm order, at arm time
+        self._order: list[int] = []
+        self._armed = False
+        self._before: torch.Tensor | None = None  # -g_{t-1} . u per tensor, after the update
+        self.grad_scale: torch.Tensor | None = None  # a fused optimizer's scale on the gradients of t-1
+
+    @property
+    def nbytes(self) -> int:
+        """The buffer's size: the parameters' once, in their own dtypes."""
+        return self._plan.nbytes if self._plan is not None else 0
+
+    @property
+    def pending(self) -> bool:
+        """A sample whose second half the next step's measurement completes."""
+        return self._before is not None
+
+    def disarm(self) -> None:
+        self._armed, self._before, self.grad_scale = False, None, None
+
+    def release(self) -> None:
+        self.disarm()
+        self._plan, self._key = None, None
+
+    def arm(self, weights: Sequence[torch.Tensor], key: tuple[int, ...], order: Sequence[int]) -> None:
+        """Before the update: the parameters (local tensors, the caller's order) into the buffer."""
+        ordered = [weights[i] for i in order]
+        if self._key != key or self._plan is None or len(self._plan.buffer) != len(ordered):
+            self._plan, self._key = _Plan(ordered), key
+        with torch.no_grad():
+            torch._foreach_copy_(self._plan.buffer, ordered)
+        self._order = list(order)
+        self._armed, self._before = True, None
+
+    def after_update(self, weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        """After the optimizer's update, gradients still there: buffer = -u, and -g_{t-1} . u per tensor."""
+        if not self._armed:
+            return
+        self._armed = False
+        ordered = [weights[i] for i in self._order]
+        ordered_grads = [grads[i] for i in self._order]
+        if any(g is None for g in ordered_grads) or self._plan is None:  # the update was skipped: no sample
+            return
+        with torch.no_grad():
+            torch._foreach_sub_(self._plan.buffer, ordered)
+            self._before = self._plan.dots(ordered_grads)  # type: ignore[arg-type]
+
+    def dots(self, grads: Sequence[torch.Tensor], key: tuple[int, ...]) -> torch.Tensor | None:
+        """At the next measurement: ``[-g_{t-1} . u, -g_t . u]`` per tensor (2 x n, norm order), or None."""
+        before = self._before
+        self._before = None
+        if before is None or key != self._key or self._plan is None:
+            return None
+        with torch.no_grad():
+            after = self._plan.dots([grads[i] for i in self._order])
+            if self.grad_scale is not None:  # the gradients of t-1 carried a fused optimizer's scale
+                before = before / self.grad_scale.to(before.device, before.dtype)
+            return torch.stack([before, after])
+
+
+def ratios(before: np.ndarray, after: np.ndarray, clip_coef: float) -> tuple[float, np.ndarray]:
+    """The global ratio and each tensor's, from the per-tensor sums ``-g_{t-1} . u`` (of the clipped gradient,
+    ``clip_coef`` times the raw one) and ``-g_t . u``. NaN where the update was no descent direction."""
+    if not clip_coef > 0 or not math.isfinite(clip_coef):
+        return math.nan, np.full(before.shape, math.nan)
+    raw = before / clip_coef
+    total_before, total_after = float(raw.sum()), float(after.sum())
+    overall = 1.0 - total_after / total_before if total_before > 0 and math.isfinite(total_after) else math.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_layer = np.where(raw > LAYER_SHARE * max(total_before, 0.0), 1.0 - after / raw, math.nan)
+    return overall, per_layer
+
+
+@final
+class OvershootRule:
+    """The host side: samples in, the warning out, and what the advice needs.
+
+    Persistent overshoot: ``PERSIST`` of the last ``WINDOW`` samples above ``EDGE``. Samples come every
+    ``every`` steps, and every step while one of the last ``WINDOW`` was above the edge, so a persistent
+    episode is confirmed within a few steps of its first sign. One warning per episode; the episode ends
+    when the window holds no sample above the edge.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._window: deque[float] = deque(maxlen=WINDOW)
+        self._layers: deque[np.ndarray] = deque(maxlen=WINDOW)
+        self.episode_since: int | None = None  # first step of the current overshoot (a sample above the edge)
+        self.warned: Instability | None = None  # this episode's warning
+        self.latest = math.nan
+
+    @property
+    def dense(self) -> bool:
+        """A recent sample was above the edge: sample every step."""
+        return any(value > EDGE for value in self._window)
+
+    def due(self, step: int) -> bool:
+        """Arm at ``step`` (the sample completes at ``step + 1``)."""
+        return step % self.every == 0 or self.dense
+
+    @property
+    def persistent(self) -> bool:
+        return sum(value > EDGE for value in self._window) >= PERSIST
+
+    @property
+    def overshooting(self) -> bool:
+        """Persistent now, or warned in an episode not over yet: no rollback snapshot is taken then."""
+        return self.persistent or self.warned is not None
+
+    def level(self) -> float:
+        """The median of the window's samples above the edge (the overshoot the advice corrects)."""
+        above = [value for value in self._window if value > EDGE]
+        return statistics.median(above) if above else math.nan
+
+    def lr_scale(self) -> float:
+        """The learning-rate factor that brings the persistent ratio to ``TARGET`` (the ratio is about
+        proportional to the learning rate); 1.0 when the steps do not overshoot."""
+        level = self.level()
+        return min(1.0, TARGET / level) if math.isfinite(level) and level > 0 else 1.0
+
+    def add(self, step: int, overall: float, per_layer: np.ndarray) -> None:
+        """One completed sample, reported at ``step`` (the update of ``step - 1``)."""
+        self.latest = overall
+        if not math.isfinite(overall):
+            return
+        self._window.append(overall)
+        self._layers.append(per_layer)
+        if overall > EDGE and self.episode_since is None:
+            self.episode_since = step - 1  # the update that overshot
+        elif not self.dense:
+            self.episode_since, self.warned = None, None
+
+    def warning(
+        self, step: int, timestamp: float, names: Sequence[str], top_k: int, learning_rates: Sequence[float]
+    ) -> Instability | None:
+        """The episode's warning, the first time the overshoot is persistent (None otherwise)."""
+        if self.warned is not None or not self.persistent:
+            return None
+        scale = self.lr_scale()
+        level = self.level()
+        layers: list[tuple[str, float]] = []
+        if self._layers and len(self._layers[-1]) == len(names):
+            stacked = np.vstack([row for row in self._layers if len(row) == len(names)])
+            with np.errstate(all="ignore"):
+                typical = np.nanmedian(np.where(np.isfinite(stacked), stacked, np.nan), axis=0)
+            ranked = [i for i in np.argsort(-np.nan_to_num(typical, nan=-np.inf)) if np.isfinite(typical[i])]
+            layers = [(names[i], float(typical[i])) for i in ranked[:top_k] if typical[i] > EDGE]
+        self.warned = Instability(
+            step=step,
+            overshoot=level,
+            steps_above=sum(value > EDGE for value in self._window),
+            window=len(self._window),
+            since=self.episode_since if self.episode_since is not None else step,
+            layers=tuple(layers),
+            lr_scale=scale,
+            learning_rates=tuple(lr * scale for lr in learning_rates),
+            timestamp=timestamp,
+        )
+        return self.warned
+
+    def restart(self) -> None:
+        """After a rollback: the samples of the state that was thrown away say nothing about the restored one."""
+        self._window.clear()
+        self._layers.clear()
+        self.episode_since, self.warned, self.latest = None, None, math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": list(self._window), "episode_since": self.episode_since,
+                "warned": self.warned.step if self.warned is not None else None}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._window = deque(floats(state, "window"), maxlen=WINDOW)
+        self._layers.clear()
+        self.episode_since = optional(state, "episode_since", integer)
+        warned = optional(state, "warned", integer)
+        self.warned = None if warned is None else Instability(
+            step=warned, overshoot=self.level(), steps_above=0, window=0, since=warned, layers=(), lr_scale=1.0,
+            learning_rates=(),
+        )  # fmt: skip
