@@ -964,8 +964,13 @@ class Report:
         warned = self._detector_stats("warnings")
         lines.append(f"{'PASS' if warned['alarms'] == 0 else 'FAIL'}  healthy runs with an overshoot warning: "
                      f"{warned['alarms']}/{warned['neg']} (target: none)")  # fmt: skip
-        before = [v for k in self.positives if k[0] == "lsq-edge" and (r := self.run(k, "gt:monitor+loss")) is not None
-                  for step, v in r.overshoot.items() if step <= self.truth[k].blowup]  # type: ignore[operator]
+        before = [
+            value
+            for key in self.positives
+            if key[0] == "lsq-edge" and (run := self.run(key, "gt:monitor+loss")) is not None
+            for step, value in run.overshoot.items()
+            if step <= self.truth[key].blowup  # type: ignore[operator]
+        ]
         healthy = [statistics.median(r.overshoot.values()) for k in self.negatives
                    if (r := self.run(k, "gt:monitor+loss")) is not None and r.overshoot]  # fmt: skip
         if before:

@@ -1,6 +1,6 @@
 """docs/overshoot.png: the loss and grad/overshoot of lsq-edge (seed 0) and its healthy twin, with the warning.
 
-    .venv/bin/python scripts/overshoot_figure.py
+.venv/bin/python scripts/overshoot_figure.py
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, final
@@ -272,7 +273,8 @@ class OvershootRule:
         layers: list[tuple[str, float]] = []
         if self._layers and len(self._layers[-1]) == len(names):
             stacked = np.vstack([row for row in self._layers if len(row) == len(names)])
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a layer without a valid sample: NaN, left out
                 typical = np.nanmedian(np.where(np.isfinite(stacked), stacked, np.nan), axis=0)
             ranked = [i for i in np.argsort(-np.nan_to_num(typical, nan=-np.inf)) if np.isfinite(typical[i])]
             layers = [(names[i], float(typical[i])) for i in ranked[:top_k] if typical[i] > EDGE]
