@@ -27,6 +27,8 @@ from gradtrack_wandb.backend import (  # noqa: E402  (after the importorskip)
     EXPLODED_TAG,
     HISTOGRAM_EXCLUDED_KEY,
     HISTOGRAM_KEY,
+    INSTABILITY_TITLE,
+    OVERSHOOT_TAG,
     ROLLBACK_TITLE,
     ROLLED_BACK_TAG,
     STEP_KEY,
@@ -140,12 +142,16 @@ def test_offline_run_records_contract_histograms_tags_alerts(wandb_dir: Path, no
 
     # live tags: exploded at the first explosion, then diverged, while rows were still being written
     assert run.tag_updates[0][1] == ()
-    assert run.tags == (EXPLODED_TAG, DIVERGED_TAG)
+    assert run.tags == (EXPLODED_TAG, DIVERGED_TAG, OVERSHOOT_TAG)  # the hot RNN's steps overshoot, too
     assert run.first_tagged(EXPLODED_TAG) < run.first_tagged(DIVERGED_TAG)
     assert run.first_tagged(DIVERGED_TAG) < max(i for i, kind in enumerate(run.order) if kind == "history")
 
     # alerts: one WARN (rate limited), one ERROR, with the step, norm, threshold and offenders
-    warn, error = run.alerts
+    (warned,) = [alert for alert in run.alerts if alert.title == INSTABILITY_TITLE]  # the overshoot warning
+    (instability,) = recorder.of("instability")
+    assert warned.text == instability.describe() and warned.level == "WARN"
+    assert run.summary["gradtrack"]["instability_step"] == instability.step
+    warn, error = [alert for alert in run.alerts if alert.title != INSTABILITY_TITLE]
     assert (warn.level, error.level) == ("WARN", "ERROR")
     assert len(warn.title) < 64 and len(error.title) < 64
     first = recorder.of("explosion")[0]

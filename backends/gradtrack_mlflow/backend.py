@@ -333,7 +333,7 @@ class MLflowBackend:
         metrics = [["grad/instability", 1.0, ms, event.step]]
         metrics += [["grad_overshoot/" + keys[name].removeprefix("grad_norm/"), ratio, ms, event.step]
                     for name, ratio in event.layers]  # fmt: skip
-        tags = {"gradtrack.instability_step": str(event.step), "gradtrack.judge.overshoot": f"{event.overshoot:.3g}",
+        tags = {"gradtrack.instability_step": str(event.step), "gradtrack.overshoot": f"{event.overshoot:.3g}",
                 "gradtrack.lr_advice": event.describe()[:_MAX_TAG_VALUE]}  # fmt: skip
         self._send({"op": "fragment", "metrics": metrics, "tags": tags}, urgent=True)
         self._write("events.jsonl", json.dumps({"instability": event.to_dict()}) + "\n")

@@ -72,7 +72,6 @@ EXPLOSION_TITLE = "gradtrack: gradients exploded"
 DIVERGENCE_TITLE = "gradtrack: run diverged"
 ROLLBACK_TITLE = "gradtrack: run rolled back"
 INSTABILITY_TITLE = "gradtrack: the steps overshoot"
-INSTABILITY_KEY = "grad/instability"
 OVERSHOOT_TAG = "overshoot"  # the overshoot indicator warned: the learning rate is past the edge
 ROLLBACKS_KEPT = 100  # the latest (step, restored step) pairs the summary lists
 PLOT_KEYS = ("gradtrack/norms_plot", "gradtrack/layers_plot")
@@ -396,17 +395,16 @@ class WandbBackend:
 
     @hookimpl
     def gradtrack_instability(self, event: Instability) -> None:
-        """A row at the warning's step (``grad/instability``, the offenders' ``grad_overshoot/<layer>``), a tag,
-        the warning in the run's state, an alert."""
+        """The warning in the run's summary state (``gradtrack.instability_step``, ``.overshoot``, ``.lr_advice``:
+        the learning-rate scale), the ``overshoot`` tag, an alert. No row of its own: one row per reported step,
+        which carries ``grad/overshoot``."""
         run = self._run
         if run is None:
             return
-        row: dict[str, Any] = {STEP_KEY: event.step, INSTABILITY_KEY: 1.0}
-        for name, ratio in event.layers:  # the offenders' own ratios, under the layer's key
-            row["grad_overshoot/" + self._key(name).removeprefix("grad_norm/")] = ratio
-        run.log(row)
         run.tags = _merged(run.tags, OVERSHOOT_TAG)
-        self._state.update(instability_step=event.step, overshoot=event.overshoot, lr_advice=event.lr_scale)
+        layers = {name: ratio for name, ratio in event.layers}
+        self._state.update(instability_step=event.step, overshoot=event.overshoot, lr_advice=event.lr_scale,
+                           overshoot_layers=layers)  # fmt: skip
         self._publish_state()
         if self.alerts:
             run.alert(title=INSTABILITY_TITLE, text=event.describe(), level="WARN", wait_duration=self.alert_every)
