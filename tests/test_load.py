@@ -87,4 +87,7 @@ def test_eight_trainers_deliver_every_value_to_a_postgres_backed_server(
         assert len([key for key in keys if key.startswith("weight_norm/")]) == LAYERS
         for key in keys:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            if key == "grad/overshoot":  # sampled (every 5 steps, every step near the edge), from step 1: once each
+                assert steps and len(set(steps)) == len(steps) and set(steps) <= set(range(1, STEPS)), key
+                continue
             assert sorted(steps) == list(range(STEPS)), (run.info.run_name, key)  # every value, exactly once
