@@ -39,7 +39,8 @@ import psutil
 import torch
 from _models import fast_mlp, timed_steps
 
-from gradtrack import GradTracker, hookimpl, reporter_main
+from gradtrack import GradTracker, hookimpl
+from gradtrack.delivery import reporter_main
 from gradtrack.delivery.console import ConsoleBackend
 from gradtrack.delivery.dispatch import Dispatcher
 from gradtrack.delivery.outbox import Outbox

@@ -240,9 +240,9 @@ class EngineDriver:
         self._wrap(self.engine, "backward", self._wrap_backward)
         optimizer = self.engine.optimizer
         if self.stage in (1, 2) and hasattr(optimizer, "scaled_global_norm"):
-            self._wrap(optimizer, "scaled_global_norm", self._wrap_norm)
+            self._wrap(optimizer, "scaled_global_norm", lambda original: self._answer_norm(original, groups=False))
         elif self.stage == 3 and hasattr(optimizer, "_get_norm_groups"):
-            self._wrap(optimizer, "_get_norm_groups", self._wrap_norm_groups)
+            self._wrap(optimizer, "_get_norm_groups", lambda original: self._answer_norm(original, groups=True))
         for optimizer in self._stepped_optimizers():
             self._hooks.append(optimizer.register_step_pre_hook(self._apply))
 
@@ -298,27 +298,18 @@ class EngineDriver:
 
         return backward
 
-    def _wrap_norm(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        """ZeRO-1/2's ``scaled_global_norm``: the global norm times the loss scale, without its all-reduce."""
+    def _answer_norm(self, original: Callable[..., Any], groups: bool) -> Callable[..., Any]:
+        """DeepSpeed's global norm times the loss scale, answered from this step's measurement without its
+        all-reduces: ZeRO-1/2's ``scaled_global_norm`` (a tensor), ZeRO-3's ``_get_norm_groups`` (one group)."""
 
-        def scaled_global_norm(*args: Any, **kwargs: Any) -> Any:
+        def answer(*args: Any, **kwargs: Any) -> Any:
             outcome = self._pending
             if outcome is None:
                 return original(*args, **kwargs)
-            return self._scaled(outcome.total_norm)
+            norm = self._scaled(outcome.total_norm)
+            return [norm] if groups else norm
 
-        return scaled_global_norm
-
-    def _wrap_norm_groups(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        """ZeRO-3's ``_get_norm_groups``: one group, the global norm times the loss scale, without all-reduces."""
-
-        def get_norm_groups(*args: Any, **kwargs: Any) -> Any:
-            outcome = self._pending
-            if outcome is None:
-                return original(*args, **kwargs)
-            return [self._scaled(outcome.total_norm)]
-
-        return get_norm_groups
+        return answer
 
     def _scaled(self, total_norm: float) -> torch.Tensor:
         """The norm as DeepSpeed computes it before unscaling: times the loss scale (a device tensor: no sync)."""
