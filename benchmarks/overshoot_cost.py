@@ -9,14 +9,21 @@ intra-op threads). The indicator's cost is the difference to the row without it;
 most 2% of the step at the default cadence on the 16M-parameter (100 tensors) and 1,000-tensor models of
 ``benchmarks/overhead.py``. Memory: the indicator's one buffer against the parameters' bytes.
 
+A model of more than ``gradtrack.judge.overshoot.BUDGET`` elements (2M) is sampled, not read whole;
+``--agreement`` trains the models with SGD and Adam at two learning rates each and compares, on every update,
+the sampled ratio with the whole model's.
+
     .venv/bin/python benchmarks/overshoot_cost.py            # both models, ~4 min on 2 shared cores
     .venv/bin/python benchmarks/overshoot_cost.py --quick    # small models, a smoke run
+    .venv/bin/python benchmarks/overshoot_cost.py --direct --steps 30     # the indicator's own work, 1 thread
+    .venv/bin/python benchmarks/overshoot_cost.py --agreement --steps 40  # sampled against whole, ~2 min
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import statistics
@@ -119,6 +126,52 @@ def direct(model_key: str, quick: bool, rounds: int) -> tuple[str, float, float,
     return spec.title, statistics.median(steps) * 1e3, statistics.median(samples) * 1e3, probe.nbytes, param_bytes
 
 
+AGREEMENT_RUNS = {
+    "SGD lr 0.05": (torch.optim.SGD, 0.05),
+    "SGD lr 0.5": (torch.optim.SGD, 0.5),
+    "Adam lr 1e-4": (torch.optim.Adam, 1e-4),
+    "Adam lr 3e-3": (torch.optim.Adam, 3e-3),
+}
+
+
+def agreement(model_key: str, quick: bool, steps: int) -> list[list[str]]:
+    """The sampled ratio (``BUDGET`` elements a sample) against the whole model's on the same updates: each
+    step of a real training run armed in two probes, one reading the model whole."""
+    from gradtrack.judge.overshoot import BUDGET, EDGE, OvershootProbe, ratios
+
+    rows = []
+    for name, (kind, lr) in AGREEMENT_RUNS.items():
+        torch.manual_seed(0)
+        model, x, y = MODELS[model_key].make(quick, torch.device("cpu"))
+        optimizer = kind(model.parameters(), lr=lr)
+        params = list(model.parameters())
+        order, key = list(range(len(params))), tuple(map(id, params))
+        budget = BUDGET if not quick else sum(p.numel() for p in params) // 8  # quick: small models, sampled too
+        sampled, whole = OvershootProbe(budget), OvershootProbe(1 << 62)
+        pairs = []
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            grads = [p.grad for p in params]
+            values = []
+            for probe in (sampled, whole):
+                dots = probe.dots(grads, key)
+                if dots is not None:
+                    values.append(ratios(dots[0].numpy(), dots[1].numpy(), 1.0)[0])
+                probe.arm(params, key, order)
+            if len(values) == 2 and all(map(math.isfinite, values)):
+                pairs.append((values[0], values[1]))
+            optimizer.step()
+            for probe in (sampled, whole):
+                probe.after_update(params, grads)
+        errors = [abs(a / b - 1) for a, b in pairs]
+        flips = sum((a > EDGE) != (b > EDGE) for a, b in pairs)
+        rows.append([name, f"{len(pairs)}", f"{statistics.median(b for _, b in pairs):.3g}",
+                     f"{statistics.median(errors):.2%}", f"{max(errors):.2%}", f"{flips}",
+                     f"{sampled.nbytes / 2**20:.1f} / {whole.nbytes / 2**20:.1f} MiB"])  # fmt: skip
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models, few steps")
@@ -129,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--direct", action="store_true", help="only the indicator's own work against the step's, "
                         "one torch thread, thread CPU time (robust on a loaded machine)")  # fmt: skip
+    parser.add_argument("--agreement", action="store_true", help="the sampled ratio against the whole model's")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADTRACK_DISABLE_PLUGIN_AUTOLOAD", "1")
     torch.set_num_threads(1 if args.direct else args.threads)
@@ -139,6 +193,14 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{torch.get_num_threads()} torch thread(s), "
           f"{steps} timed steps per configuration in blocks of {args.block}\n")  # fmt: skip
     rows, verdicts = [], []
+    if args.agreement:
+        for key in args.models:
+            print(f"{MODELS[key].title}, {steps} steps a run:\n")
+            print(table(["run", "samples", "whole: median ratio", "sampled vs whole: median error", "max error",
+                         "either side of 2 alone", "buffer sampled / whole"], agreement(key, args.quick, steps),
+                        args.markdown))  # fmt: skip
+            print()
+        return
     if args.direct:
         torch.set_num_threads(1)
         for key in args.models:

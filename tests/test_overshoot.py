@@ -210,3 +210,65 @@ def test_rollback_heals_a_run_too_hot_to_learn_with_a_measured_learning_rate() -
     assert rollback.lr_scale == pytest.approx(1.0 / 2.5, rel=0.05)  # measured: 1 / the ratio, not 0.5
     assert "overshoot" in rollback.reason
     assert not tracker.diverged and losses[-1] < 1e-6
+
+
+class WideQuadratic(nn.Module):
+    """``0.5 sum(h_i w_i^2)`` over tensors too large to be read whole under a small budget, and a small one."""
+
+    def __init__(self, curvature: torch.Tensor, small: int = 30_000) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("h", curvature)
+        self.big = nn.Parameter(torch.randn(curvature.numel() - small, generator=generator, dtype=torch.float64))
+        self.small = nn.Parameter(torch.randn(small, generator=generator, dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        w = torch.cat([self.big, self.small])
+        return 0.5 * (self.h * w * w).sum()
+
+
+def _wide_run(curvature: torch.Tensor, lr: float, steps: int, budget: int,
+              monkeypatch: pytest.MonkeyPatch) -> tuple[dict[int, float], int]:  # fmt: skip
+    monkeypatch.setattr("gradtrack.judge.overshoot.BUDGET", budget)
+    model = WideQuadratic(curvature)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    recorder = RecordingBackend()
+    with GradTracker(model, backend=recorder, clip=None, overshoot_every=1) as tracker:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = model()
+            loss.backward()
+            tracker.observe(loss)
+            optimizer.step()
+        nbytes = tracker._pipeline.probe.nbytes
+    return _samples(recorder), nbytes
+
+
+def test_a_large_model_is_sampled_within_the_budget_and_the_ratio_stays_exact_where_curvature_is_uniform(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One curvature everywhere: any slice of the step sees lr x h, so the sampled ratio must be exact."""
+    n, budget = 300_000, 1 << 15
+    samples, nbytes = _wide_run(torch.full((n,), 4.0, dtype=torch.float64), 0.3, 6, budget, monkeypatch)
+    assert sorted(samples) == [1, 2, 3, 4, 5]
+    assert all(value == pytest.approx(1.2, rel=1e-9) for value in samples.values())
+    # the buffer: the small tensor whole and the large one's slices, at most 1.5 budgets, not the model's 2.4 MB
+    assert nbytes <= (budget + budget // 2) * 8 < n * 8 / 5
+
+
+def test_a_sampled_ratio_estimates_the_whole_where_curvature_varies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Curvatures spread over [5, 10] along the large tensor, [1, 2] on the small one (read whole): each sample's
+    slices of the large one, scaled, stand for all of it (unscaled, the small tensor's curvature would weigh
+    ten times too much)."""
+    n = 300_000
+    curvature = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    curvature[:-30_000] = 5.0 + 5.0 * curvature[:-30_000]
+    curvature[-30_000:] = 1.0 + curvature[-30_000:]
+    whole, whole_bytes = _wide_run(curvature, 0.15, 8, 1 << 30, monkeypatch)
+    sampled, sampled_bytes = _wide_run(curvature, 0.15, 8, 1 << 15, monkeypatch)
+    assert whole_bytes == n * 8 and sampled_bytes < n * 8 / 6
+    assert sorted(sampled) == sorted(whole)
+    for step, value in whole.items():
+        assert sampled[step] == pytest.approx(value, rel=0.03)
+    # and no two samples read the same part: the estimates differ where the whole's agree to the digit
+    assert len({round(v, 12) for v in sampled.values()}) == len(sampled)

@@ -55,6 +55,10 @@ LAYER_SHARE = 0.01  # a layer takes part in the per-layer advice with at least t
 
 
 SMALL = 1 << 16  # tensors with fewer elements share one flat buffer: their dot products in a few launches
+BUDGET = 1 << 21  # elements a sample reads of each parameter and gradient: beyond it, a slice of each large tensor
+PIECES = 16  # a large tensor's slice: this many pieces spread along it, one at the same phase in each 16th ...
+PIECE = 1024  # ... unless a piece would be shorter than this: then one piece
+GOLDEN = 0.6180339887498949  # the phases of successive samples: spread evenly, no random generator touched
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
@@ -62,24 +66,62 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @final
+class _Slice:
+    """The part of one large tensor a sample reads: ``pieces`` runs of ``piece`` elements, one per ``stride``
+    elements, at a phase that moves from sample to sample; the whole tensor where the budget allows."""
+
+    def __init__(self, numel: int, fraction: float) -> None:
+        self.numel = numel
+        wanted = numel if fraction >= 1.0 else max(1, math.ceil(numel * fraction))
+        self.pieces = PIECES if PIECES * PIECE <= wanted < numel else 1
+        self.stride = numel // self.pieces
+        self.piece = min(self.stride, math.ceil(wanted / self.pieces))
+        self.whole = self.piece * self.pieces == numel
+        self.scale = numel / (self.piece * self.pieces)  # the slice's dot product stands for the tensor's
+
+    def of(self, tensor: torch.Tensor, phase: float) -> torch.Tensor:
+        """The slice of ``tensor`` (a view where it is contiguous), shaped ``(pieces, piece)``."""
+        if self.whole:
+            return tensor.reshape(self.pieces, self.piece)
+        flat = tensor.reshape(-1)
+        start = int(phase * (self.stride - self.piece + 1))
+        return flat.as_strided((self.pieces, self.piece), (self.stride, 1), flat.storage_offset() + start)
+
+
+@final
 class _Plan:
     """Where each tensor's part of the buffer lives, and how its dot products are taken.
 
-    A large tensor has a buffer of its own and its dot product is one ``torch.dot``. Small tensors of one device
-    and dtype share one flat buffer (each a view of it), so their dot products take a few launches whatever their
-    number: the gradients flattened into one transient vector (``flatten_dense_tensors``), one multiply, and one
-    row sum per distinct tensor size (the small tensors are laid out by size). The buffer is the parameters' size
-    once; the transient vector is at most the small tensors' size.
+    A large tensor has a buffer of its own and its dot product is one reduction. Small tensors of one device and
+    dtype share one flat buffer, so that copying into it, subtracting from it and the dot products take a few
+    launches whatever their number: the gradients flattened into one transient vector
+    (``flatten_dense_tensors``), one multiply, and one row sum per distinct tensor size (the small tensors are
+    laid out by size).
+
+    A model of more than ``BUDGET`` elements is sampled, not read whole: every small tensor, and of each large
+    one a slice of the same fraction, spread in ``PIECES`` pieces along it at a phase that moves from sample to
+    sample; each slice's dot products are scaled by the tensor's size over the slice's, so the sums estimate
+    the whole tensor's. The ratio is then an estimate (``benchmarks/overshoot_cost.py --agreement`` measures
+    it against the whole), at a cost and a buffer bounded by ``BUDGET`` rather than the model's size.
     """
 
-    def __init__(self, ordered: Sequence[torch.Tensor]) -> None:
+    def __init__(self, ordered: Sequence[torch.Tensor], budget: int) -> None:
         self.buffer: list[torch.Tensor] = [torch.empty(0)] * len(ordered)
-        self.large = [i for i, w in enumerate(ordered) if w.numel() >= SMALL]
+        self.large = [i for i, w in enumerate(ordered) if w.numel() >= SMALL and w.is_contiguous()]
+        large = set(self.large)
+        small_total = sum(w.numel() for i, w in enumerate(ordered) if i not in large)
+        large_total = sum(ordered[i].numel() for i in self.large)
+        room = max(budget - small_total, budget // 2)  # small tensors past the budget: the large get half of it
+        fraction = min(1.0, room / large_total) if large_total else 1.0
+        self.slices = {i: _Slice(ordered[i].numel(), fraction) for i in self.large}
+        self.sampled = fraction < 1.0
+        self.phase = 0.0
         for i in self.large:
-            self.buffer[i] = torch.empty_like(ordered[i], memory_format=torch.contiguous_format)
+            part = self.slices[i]
+            self.buffer[i] = torch.empty((part.pieces, part.piece), device=ordered[i].device, dtype=ordered[i].dtype)
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, w in enumerate(ordered):
-            if w.numel() < SMALL:
+            if i not in large:
                 groups.setdefault((w.device, w.dtype), []).append(i)
         # positions (by size, so that tensors of one size are one block), flat buffer, (count, size) of each block
         self.small: list[tuple[list[int], torch.Tensor, list[tuple[int, int]]]] = []
@@ -92,8 +134,12 @@ class _Plan:
             blocks = [(len(list(run)), size) for size, run in itertools.groupby(lengths)]
             self.small.append((positions, flat, blocks))
         self.device = ordered[0].device
-        placed = self.large + [i for positions, _, _ in self.small for i in positions]
+        self.placed_small = [i for positions, _, _ in self.small for i in positions]
+        self.parts = [self.buffer[i] for i in self.large + self.placed_small]  # the buffer, in that order
+        placed = self.large + self.placed_small
         self.unpermute = torch.tensor(sorted(range(len(placed)), key=placed.__getitem__), device=self.device)
+        scales = [self.slices[i].scale for i in self.large] + [1.0] * (len(placed) - len(self.large))
+        self.scales = torch.tensor(scales, dtype=torch.float64)[self.unpermute.cpu()] if self.sampled else None
 
     @property
     def nbytes(self) -> int:
@@ -101,10 +147,27 @@ class _Plan:
             flat.numel() * flat.element_size() for _, flat, _ in self.small
         )
 
+    def next_phase(self) -> None:
+        """A new sample reads another part of each large tensor."""
+        self.phase = (self.phase + GOLDEN) % 1.0
+
+    def _large(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.slices[i].of(tensors[i], self.phase) for i in self.large]
+
+    def copy_from(self, weights: Sequence[torch.Tensor]) -> None:
+        """The buffer := the parameters (their slices)."""
+        torch._foreach_copy_(self.parts, self._large(weights) + [weights[i] for i in self.placed_small])
+
+    def subtract(self, weights: Sequence[torch.Tensor]) -> None:
+        """The buffer -= the parameters: from the parameters before the update to ``-u``."""
+        torch._foreach_sub_(self.parts, self._large(weights) + [weights[i] for i in self.placed_small])
+
     def dots(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``grads[i] . buffer[i]`` for every tensor, in order, fp32 or wider, on the first device (no sync)."""
-        parts = [_wide(torch.dot(_wide(grads[i]).reshape(-1), _wide(self.buffer[i]).reshape(-1))).reshape(1)
-                 for i in self.large]  # fmt: skip
+        """``grads[i] . buffer[i]`` for every tensor, in order, fp32 or wider, on the first device (no sync);
+        a sampled tensor's scaled to stand for the whole tensor's."""
+        sliced = self._large(grads)
+        parts = [_wide(torch.linalg.vecdot(_wide(g), _wide(self.buffer[i])).sum()).reshape(1)
+                 for i, g in zip(self.large, sliced, strict=True)]  # fmt: skip
         for positions, flat, blocks in self.small:
             values = _wide(torch._C._nn.flatten_dense_tensors([grads[i] for i in positions]))
             if len(positions) > 1 and values.dtype == flat.dtype:  # a copy of the gradients: multiplied in place
@@ -117,8 +180,10 @@ class _Plan:
                 start += count * size
         parts = [p.to(self.device) for p in parts] if any(p.device != self.device for p in parts) else parts
         widest = max((p.dtype for p in parts), key=lambda dtype: torch.finfo(dtype).bits)
-        stacked = torch.cat([p.to(widest) for p in parts])
-        return stacked[self.unpermute]
+        stacked = torch.cat([p.to(widest) for p in parts])[self.unpermute]
+        if self.scales is not None:
+            stacked = stacked * self.scales.to(stacked.device, stacked.dtype)
+        return stacked
 
 
 @final
@@ -129,7 +194,8 @@ class OvershootProbe:
     host's per-layer values follow the layout's names.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = BUDGET if budget is None else budget  # read at construction: settable per probe, for tests
         self._plan: _Plan | None = None
         self._key: tuple[int, ...] | None = None  # id() of each parameter, in norm order, at arm time
         self._order: list[int] = []
@@ -158,9 +224,10 @@ class OvershootProbe:
         """Before the update: the parameters (local tensors, the caller's order) into the buffer."""
         ordered = [weights[i] for i in order]
         if self._key != key or self._plan is None or len(self._plan.buffer) != len(ordered):
-            self._plan, self._key = _Plan(ordered), key
+            self._plan, self._key = _Plan(ordered, self.budget), key
+        self._plan.next_phase()
         with torch.no_grad():
-            torch._foreach_copy_(self._plan.buffer, ordered)
+            self._plan.copy_from(ordered)
         self._order = list(order)
         self._armed, self._before = True, None
 
@@ -174,7 +241,7 @@ class OvershootProbe:
         if any(g is None for g in ordered_grads) or self._plan is None:  # the update was skipped: no sample
             return
         with torch.no_grad():
-            torch._foreach_sub_(self._plan.buffer, ordered)
+            self._plan.subtract(ordered)
             self._before = self._plan.dots(ordered_grads)  # type: ignore[arg-type]
 
     def dots(self, grads: Sequence[torch.Tensor], key: tuple[int, ...]) -> torch.Tensor | None:
