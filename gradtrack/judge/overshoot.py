@@ -13,12 +13,15 @@ knowledge of the optimizer. ``g_{t-1}`` is the raw gradient (before clipping): t
 the ratio sees as a smaller effective learning rate.
 
 Cost: no extra forward or backward pass. On a sampled step ``t-1`` the parameters are copied into one
-parameter-sized buffer before the update (``arm``); after the update the buffer becomes ``-u`` and
+buffer (the parameters' size, at most) before the update (``arm``); after the update the buffer becomes ``-u`` and
 ``-g_{t-1} . u`` is taken per tensor while the gradients are still there (``after_update``, on the device, no
 synchronisation); at the next step's measurement ``-g_t . u`` is taken the same way (``dots``), and both
 vectors ride that step's one device-to-host transfer (and, sharded, its one collective as partial sums).
 Per-layer ratios come from the same sums. Nothing here touches a gradient, a parameter or an RNG: a run with
-the indicator trains bitwise as one without it.
+the indicator trains bitwise as one without it. A model of more than ``BUDGET`` elements is sampled (every
+small tensor, a spread slice of each large one, scaled to stand for it: see ``_Plan``), so that a sample's
+passes and its buffer stay about ``BUDGET`` elements whatever the model's size: a copy and a subtraction over
+the parameters are memory-bound, and on a 16M-parameter model read whole they cost a third of a CPU step.
 
 The host side (``OvershootRule``) turns the samples into the ``grad/overshoot`` metric, the
 :class:`~gradtrack.events.Instability` warning (the steps overshoot persistently) and the learning-rate scale
@@ -56,8 +59,7 @@ LAYER_SHARE = 0.01  # a layer takes part in the per-layer advice with at least t
 
 SMALL = 1 << 16  # tensors with fewer elements share one flat buffer: their dot products in a few launches
 BUDGET = 1 << 21  # elements a sample reads of each parameter and gradient: beyond it, a slice of each large tensor
-PIECES = 16  # a large tensor's slice: this many pieces spread along it, one at the same phase in each 16th ...
-PIECE = 1024  # ... unless a piece would be shorter than this: then one piece
+PIECE = 1024  # a large tensor's slice: runs of this many elements (whole cache lines), spread evenly along it
 GOLDEN = 0.6180339887498949  # the phases of successive samples: spread evenly, no random generator touched
 
 
@@ -67,13 +69,15 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
 
 @final
 class _Slice:
-    """The part of one large tensor a sample reads: ``pieces`` runs of ``piece`` elements, one per ``stride``
-    elements, at a phase that moves from sample to sample; the whole tensor where the budget allows."""
+    """The part of one large tensor a sample reads: ``pieces`` runs of ``piece`` elements, one every ``stride``
+    elements, at a phase that moves from sample to sample; the whole tensor where the budget allows. Many short
+    runs rather than a few long ones: neighbouring elements (a row of a weight matrix) move together, and
+    spreading the slice over the whole tensor is what makes it stand for it."""
 
     def __init__(self, numel: int, fraction: float) -> None:
         self.numel = numel
         wanted = numel if fraction >= 1.0 else max(1, math.ceil(numel * fraction))
-        self.pieces = PIECES if PIECES * PIECE <= wanted < numel else 1
+        self.pieces = max(1, wanted // PIECE) if wanted < numel else 1
         self.stride = numel // self.pieces
         self.piece = min(self.stride, math.ceil(wanted / self.pieces))
         self.whole = self.piece * self.pieces == numel
@@ -99,8 +103,8 @@ class _Plan:
     laid out by size).
 
     A model of more than ``BUDGET`` elements is sampled, not read whole: every small tensor, and of each large
-    one a slice of the same fraction, spread in ``PIECES`` pieces along it at a phase that moves from sample to
-    sample; each slice's dot products are scaled by the tensor's size over the slice's, so the sums estimate
+    one a slice of the same fraction, in runs of ``PIECE`` elements spread along it at a phase that moves from
+    sample to sample; each slice's dot products are scaled by the tensor's size over the slice's, so the sums estimate
     the whole tensor's. The ratio is then an estimate (``benchmarks/overshoot_cost.py --agreement`` measures
     it against the whole), at a cost and a buffer bounded by ``BUDGET`` rather than the model's size.
     """
@@ -166,7 +170,11 @@ class _Plan:
         """``grads[i] . buffer[i]`` for every tensor, in order, fp32 or wider, on the first device (no sync);
         a sampled tensor's scaled to stand for the whole tensor's."""
         sliced = self._large(grads)
-        parts = [_wide(torch.linalg.vecdot(_wide(g), _wide(self.buffer[i])).sum()).reshape(1)
+        if self.sampled:  # strided slices: gathered into a transient copy first (a reduction over them is slow)
+            gathered = [torch.empty_like(self.buffer[i]) for i in self.large]
+            torch._foreach_copy_(gathered, sliced)
+            sliced = gathered
+        parts = [_wide(torch.dot(_wide(g).reshape(-1), _wide(self.buffer[i]).reshape(-1))).reshape(1)
                  for i, g in zip(self.large, sliced, strict=True)]  # fmt: skip
         for positions, flat, blocks in self.small:
             values = _wide(torch._C._nn.flatten_dense_tensors([grads[i] for i in positions]))
