@@ -1,6 +1,8 @@
 # Both targets set themselves up on a fresh machine: a venv with the CPU torch wheel first (a ranged
 # torch requirement with no torch installed would pull a multi-GB CUDA build), then the project.
 PYTHON ?= python3
+# pytest-xdist workers: each module's tests run in one worker (its module fixtures once), an MLflow server each
+WORKERS ?= 2
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradtrack-installed
@@ -22,7 +24,7 @@ test: $(STAMP)
 	$(VENV)/bin/mypy
 	$(MKDOCS) build --strict --quiet
 	$(PY) scripts/check_dist.py
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

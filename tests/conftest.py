@@ -1,14 +1,27 @@
-"""Fixtures only; the helpers they and the tests use live in ``gradtrack_testing`` (``testing/``)."""
+"""Fixtures, and the environment of the test processes: one torch thread, one priority under pytest-xdist."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+import torch
 
 from gradtrack_testing import probe_plugin
 from gradtrack_testing.mlflow_server import MlflowServer
 from gradtrack_testing.recording import RecordingBackend
+
+# One torch thread in every test process and every process a test starts (trainers, ranks, reporters): the
+# models are tiny, and with two pytest workers on two cores a second intra-op thread per process only spins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The reporter lowers its own priority to nice 19 so that it never slows training; under pytest-xdist the
+    # other worker's training would then starve it, and tests that wait for delivery would wait on the
+    # scheduler, not on gradtrack. Each worker (and all it starts) runs at the reporter's priority instead.
+    os.nice(19 - os.nice(0))
 
 
 @pytest.fixture
