@@ -16,14 +16,16 @@ alarm) comes back, inside the optimizer step that found it, and that step's upda
 goes on with its next batch: the batches between the snapshot and the divergence are not seen again, which is
 PaLM's recipe (restart ~100 steps before the spike, skip the batches that caused it) with no change to the
 loop. A blow-up caused by data is cured by skipping it; one that comes back soon after is a learning-rate
-problem: each rollback within ``LR_WINDOW`` snapshots' cadence of the previous one halves every learning rate,
-and from then on no learning rate may exceed the one its group trained with when the restored snapshot was
-taken: a schedule that keeps raising it, or a warm-up that would climb past the rate that just failed, would
-otherwise take the run back over the edge a few dozen steps later (a snapshot taken soon after an earlier
-rollback vouches for no more than the rate of the state it grew from). Scale and ceiling are applied inside
-the optimizer step (and undone right after it), so that loops and schedulers that set ``param_group["lr"]`` on
-every iteration cannot undo them. After ``rollback_budget`` rollbacks the run is judged diverged exactly as
-without the option.
+problem: each rollback within ``LR_WINDOW`` snapshots' cadence of the previous one halves every learning rate
+(or, where the overshoot indicator measured the steps since the restore overshooting, scales it by the measured
+``1 / ratio``, at most 0.5: a run far too hot, Adam at 100x its rate, would otherwise spend its budget on
+halvings, each back to the same state, and end still far too hot), and from then on no learning rate may exceed
+the one its group trained with when the restored snapshot was taken: a schedule that keeps raising it, or a
+warm-up that would climb past the rate that just failed, would otherwise take the run back over the edge a few
+dozen steps later (a snapshot taken soon after an earlier rollback vouches for no more than the rate of the state
+it grew from). Scale and ceiling are applied inside the optimizer step (and undone right after it), so that loops
+and schedulers that set ``param_group["lr"]`` on every iteration cannot undo them. After ``rollback_budget``
+rollbacks the run is judged diverged exactly as without the option.
 """
 
 from __future__ import annotations
@@ -365,6 +367,11 @@ class Healer:
 
     # -- healing ------------------------------------------------------------------------------------
 
+    def soon(self, step: int) -> bool:
+        """The last rollback was within ``LR_WINDOW`` snapshot intervals of ``step``: trouble found now came
+        back soon after a restore, so it is the learning rate's, not the data's."""
+        return self._last_rollback is not None and step - self._last_rollback <= LR_WINDOW * self.every
+
     def heal(
         self, step: int, divergence: Divergence, trouble_began: int, lr_factor: float | None = None
     ) -> Rollback | None:
@@ -386,7 +393,7 @@ class Healer:
         if lr_factor is not None:  # measured: the learning rate is too high by about this much
             self.lr_scale *= min(LR_FACTOR, max(MIN_LR_FACTOR, lr_factor))
             self._hold_lr_at(snapshot)
-        elif self._last_rollback is not None and step - self._last_rollback <= LR_WINDOW * self.every:
+        elif self.soon(step):
             self.lr_scale *= LR_FACTOR  # it came back soon: the learning rate, not the data
             self._hold_lr_at(snapshot)
         self._last_rollback = step

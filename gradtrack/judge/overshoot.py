@@ -285,7 +285,10 @@ class OvershootRule:
     Persistent overshoot: ``PERSIST`` of the last ``WINDOW`` samples above ``EDGE``. Samples come every
     ``every`` steps, and every step while one of the last ``WINDOW`` was above the edge, so a persistent
     episode is confirmed within a few steps of its first sign. One warning per episode; the episode ends
-    when the window holds no sample above the edge.
+    when the window holds no sample above the edge. After a rollback (``restart``) samples come every step
+    until the window is full again: a run that blows up again within a few steps of its restore has a
+    learning-rate problem, and the samples of those few steps size the cut (at the cadence there would be
+    none).
     """
 
     def __init__(self, every: int) -> None:
@@ -295,11 +298,18 @@ class OvershootRule:
         self.episode_since: int | None = None  # first step of the current overshoot (a sample above the edge)
         self.warned: Instability | None = None  # this episode's warning
         self.latest = math.nan
+        self.recovering = False  # restarted by a rollback: sample every step until the window is full again
 
     @property
     def dense(self) -> bool:
-        """A recent sample was above the edge: sample every step."""
-        return any(value > EDGE for value in self._window)
+        """A recent sample was above the edge, or a rollback restarted the rule: sample every step."""
+        return any(value > EDGE for value in self._window) or (self.recovering and len(self._window) < WINDOW)
+
+    @property
+    def unproven(self) -> bool:
+        """Restored by a rollback, and a sample since then above the edge: the restored state overshoots at its
+        rate, and a rollback snapshot taken now would vouch for it (none is taken until the window is full)."""
+        return self.recovering and any(value > EDGE for value in self._window)
 
     def due(self, step: int) -> bool:
         """Arm at ``step`` (the sample completes at ``step + 1``)."""
@@ -332,6 +342,7 @@ class OvershootRule:
             return
         self._window.append(overall)
         self._layers.append(per_layer)
+        self.recovering = self.recovering and len(self._window) < WINDOW
         if overall > EDGE and self.episode_since is None:
             self.episode_since = step - 1  # the update that overshot
         elif not self.dense:
@@ -371,15 +382,18 @@ class OvershootRule:
         self._window.clear()
         self._layers.clear()
         self.episode_since, self.warned, self.latest = None, None, math.nan
+        self.recovering = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": list(self._window), "episode_since": self.episode_since,
-                "warned": self.warned.step if self.warned is not None else None}  # fmt: skip
+                "warned": self.warned.step if self.warned is not None else None,
+                "recovering": self.recovering}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._window = deque(floats(state, "window"), maxlen=WINDOW)
         self._layers.clear()
         self.episode_since = optional(state, "episode_since", integer)
+        self.recovering = state.get("recovering") is True  # absent from states saved before it existed
         warned = optional(state, "warned", integer)
         self.warned = None if warned is None else Instability(
             step=warned, overshoot=self.level(), steps_above=0, window=0, since=warned, layers=(), lr_scale=1.0,

@@ -487,6 +487,7 @@ class StepPipeline:
             and self.healthy
             and (not self.judge.divergence.loss_regressed or healer.stale(step))
             and (self.overshoot is None or not self.overshoot.overshooting)  # not while the steps overshoot
+            and (self.overshoot is None or not self.overshoot.unproven)  # nor a restored state that overshoots
         )
 
     def amp_skipped(self) -> None:
@@ -529,10 +530,25 @@ class StepPipeline:
     def _heal(self, step: int, divergence: Divergence) -> Rollback | None:
         """A rollback to before the trouble began, if one is left; the judgement then starts afresh."""
         assert self.healer is not None
-        rollback = self.healer.heal(step, divergence, step if self.alarm_since is None else self.alarm_since)
+        rollback = self.healer.heal(step, divergence, step if self.alarm_since is None else self.alarm_since,
+                                    lr_factor=self._measured_cut(step))  # fmt: skip
         if rollback is not None:
             self._restarted()
         return rollback
+
+    def _measured_cut(self, step: int) -> float | None:
+        """The learning-rate scale the overshoot indicator measured for a divergence at ``step``, where the
+        learning rate is to blame: the run diverged soon after a restore (the state was good, the rate
+        was not) or after its steps overshot persistently. The samples above the edge size it (the ratio is
+        about proportional to the rate), instead of a blind halving; None (the divergence rule's own
+        halving) without such samples."""
+        rule, healer = self.overshoot, self.healer
+        if rule is None or healer is None:
+            return None
+        if not (healer.soon(step) or rule.overshooting):
+            return None
+        scale = rule.lr_scale()
+        return scale if scale < 1.0 else None
 
     def _restarted(self) -> None:
         """A rollback: the trouble and the indicator's samples belonged to the state thrown away."""
