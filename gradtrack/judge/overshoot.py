@@ -299,6 +299,7 @@ class OvershootRule:
         self.warned: Instability | None = None  # this episode's warning
         self.latest = math.nan
         self.recovering = False  # restarted by a rollback: sample every step until the window is full again
+        self._added_at: int | None = None  # the step the newest sample completed at
 
     @property
     def dense(self) -> bool:
@@ -335,11 +336,21 @@ class OvershootRule:
         level = self.level()
         return min(1.0, TARGET / level) if math.isfinite(level) and level > 0 else 1.0
 
+    def typical_before(self, step: int) -> float:
+        """The median of the window's samples, leaving out the one completed at ``step``: where ``step`` blew
+        up, its own gradient change says nothing of the curvature (a poisoned batch makes it as large as it
+        likes), the steps before it do. NaN without such a sample."""
+        values = list(self._window)
+        if self._added_at == step and values:
+            values.pop()
+        return statistics.median(values) if values else math.nan
+
     def add(self, step: int, overall: float, per_layer: np.ndarray) -> None:
         """One completed sample, reported at ``step`` (the update of ``step - 1``)."""
         self.latest = overall
         if not math.isfinite(overall):
             return
+        self._added_at = step
         self._window.append(overall)
         self._layers.append(per_layer)
         self.recovering = self.recovering and len(self._window) < WINDOW

@@ -43,7 +43,7 @@ from gradtrack.handover.messages import (
 from gradtrack.handover.outlet import Discard, Outlet
 from gradtrack.judge.detection import Judge, OnNonfinite, offenders
 from gradtrack.judge.diagnosis import DeviceDiagnosis, LayerHistory, depth_growth
-from gradtrack.judge.overshoot import OvershootProbe, OvershootRule, ratios
+from gradtrack.judge.overshoot import EDGE, TARGET, OvershootProbe, OvershootRule, ratios
 from gradtrack.measure.amp import AmpState
 from gradtrack.measure.distributed import Topology, check_symmetric, local_grads
 from gradtrack.measure.params import ParameterSet
@@ -539,16 +539,16 @@ class StepPipeline:
     def _measured_cut(self, step: int) -> float | None:
         """The learning-rate scale the overshoot indicator measured for a divergence at ``step``, where the
         learning rate is to blame: the run diverged soon after a restore (the state was good, the rate
-        was not) or after its steps overshot persistently. The samples above the edge size it (the ratio is
-        about proportional to the rate), instead of a blind halving; None (the divergence rule's own
-        halving) without such samples."""
+        was not) or after its steps overshot persistently. Sized by the typical sample before the blow-up
+        (the ratio is about proportional to the rate) when that sample is above the edge, instead of a blind
+        halving; None (the divergence rule's own halving) otherwise. Only the steps before the blow-up count:
+        a poisoned batch makes the gradient change of its own step as large as it likes, and one over it would
+        freeze the run; a healthy heavy-ball run's samples swing around 2, and their median stays below it."""
         rule, healer = self.overshoot, self.healer
-        if rule is None or healer is None:
+        if rule is None or healer is None or not (healer.soon(step) or rule.overshooting):
             return None
-        if not (healer.soon(step) or rule.overshooting):
-            return None
-        scale = rule.lr_scale()
-        return scale if scale < 1.0 else None
+        typical = rule.typical_before(step)
+        return min(1.0, TARGET / typical) if typical > EDGE else None
 
     def _restarted(self) -> None:
         """A rollback: the trouble and the indicator's samples belonged to the state thrown away."""
