@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -22,6 +23,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # other worker's training would then starve it, and tests that wait for delivery would wait on the
     # scheduler, not on gradtrack. Each worker (and all it starts) runs at the reporter's priority instead.
     os.nice(19 - os.nice(0))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with the most ``slow`` tests first, each module's tests in their own order: pytest-xdist hands
+    the workers one module at a time in this order, so the long ones start at once rather than end the run
+    alone on one worker."""
+    module = {item: item.nodeid.split("::", 1)[0] for item in items}
+    slow = Counter(module[item] for item in items if item.get_closest_marker("slow") is not None)
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(module[item], index)
+    items.sort(key=lambda item: (-slow[module[item]], first[module[item]]))
 
 
 @pytest.fixture

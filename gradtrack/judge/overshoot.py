@@ -336,14 +336,16 @@ class OvershootRule:
         level = self.level()
         return min(1.0, TARGET / level) if math.isfinite(level) and level > 0 else 1.0
 
-    def typical_before(self, step: int) -> float:
-        """The median of the window's samples, leaving out the one completed at ``step``: where ``step`` blew
-        up, its own gradient change says nothing of the curvature (a poisoned batch makes it as large as it
-        likes), the steps before it do. NaN without such a sample."""
+    def typical_before(self, step: int) -> tuple[float, bool]:
+        """The median of the window's samples before ``step``, and False; or, where the sample completed at
+        ``step`` is the only one, that sample and True. Where ``step`` blew up, its own gradient change may
+        be the data's (a poisoned batch makes it as large as it likes), not the curvature's: the steps before
+        it say more, and it is used alone only where nothing else was measured. NaN without a sample."""
         values = list(self._window)
-        if self._added_at == step and values:
+        if self._added_at == step and len(values) > 1:
             values.pop()
-        return statistics.median(values) if values else math.nan
+            return statistics.median(values), False
+        return (statistics.median(values), self._added_at == step) if values else (math.nan, False)
 
     def add(self, step: int, overall: float, per_layer: np.ndarray) -> None:
         """One completed sample, reported at ``step`` (the update of ``step - 1``)."""

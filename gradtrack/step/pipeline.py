@@ -62,6 +62,7 @@ __all__ = [
 OnDivergence = Literal["continue", "raise", "rollback"]
 KEPT_EVENTS = 256
 KEPT_LAYOUTS = 256  # the reporter keeps as many, dropping the oldest alike
+ONE_SAMPLE_CUT = 0.1  # a learning-rate cut measured from the blow-up's own sample alone: at most a decade
 TROUBLE_WEIGHT_EVERY = 10  # while an explosion is recent: the weights' norms this often, for the divergence rule
 
 
@@ -541,14 +542,18 @@ class StepPipeline:
         learning rate is to blame: the run diverged soon after a restore (the state was good, the rate
         was not) or after its steps overshot persistently. Sized by the typical sample before the blow-up
         (the ratio is about proportional to the rate) when that sample is above the edge, instead of a blind
-        halving; None (the divergence rule's own halving) otherwise. Only the steps before the blow-up count:
-        a poisoned batch makes the gradient change of its own step as large as it likes, and one over it would
-        freeze the run; a healthy heavy-ball run's samples swing around 2, and their median stays below it."""
+        halving; None (the divergence rule's own halving) otherwise. The steps before the blow-up count: a
+        poisoned batch makes the gradient change of its own step as large as it likes, and one over it could
+        freeze the run; a healthy heavy-ball run's samples swing around 2, and their median stays below it.
+        A run that blows up at the first step after a restore has only that step's sample: it is used, but
+        as one sample, weak evidence, it cuts by at most ``ONE_SAMPLE_CUT``."""
         rule, healer = self.overshoot, self.healer
         if rule is None or healer is None or not (healer.soon(step) or rule.overshooting):
             return None
-        typical = rule.typical_before(step)
-        return min(1.0, TARGET / typical) if typical > EDGE else None
+        typical, alone = rule.typical_before(step)
+        if not typical > EDGE:
+            return None
+        return max(ONE_SAMPLE_CUT, TARGET / typical) if alone else min(1.0, TARGET / typical)
 
     def _restarted(self) -> None:
         """A rollback: the trouble and the indicator's samples belonged to the state thrown away."""
