@@ -1,8 +1,9 @@
 # Both targets set themselves up on a fresh machine: a venv with the CPU torch wheel first (a ranged
 # torch requirement with no torch installed would pull a multi-GB CUDA build), then the project.
 PYTHON ?= python3
-# pytest-xdist workers: each module's tests run in one worker (its module fixtures once), an MLflow server each
-WORKERS ?= 2
+# pytest-xdist workers: each module's tests in one worker (its module fixtures once), an MLflow server each; three on
+# two cores, because many tests wait on servers and subprocesses (docs/development.md has the timings)
+WORKERS ?= 3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradtrack-installed

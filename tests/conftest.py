@@ -14,7 +14,7 @@ from gradtrack_testing.mlflow_server import MlflowServer
 from gradtrack_testing.recording import RecordingBackend
 
 # One torch thread in every test process and every process a test starts (trainers, ranks, reporters): the
-# models are tiny, and with two pytest workers on two cores a second intra-op thread per process only spins.
+# models are tiny, and with pytest-xdist workers sharing two cores a second intra-op thread only spins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
