@@ -87,7 +87,9 @@ def _train(model: nn.Module, tracker: GradTracker, steps: int, lr: float) -> Non
 def _options(server_uri: str, experiment: str, tmp_path: Path, **mlflow: Any) -> dict[str, Any]:
     settings = {"tracking_uri": server_uri, "experiment_name": experiment, "spool_dir": str(tmp_path / "spool"),
                 "plots": False, **mlflow}  # fmt: skip
-    return {"backend": "mlflow", "backend_options": {"mlflow": settings}}
+    # close_timeout: the exit waits for the reporter (niced) to spool or finish: generous, so a busy machine
+    # (pytest-xdist workers on two cores) cannot turn an expected SpoolLeftWarning into a close timeout
+    return {"backend": "mlflow", "backend_options": {"mlflow": settings}, "close_timeout": 120.0}
 
 
 def test_a_diverged_run_stays_diverged_after_a_resume(server: MlflowServer, tmp_path: Path) -> None:
