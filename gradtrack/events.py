@@ -19,6 +19,7 @@ __all__ = [
     "Explosion",
     "ExplosionKind",
     "Instability",
+    "OVERSHOOT_EDGE",
     "LayerNorms",
     "LayersAdded",
     "Offender",
@@ -314,6 +315,9 @@ class Explosion:
         if self.origin is not None:
             text += f"; starts at {self.origin} (x{format_norm(self.origin_jump)} its recent norm)"
         return text
+
+
+OVERSHOOT_EDGE = 2.0  # grad/overshoot (lr x curvature along the step) above it: the step overshoots its minimum
 
 
 @dataclass(frozen=True, slots=True)

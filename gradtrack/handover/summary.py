@@ -22,7 +22,7 @@ from typing import Any, final
 
 import numpy as np
 
-from gradtrack.events import Divergence, Summary
+from gradtrack.events import OVERSHOOT_EDGE, Divergence, Summary
 from gradtrack.handover.messages import (
     Diagnosed,
     Diverged,
@@ -40,7 +40,6 @@ __all__ = ["BINS_PER_DECADE", "CHUNK", "NormHistogram", "RunSummary", "SpikeScor
 BINS_PER_DECADE = 200
 _LOW, _HIGH = -12, 12
 CHUNK = 256  # step records folded at once
-EDGE = 2.0  # gradtrack.judge.overshoot.EDGE (no torch here: the reporter process imports this module)
 
 
 @final
@@ -278,7 +277,7 @@ class RunSummary:
         overshoot = overshoot[np.isfinite(overshoot)]
         if overshoot.size:
             self.overshoot.add(overshoot)
-            self.overshoot_above_edge += int((overshoot > EDGE).sum())
+            self.overshoot_above_edge += int((overshoot > OVERSHOOT_EDGE).sum())
 
     def freeze(self, dropped_records: int = 0, top: int = 10) -> Summary:
         """The summary so far; steps not yet folded are folded into a copy, so that the folds of this

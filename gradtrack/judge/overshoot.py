@@ -45,12 +45,12 @@ from typing import Any, final
 import numpy as np
 import torch
 
-from gradtrack.events import Instability
+from gradtrack.events import OVERSHOOT_EDGE, Instability
 from gradtrack.state import floats, integer, optional
 
 __all__ = ["EDGE", "TARGET", "OvershootProbe", "OvershootRule", "ratios"]
 
-EDGE = 2.0  # lr x curvature above it: the step overshoots its own minimum
+EDGE = OVERSHOOT_EDGE  # lr x curvature above it: the step overshoots its own minimum
 TARGET = 1.0  # the suggested learning rate brings the ratio here, half the edge
 WINDOW = 6  # samples judged together ...
 PERSIST = 5  # ... of which this many above the edge: the steps overshoot persistently
@@ -143,7 +143,8 @@ class _Plan:
         placed = self.large + self.placed_small
         self.unpermute = torch.tensor(sorted(range(len(placed)), key=placed.__getitem__), device=self.device)
         scales = [self.slices[i].scale for i in self.large] + [1.0] * (len(placed) - len(self.large))
-        self.scales = torch.tensor(scales, dtype=torch.float64)[self.unpermute.cpu()] if self.sampled else None
+        # on the device once: a host-to-device copy at every sample would wait for the host on CUDA
+        self.scales = torch.tensor(scales, device=self.device)[self.unpermute] if self.sampled else None
 
     @property
     def nbytes(self) -> int:
@@ -189,8 +190,8 @@ class _Plan:
         parts = [p.to(self.device) for p in parts] if any(p.device != self.device for p in parts) else parts
         widest = max((p.dtype for p in parts), key=lambda dtype: torch.finfo(dtype).bits)
         stacked = torch.cat([p.to(widest) for p in parts])[self.unpermute]
-        if self.scales is not None:
-            stacked = stacked * self.scales.to(stacked.device, stacked.dtype)
+        if self.scales is not None:  # fp32 scales: the product keeps the sums' own (fp32 or wider) dtype
+            stacked = stacked * self.scales
         return stacked
 
 

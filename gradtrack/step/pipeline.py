@@ -553,7 +553,7 @@ class StepPipeline:
         typical, alone = rule.typical_before(step)
         if not typical > EDGE:
             return None
-        return max(ONE_SAMPLE_CUT, TARGET / typical) if alone else min(1.0, TARGET / typical)
+        return max(ONE_SAMPLE_CUT, TARGET / typical) if alone else TARGET / typical
 
     def _restarted(self) -> None:
         """A rollback: the trouble and the indicator's samples belonged to the state thrown away."""
