@@ -75,7 +75,6 @@ class _Slice:
     spreading the slice over the whole tensor is what makes it stand for it."""
 
     def __init__(self, numel: int, fraction: float) -> None:
-        self.numel = numel
         wanted = numel if fraction >= 1.0 else max(1, math.ceil(numel * fraction))
         self.pieces = max(1, wanted // PIECE) if wanted < numel else 1
         self.stride = numel // self.pieces
