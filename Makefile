@@ -25,7 +25,9 @@ test: $(STAMP)
 	$(VENV)/bin/mypy
 	$(MKDOCS) build --strict --quiet
 	$(PY) scripts/check_dist.py
-	$(PY) -m pytest -q -ra -n $(WORKERS) --dist loadfile
+	# bytecode written even where the environment says not to: the suite starts some 300 Python processes, and each
+	# would compile gradtrack's modules and the tests' helpers again
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -ra -n $(WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -19,10 +19,12 @@ from torch import nn
 
 pytest.importorskip("deepspeed")
 
-# Each test starts 2 ranks and builds a dozen engines (20-40 s here; more on a loaded machine, and the first engine
-# of a fresh machine JIT-builds DeepSpeed's CPU communication op unless make did).
+# The 2-rank cases run in one pair of ranks started once for the module (a rank's start, torch and DeepSpeed
+# imported, is 5-6 s of CPU), building three dozen engines (about a minute here; more on a loaded machine, and the
+# first engine of a fresh machine JIT-builds DeepSpeed's CPU communication op unless make did).
 pytestmark = pytest.mark.timeout(900)
 
+Ranks = list[dict[str, Any]]  # what each rank returned, by rank
 MAX_NORM = 0.05  # binds at every step of these runs: the clip is exercised, not only reported
 STEPS, ACCUMULATION = 4, 2
 
@@ -144,10 +146,8 @@ def _stages(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_zero_stages_measure_before_clipping_with_one_collective_and_clip_once(tmp_path: Path) -> None:
-    from gradtrack_testing.deepspeed import spawn
-
-    rank0, rank1 = spawn(_stages, 2, tmp_path)
+def test_zero_stages_measure_before_clipping_with_one_collective_and_clip_once(two_ranks: Ranks) -> None:
+    rank0, rank1 = (rank["stages"] for rank in two_ranks)
     for stage in (0, 1, 2, 3):
         for mode in ("gradtrack_clips", "deepspeed_clips"):
             run, other = rank0[f"zero{stage}"][mode], rank1[f"zero{stage}"][mode]
@@ -253,10 +253,8 @@ def _precision_and_faults(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_precision_overflow_nonfinite_and_refusals(tmp_path: Path) -> None:
-    from gradtrack_testing.deepspeed import spawn
-
-    rank0, rank1 = spawn(_precision_and_faults, 2, tmp_path)
+def test_precision_overflow_nonfinite_and_refusals(two_ranks: Ranks) -> None:
+    rank0, rank1 = (rank["precision"] for rank in two_ranks)
     for stage in (2, 3):
         run = rank0[f"bf16_zero{stage}"]
         assert len(run["steps"]) == STEPS and run["collectives"] == STEPS
@@ -386,11 +384,9 @@ def _trainer(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_trainer_and_accelerate_with_deepspeed_zero2(tmp_path: Path) -> None:
+def test_trainer_and_accelerate_with_deepspeed_zero2(two_ranks: Ranks) -> None:
     pytest.importorskip("transformers")
-    from gradtrack_testing.deepspeed import spawn
-
-    rank0, rank1 = spawn(_trainer, 2, tmp_path)
+    rank0, rank1 = (rank["trainer"] for rank in two_ranks)
     follow = rank0["deepspeed_clips"]
     assert follow["config"]["strategy"] == "deepspeed-zero2" and follow["config"]["clipped_by"] == "deepspeed"
     assert len(follow["totals"]) == STEPS and rank1["deepspeed_clips"]["calls"] == 0
@@ -409,6 +405,28 @@ def test_trainer_and_accelerate_with_deepspeed_zero2(tmp_path: Path) -> None:
     assert len(loop["totals"]) == len(loop["ds_norms"]) >= 2  # one gradtrack step per accumulation boundary
     assert loop["totals"] == pytest.approx(loop["ds_norms"], rel=1e-6)
     assert loop["coefs"] == pytest.approx([min(1.0, MAX_NORM / (n + 1e-6)) for n in loop["totals"]], rel=1e-6)
+
+
+# -- the 2-rank cases, in one pair of ranks ----------------------------------------------------------------------
+
+
+def _two_rank_cases(rank: int, world: int) -> dict[str, Any]:
+    """Every 2-rank case in turn, in the same ranks: the Trainer's first (it resets accelerate's state), fp16
+    allowed last. A case that fails fails the spawn, and with it every test of the module, with its traceback."""
+    import importlib.util
+
+    out = {"stages": _stages(rank, world)}
+    if importlib.util.find_spec("transformers") is not None:
+        out["trainer"] = _trainer(rank, world)
+    out["precision"] = _precision_and_faults(rank, world)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Ranks:
+    from gradtrack_testing.deepspeed import spawn
+
+    return spawn(_two_rank_cases, 2, tmp_path_factory.mktemp("deepspeed"))
 
 
 # -- one process ----------------------------------------------------------------------------------------------

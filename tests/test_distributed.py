@@ -1,8 +1,8 @@
 """Inside torch.distributed over gloo on the CPU: DDP, FSDP2 and FSDP2 + tensor parallel (issue 8).
 
 Every rank measures and clips with the same numbers; one collective per step combines what ranks hold
-locally; only global rank 0 reports. Each test spawns its ranks once and runs several cases in them,
-since starting processes is most of the cost.
+locally; only global rank 0 reports. Starting processes is most of the cost, so the 2-rank cases all run in one
+pair of ranks started once for the module, and the 4-rank test starts its own.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+
+Ranks = list[dict[str, Any]]  # what each rank returned, by rank
 
 
 def _spawn(worker: Callable[[int, int], dict[str, Any]], world: int, out: Path) -> list[dict[str, Any]]:
@@ -57,8 +59,8 @@ def _ddp(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_ddp_ranks_clip_identically_and_only_rank0_reports(tmp_path: Path) -> None:
-    rank0, rank1 = _spawn(_ddp, 2, tmp_path)
+def test_ddp_ranks_clip_identically_and_only_rank0_reports(two_ranks: Ranks) -> None:
+    rank0, rank1 = (rank["ddp"] for rank in two_ranks)
     assert rank0["calls"] == 7 and len(rank0["norms"]) == 5  # start, 5 steps, end
     assert rank1["calls"] == 0
     assert rank0["layers"][0] == "0.bias"  # the DDP "module." prefix is gone
@@ -345,8 +347,8 @@ def _value_clip(rank: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_fsdp2_norms_are_global_with_one_collective_and_every_rank_decides_alike(tmp_path: Path) -> None:
-    rank0, rank1 = _spawn(_fsdp2, 2, tmp_path)
+def test_fsdp2_norms_are_global_with_one_collective_and_every_rank_decides_alike(two_ranks: Ranks) -> None:
+    rank0, rank1 = (rank["fsdp2"] for rank in two_ranks)
     for norm_type in ("1.0", "2.0", "inf"):
         case, other = rank0[norm_type], rank1[norm_type]
         assert case["collectives"] == [1, 1, 1] and other["collectives"] == [1, 1, 1]
@@ -459,8 +461,8 @@ def _refusals(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_setups_that_cannot_be_combined_are_refused_on_entry(tmp_path: Path) -> None:
-    for errors in _spawn(_refusals, 2, tmp_path):
+def test_setups_that_cannot_be_combined_are_refused_on_entry(two_ranks: Ranks) -> None:
+    for errors in (rank["refusals"] for rank in two_ranks):
         assert "FSDP1" in errors["fsdp1"] and "fully_shard" in errors["fsdp1"]
         assert "track different parameters" in errors["asymmetric"]
 
@@ -508,8 +510,8 @@ def _fsdp2_overshoot(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_the_overshoot_indicator_rides_the_one_collective_and_equals_the_full_tensors_ratio(tmp_path: Path) -> None:
-    rank0, rank1 = _spawn(_fsdp2_overshoot, 2, tmp_path)
+def test_the_overshoot_indicator_rides_the_one_collective_and_equals_the_full_tensors_ratio(two_ranks: Ranks) -> None:
+    rank0, rank1 = (rank["overshoot"] for rank in two_ranks)
     for case in ("fsdp2", "ddp"):
         ours = rank0[case]
         assert ours["collectives"] == rank1[case]["collectives"]
@@ -518,3 +520,22 @@ def test_the_overshoot_indicator_rides_the_one_collective_and_equals_the_full_te
         for step, value in ours["samples"].items():
             assert value == pytest.approx(ours["expected"][str(step)], rel=1e-4, abs=1e-6)
         assert rank1[case]["samples"] == {}  # rank 1 reports nothing
+
+
+# -- the 2-rank cases, in one pair of ranks ----------------------------------------------------------------------
+
+
+def _two_rank_cases(rank: int, world: int) -> dict[str, Any]:
+    """Every 2-rank case in turn, in the same ranks (the refusals last). A case that fails fails the spawn, and with
+    it every test that reads from it, with its traceback."""
+    return {
+        "ddp": _ddp(rank, world),
+        "fsdp2": _fsdp2(rank, world),
+        "overshoot": _fsdp2_overshoot(rank, world),
+        "refusals": _refusals(rank, world),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Ranks:
+    return _spawn(_two_rank_cases, 2, tmp_path_factory.mktemp("ranks"))
