@@ -87,7 +87,7 @@ def _interleave(tasks: dict[str, Callable[[], None]], calls: int, warmup: int, b
     return {name: (statistics.fmean(wall[name]) * 1e3, statistics.fmean(cpu[name]) * 1e3) for name in names}
 
 
-def direct(model_key: str, quick: bool, rounds: int) -> tuple[str, float, float, int, int]:
+def direct(model_key: str, quick: bool, rounds: int, budget: int | None) -> tuple[str, float, float, int, int]:
     """The indicator's own work timed apart from the step, interleaved with it, one torch thread, thread CPU
     time (robust to other processes on the machine): the median step (forward, backward, clip, SGD) and the
     median sample (the copy before the update, the subtraction and first dot products after it, the second
@@ -99,7 +99,7 @@ def direct(model_key: str, quick: bool, rounds: int) -> tuple[str, float, float,
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     params = list(model.parameters())
     order, key = list(range(len(params))), tuple(map(id, params))
-    probe = OvershootProbe()
+    probe = OvershootProbe(budget)
     steps, samples = [], []
     for round_ in range(rounds + 2):
         begin = time.thread_time()
@@ -134,10 +134,10 @@ AGREEMENT_RUNS = {
 }
 
 
-def agreement(model_key: str, quick: bool, steps: int) -> list[list[str]]:
+def agreement(model_key: str, quick: bool, steps: int, budget: int | None) -> list[list[str]]:
     """The sampled ratio (``BUDGET`` elements a sample) against the whole model's on the same updates: each
     step of a real training run armed in two probes, one reading the model whole."""
-    from gradtrack.judge.overshoot import BUDGET, EDGE, OvershootProbe, ratios
+    from gradtrack.judge.overshoot import BUDGET, EDGE, PERSIST, WINDOW, OvershootProbe, ratios
 
     rows = []
     for name, (kind, lr) in AGREEMENT_RUNS.items():
@@ -146,8 +146,8 @@ def agreement(model_key: str, quick: bool, steps: int) -> list[list[str]]:
         optimizer = kind(model.parameters(), lr=lr)
         params = list(model.parameters())
         order, key = list(range(len(params))), tuple(map(id, params))
-        budget = BUDGET if not quick else sum(p.numel() for p in params) // 8  # quick: small models, sampled too
-        sampled, whole = OvershootProbe(budget), OvershootProbe(1 << 62)
+        elements = budget or (BUDGET if not quick else sum(p.numel() for p in params) // 8)  # quick: sampled too
+        sampled, whole = OvershootProbe(elements), OvershootProbe(1 << 62)
         pairs = []
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
@@ -166,8 +166,14 @@ def agreement(model_key: str, quick: bool, steps: int) -> list[list[str]]:
                 probe.after_update(params, grads)
         errors = [abs(a / b - 1) for a, b in pairs]
         flips = sum((a > EDGE) != (b > EDGE) for a, b in pairs)
+        # what the warning acts on: PERSIST of the last WINDOW samples above the edge, by either ratio
+        judged = [[sum(pair[side] > EDGE for pair in pairs[end - WINDOW : end]) >= PERSIST for side in (0, 1)]
+                  for end in range(WINDOW, len(pairs) + 1)]  # fmt: skip
+        persistent = sum(whole for _, whole in judged)
+        disagree = sum(mine != whole for mine, whole in judged)
         rows.append([name, f"{len(pairs)}", f"{statistics.median(b for _, b in pairs):.3g}",
                      f"{statistics.median(errors):.2%}", f"{max(errors):.2%}", f"{flips}",
+                     f"{disagree} of {len(judged)} ({persistent})",
                      f"{sampled.nbytes / 2**20:.1f} / {whole.nbytes / 2**20:.1f} MiB"])  # fmt: skip
     return rows
 
@@ -183,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--direct", action="store_true", help="only the indicator's own work against the step's, "
                         "one torch thread, thread CPU time (robust on a loaded machine)")  # fmt: skip
     parser.add_argument("--agreement", action="store_true", help="the sampled ratio against the whole model's")
+    parser.add_argument("--budget", type=int, default=None, help="elements a sample reads (default: the library's "
+                        "BUDGET): to weigh a sample's cost against its accuracy")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADTRACK_DISABLE_PLUGIN_AUTOLOAD", "1")
     torch.set_num_threads(1 if args.direct else args.threads)
@@ -196,15 +204,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.agreement:
         for key in args.models:
             print(f"{MODELS[key].title}, {steps} steps a run:\n")
-            print(table(["run", "samples", "whole: median ratio", "sampled vs whole: median error", "max error",
-                         "either side of 2 alone", "buffer sampled / whole"], agreement(key, args.quick, steps),
-                        args.markdown))  # fmt: skip
+            headers = ["run", "samples", "whole: median ratio", "sampled vs whole: median error", "max error",
+                       "either side of 2 alone", "persistent overshoot judged alone (whole: judged)",
+                       "buffer sampled / whole"]  # fmt: skip
+            print(table(headers, agreement(key, args.quick, steps, args.budget), args.markdown))
             print()
         return
     if args.direct:
         torch.set_num_threads(1)
         for key in args.models:
-            title, step, sample, buffer, param_bytes = direct(key, args.quick, steps)
+            title, step, sample, buffer, param_bytes = direct(key, args.quick, steps, args.budget)
             share = sample / 5 / step
             rows.append([title, f"{step:.2f}", f"{sample:.2f}", f"{share:.2%}", f"{sample / step:.1%}",
                          f"{buffer / 2**20:.1f} MiB = {buffer / param_bytes:.2f} x"])  # fmt: skip
