@@ -522,6 +522,69 @@ def test_the_overshoot_indicator_rides_the_one_collective_and_equals_the_full_te
         assert rank1[case]["samples"] == {}  # rank 1 reports nothing
 
 
+def _fsdp2_sampled_overshoot(rank: int, world: int) -> dict[str, Any]:
+    """A sharded quadratic too large for a small budget: each rank samples its own shards, the partial sums ride
+    the one collective, and the estimate stands for the full tensors' ratio (curvatures spread over [5, 10] on
+    the large tensor, [1, 2] on the small one, which is read whole)."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    import gradtrack.judge.overshoot as overshoot
+    from gradtrack import GradTracker
+    from gradtrack_testing.recording import RecordingBackend
+
+    class Quadratic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            generator = torch.Generator().manual_seed(0)
+            curvature = torch.rand(300_000, generator=generator, dtype=torch.float64)
+            curvature[:-30_000] = 5.0 + 5.0 * curvature[:-30_000]
+            curvature[-30_000:] = 1.0 + curvature[-30_000:]
+            self.register_buffer("h", curvature)
+            self.big = nn.Parameter(torch.randn(270_000, generator=generator, dtype=torch.float64))
+            self.small = nn.Parameter(torch.randn(30_000, generator=generator, dtype=torch.float64))
+
+        def forward(self) -> torch.Tensor:
+            w = torch.cat([self.big, self.small])
+            return 0.5 * (self.h * w * w).sum()
+
+    model = Quadratic()
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.15)
+    recorder, weights, grads = RecordingBackend(), [], []
+    budget, overshoot.BUDGET = overshoot.BUDGET, 1 << 15
+    try:
+        with GradTracker(model, backend=recorder, clip=None, overshoot_every=1) as tracker:
+            for _ in range(6):
+                optimizer.zero_grad()
+                loss = model()
+                loss.backward()
+                weights.append(torch.cat([p.detach().full_tensor() for p in model.parameters()]))
+                grads.append(torch.cat([p.grad.full_tensor() for p in model.parameters()]))
+                tracker.observe(loss)
+                optimizer.step()
+            plan = tracker._pipeline.probe._plan
+            sampled, nbytes = plan is not None and plan.sampled, tracker._pipeline.probe.nbytes
+    finally:
+        overshoot.BUDGET = budget
+    expected = {}
+    for t in range(1, 6):
+        u = weights[t] - weights[t - 1]
+        expected[t] = float(u @ (grads[t] - grads[t - 1])) / -float(grads[t - 1] @ u)
+    samples = {s.step: s.overshoot for s in recorder.of("step") if s.overshoot is not None}
+    return {"sampled": sampled, "nbytes": nbytes, "expected": expected, "samples": samples}
+
+
+@pytest.mark.slow
+def test_each_rank_samples_its_shards_and_the_estimate_stands_for_the_full_tensors(two_ranks: Ranks) -> None:
+    rank0, rank1 = (rank["sampled_overshoot"] for rank in two_ranks)
+    assert rank0["sampled"] and rank1["sampled"]
+    assert rank0["nbytes"] < 150_000 * 8 / 4  # each rank's buffer: about the budget, not its shards' size
+    assert sorted(int(step) for step in rank0["samples"]) == [1, 2, 3, 4, 5] and rank1["samples"] == {}
+    for step, value in rank0["samples"].items():
+        assert value == pytest.approx(rank0["expected"][str(step)], rel=0.03)
+    assert len({round(v, 12) for v in rank0["samples"].values()}) == len(rank0["samples"])  # not read whole
+
 # -- the 2-rank cases, in one pair of ranks ----------------------------------------------------------------------
 
 
@@ -532,6 +595,7 @@ def _two_rank_cases(rank: int, world: int) -> dict[str, Any]:
         "ddp": _ddp(rank, world),
         "fsdp2": _fsdp2(rank, world),
         "overshoot": _fsdp2_overshoot(rank, world),
+        "sampled_overshoot": _fsdp2_sampled_overshoot(rank, world),
         "refusals": _refusals(rank, world),
     }
 
