@@ -19,14 +19,14 @@ demo: $(STAMP)
 docs: $(STAMP)
 	$(MKDOCS) build --strict
 
+# pytest writes bytecode even where the environment says not to: the suite starts some 300 Python processes, and
+# each would compile gradtrack's modules and the tests' helpers again
 test: $(STAMP)
 	bash scripts/system-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(MKDOCS) build --strict --quiet
 	$(PY) scripts/check_dist.py
-	# bytecode written even where the environment says not to: the suite starts some 300 Python processes, and each
-	# would compile gradtrack's modules and the tests' helpers again
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -ra -n $(WORKERS) --dist loadfile
 
 bench: $(STAMP)
