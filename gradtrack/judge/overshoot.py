@@ -169,10 +169,13 @@ class _Plan:
     def dots(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """``grads[i] . buffer[i]`` for every tensor, in order, fp32 or wider, on the first device (no sync);
         a sampled tensor's scaled to stand for the whole tensor's."""
-        # a strided slice's rows are contiguous: one dot product per row, read in place (gathering the slice into
-        # a transient copy first cost a third more on the 16M model, and as much memory as the buffer again)
-        parts = [_wide(torch.linalg.vecdot(_wide(g), _wide(self.buffer[i])).sum()).reshape(1)
-                 for i, g in zip(self.large, self._large(grads), strict=True)]  # fmt: skip
+        parts = []
+        for i, g in zip(self.large, self._large(grads), strict=True):
+            if self.slices[i].whole:  # contiguous: one dot product, no transient
+                dot = torch.dot(_wide(g).reshape(-1), _wide(self.buffer[i]).reshape(-1))
+            else:  # a strided slice, read in place: its product (a transient of the slice's size) summed; gathering
+                dot = torch.linalg.vecdot(_wide(g), _wide(self.buffer[i])).sum()  # it first cost a third more
+            parts.append(_wide(dot).reshape(1))
         for positions, flat, blocks in self.small:
             values = _wide(torch._C._nn.flatten_dense_tensors([grads[i] for i in positions]))
             if len(positions) > 1 and values.dtype == flat.dtype:  # a copy of the gradients: multiplied in place
