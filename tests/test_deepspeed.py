@@ -411,8 +411,8 @@ def test_trainer_and_accelerate_with_deepspeed_zero2(two_ranks: Ranks) -> None:
 
 
 def _two_rank_cases(rank: int, world: int) -> dict[str, Any]:
-    """Every 2-rank case in turn, in the same ranks: the Trainer's first (it resets accelerate's state), fp16
-    allowed last. A case that fails fails the spawn, and with it every test of the module, with its traceback."""
+    """Every 2-rank case in turn, in the same ranks, the precision cases last (their ``allow_fp16()`` stays in
+    force). A case that fails fails the spawn, and with it every 2-rank test, with its traceback."""
     import importlib.util
 
     out = {"stages": _stages(rank, world)}
