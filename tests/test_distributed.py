@@ -526,29 +526,14 @@ def _fsdp2_sampled_overshoot(rank: int, world: int) -> dict[str, Any]:
     """A sharded quadratic too large for a small budget: each rank samples its own shards, the partial sums ride
     the one collective, and the estimate stands for the full tensors' ratio (curvatures spread over [5, 10] on
     the large tensor, [1, 2] on the small one, which is read whole)."""
-    from torch import nn
     from torch.distributed.fsdp import fully_shard
 
     import gradtrack.judge.overshoot as overshoot
     from gradtrack import GradTracker
+    from gradtrack_testing.models import WideQuadratic, spread_curvature
     from gradtrack_testing.recording import RecordingBackend
 
-    class Quadratic(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            generator = torch.Generator().manual_seed(0)
-            curvature = torch.rand(300_000, generator=generator, dtype=torch.float64)
-            curvature[:-30_000] = 5.0 + 5.0 * curvature[:-30_000]
-            curvature[-30_000:] = 1.0 + curvature[-30_000:]
-            self.register_buffer("h", curvature)
-            self.big = nn.Parameter(torch.randn(270_000, generator=generator, dtype=torch.float64))
-            self.small = nn.Parameter(torch.randn(30_000, generator=generator, dtype=torch.float64))
-
-        def forward(self) -> torch.Tensor:
-            w = torch.cat([self.big, self.small])
-            return 0.5 * (self.h * w * w).sum()
-
-    model = Quadratic()
+    model = WideQuadratic(spread_curvature())
     fully_shard(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.15)
     recorder, weights, grads = RecordingBackend(), [], []

@@ -12,6 +12,7 @@ from torch import nn
 from gradtrack import GradTracker
 from gradtrack.delivery.notes import summary_note
 from gradtrack.judge.overshoot import EDGE, OvershootRule
+from gradtrack_testing.models import WideQuadratic, spread_curvature
 from gradtrack_testing.recording import RecordingBackend
 
 CURVATURES = torch.tensor([1.0, 3.0, 10.0])
@@ -212,21 +213,6 @@ def test_rollback_heals_a_run_too_hot_to_learn_with_a_measured_learning_rate() -
     assert not tracker.diverged and losses[-1] < 1e-6
 
 
-class WideQuadratic(nn.Module):
-    """``0.5 sum(h_i w_i^2)`` over tensors too large to be read whole under a small budget, and a small one."""
-
-    def __init__(self, curvature: torch.Tensor, small: int = 30_000) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.register_buffer("h", curvature)
-        self.big = nn.Parameter(torch.randn(curvature.numel() - small, generator=generator, dtype=torch.float64))
-        self.small = nn.Parameter(torch.randn(small, generator=generator, dtype=torch.float64))
-
-    def forward(self) -> torch.Tensor:
-        w = torch.cat([self.big, self.small])
-        return 0.5 * (self.h * w * w).sum()
-
-
 def _wide_run(curvature: torch.Tensor, lr: float, steps: int, budget: int,
               monkeypatch: pytest.MonkeyPatch) -> tuple[dict[int, float], int]:  # fmt: skip
     monkeypatch.setattr("gradtrack.judge.overshoot.BUDGET", budget)
@@ -261,9 +247,7 @@ def test_a_sampled_ratio_estimates_the_whole_where_curvature_varies(monkeypatch:
     slices of the large one, scaled, stand for all of it (unscaled, the small tensor's curvature would weigh
     ten times too much)."""
     n = 300_000
-    curvature = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    curvature[:-30_000] = 5.0 + 5.0 * curvature[:-30_000]
-    curvature[-30_000:] = 1.0 + curvature[-30_000:]
+    curvature = spread_curvature(n)
     whole, whole_bytes = _wide_run(curvature, 0.15, 8, 1 << 30, monkeypatch)
     sampled, sampled_bytes = _wide_run(curvature, 0.15, 8, 1 << 15, monkeypatch)
     assert whole_bytes == n * 8 and sampled_bytes < n * 8 / 6

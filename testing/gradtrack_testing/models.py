@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["VanillaRNN", "mlp", "regression_batches", "rnn_batch", "train_steps"]
+__all__ = ["VanillaRNN", "WideQuadratic", "mlp", "regression_batches", "rnn_batch", "spread_curvature", "train_steps"]
 
 
 class VanillaRNN(nn.Module):
@@ -70,3 +70,29 @@ def regression_batches(n: int, seed: int = 0, batch: int = 32) -> list[tuple[tor
         y = x @ weights + 0.3 * torch.randn(batch, generator=generator)
         batches.append((x, y))
     return batches
+
+
+class WideQuadratic(nn.Module):
+    """``0.5 sum(h_i w_i^2)`` over a tensor too large to be read whole under a small overshoot budget, and a small
+    one: with SGD the overshoot ratio is exactly ``lr x h`` where ``h`` is the same everywhere, and a weighted mean of
+    ``lr x h`` where it is not (the sampled indicator's tests, in one process and under FSDP2)."""
+
+    def __init__(self, curvature: torch.Tensor, small: int = 30_000) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.h: torch.Tensor
+        self.register_buffer("h", curvature)
+        self.big = nn.Parameter(torch.randn(curvature.numel() - small, generator=generator, dtype=torch.float64))
+        self.small = nn.Parameter(torch.randn(small, generator=generator, dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        w = torch.cat([self.big, self.small])
+        return 0.5 * (self.h * w * w).sum()
+
+
+def spread_curvature(n: int = 300_000, small: int = 30_000) -> torch.Tensor:
+    """Curvatures spread over [5, 10] along ``WideQuadratic``'s large tensor and over [1, 2] on its small one."""
+    curvature = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    curvature[:-small] = 5.0 + 5.0 * curvature[:-small]
+    curvature[-small:] = 1.0 + curvature[-small:]
+    return curvature
