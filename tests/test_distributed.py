@@ -470,6 +470,17 @@ def test_setups_that_cannot_be_combined_are_refused_on_entry(two_ranks: Ranks) -
 # -- the overshoot indicator (issue 25) -------------------------------------------------------------------
 
 
+def _overshoot_against_full(weights: list[torch.Tensor], grads: list[torch.Tensor], recorder: Any) -> dict[str, Any]:
+    """The samples the tracker reported, by step, and the ratio each should be, from the full parameters and
+    gradients of every step: ``u . (g_t - g_{t-1}) / (-g_{t-1} . u)``, ``u`` the update of step ``t - 1``."""
+    expected = {}
+    for t in range(1, len(weights)):
+        u = weights[t] - weights[t - 1]
+        expected[t] = float(u @ (grads[t] - grads[t - 1])) / -float(grads[t - 1] @ u)
+    samples = {s.step: s.overshoot for s in recorder.of("step") if s.overshoot is not None}
+    return {"expected": expected, "samples": samples}
+
+
 def _fsdp2_overshoot(rank: int, world: int) -> dict[str, Any]:
     """grad/overshoot under FSDP2 with the dot products summed in the step's one collective, against the ratio
     computed from the full parameters and gradients; DDP alike (no collective of its own)."""
@@ -495,13 +506,7 @@ def _fsdp2_overshoot(rank: int, world: int) -> dict[str, Any]:
                 with CommDebugMode() as comm:
                     optimizer.step()
                 collectives.append(comm.get_total_counts())
-        expected = {}
-        for t in range(1, 4):
-            u = weights[t] - weights[t - 1]
-            before, after = float(grads[t - 1] @ u), float(grads[t] @ u)
-            expected[t] = (after - before) / -before
-        samples = {s.step: s.overshoot for s in recorder.of("step") if s.overshoot is not None}
-        return {"collectives": collectives, "expected": expected, "samples": samples}
+        return {"collectives": collectives, **_overshoot_against_full(weights, grads, recorder)}
 
     return {
         "fsdp2": run(_sharded_mlp(), lambda t: t.full_tensor()),
@@ -552,12 +557,7 @@ def _fsdp2_sampled_overshoot(rank: int, world: int) -> dict[str, Any]:
             sampled, nbytes = plan is not None and plan.sampled, tracker._pipeline.probe.nbytes
     finally:
         overshoot.BUDGET = budget
-    expected = {}
-    for t in range(1, 6):
-        u = weights[t] - weights[t - 1]
-        expected[t] = float(u @ (grads[t] - grads[t - 1])) / -float(grads[t - 1] @ u)
-    samples = {s.step: s.overshoot for s in recorder.of("step") if s.overshoot is not None}
-    return {"sampled": sampled, "nbytes": nbytes, "expected": expected, "samples": samples}
+    return {"sampled": sampled, "nbytes": nbytes, **_overshoot_against_full(weights, grads, recorder)}
 
 
 @pytest.mark.slow
